@@ -1,0 +1,979 @@
+# cython: language_level=3
+"""The copy loop.
+
+A CopyJob moves a list of requests from a source to a target on C threads,
+with the GIL released for the whole copy.  Every request is a row of five
+uint64 values:
+
+    (guest offset, length, kind, layer, source offset)
+
+kind REQ_COPY reads the job's source (a file descriptor, or one libnbd handle
+per worker with several reads in flight) at the source offset, finds the
+clusters that read as zero and writes the rest; REQ_DATA takes the bytes from
+layer file `layer` (a qcow2 image of a chain being restored) at the source
+offset; REQ_ZERO says the range reads as zero.
+
+Targets: a file descriptor (raw file or block device), one libnbd handle per
+worker, or a sink (sink.pxd) such as the qcow2 writer, which maps guest
+clusters to host clusters while this loop does the I/O.
+
+Workers record the first error (errno, operation, offset, libnbd message) and
+stop everyone; the Python thread that called run() raises it.  Progress
+counters are atomics that Python reads without stopping the copy.
+"""
+from cpython.pycapsule cimport PyCapsule_GetPointer
+from libc.errno cimport (EBADF, EINTR, EINVAL, EIO, ENOSPC, ENOSYS, ENOTTY, EOPNOTSUPP, EXDEV,
+                         errno)
+from libc.stdint cimport int64_t, uint64_t
+from libc.stdlib cimport calloc, free
+from libc.string cimport memcmp, memset, strncpy
+from posix.ioctl cimport ioctl
+from posix.stdlib cimport posix_memalign
+from posix.time cimport CLOCK_MONOTONIC, clock_gettime, nanosleep, timespec
+from posix.types cimport off_t
+from posix.uio cimport iovec, pwritev
+from posix.unistd cimport pread, pwrite
+
+from _capsule cimport handle_of
+from _hash cimport data_unit_digest, zero_unit_digest
+from libnbd cimport (NBD_NULL_COMPLETION, nbd_aio_command_completed, nbd_aio_in_flight,
+                     nbd_aio_pread, nbd_can_trim, nbd_can_zero, nbd_get_errno, nbd_get_error,
+                     nbd_handle, nbd_poll, nbd_pwrite, nbd_trim, nbd_zero)
+from sink cimport sink_ops
+from sysdeps cimport (BLKDISCARD, BLKZEROOUT, FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE,
+                      FALLOC_FL_ZERO_RANGE, IOV_MAX, __ATOMIC_RELAXED, __ATOMIC_SEQ_CST,
+                      atomic_add_u64, atomic_load_int, atomic_load_u64, atomic_store_int,
+                      copy_file_range, fallocate, pthread_create, pthread_join,
+                      pthread_mutex_destroy, pthread_mutex_init, pthread_mutex_lock,
+                      pthread_mutex_t, pthread_mutex_unlock, pthread_t)
+
+import numpy as np
+
+from dirbackup.errors import Cancelled
+
+cdef extern from "<pthread.h>" nogil:
+    int pthread_timedjoin_np(pthread_t thread, void **retval, const timespec *abstime)
+
+cdef extern from "<time.h>" nogil:
+    enum:
+        CLOCK_REALTIME
+
+cdef extern from "Python.h":
+    int PyErr_CheckSignals() except -1
+
+
+# Request kinds
+REQ_COPY = 0
+REQ_DATA = 1
+REQ_ZERO = 2
+# Target kinds
+TGT_NULL = 0
+TGT_FD = 1
+TGT_NBD = 2
+TGT_SINK = 3
+
+cdef enum:
+    K_COPY = 0
+    K_DATA = 1
+    K_ZERO = 2
+    T_NULL = 0
+    T_FD = 1
+    T_NBD = 2
+    T_SINK = 3
+    OP_READ = 1
+    OP_WRITE = 2
+    OP_ZERO = 3
+    OP_ALLOC = 4
+    OP_EOF = 5
+    OP_READ_LAYER = 6
+    MAX_DEPTH = 64
+    ALIGN = 4096
+    ZERO_BUF = 1 << 20
+    CANCEL_GRACE_NS = 5000000000
+
+OPERATIONS = {OP_READ: "reading", OP_WRITE: "writing", OP_ZERO: "zeroing",
+              OP_ALLOC: "allocating clusters in", OP_EOF: "reading",
+              OP_READ_LAYER: "reading"}
+
+
+cdef struct Job:
+    # requests (rows of 5 uint64) and the next one to take
+    uint64_t *req
+    uint64_t n_req
+    uint64_t next_req
+    # source
+    int src_fd
+    int src_direct
+    int src_blockdev
+    int src_nbd
+    int *layer_fds
+    int n_layers
+    # target
+    int tgt_kind
+    int tgt_fd
+    int tgt_blockdev
+    int tgt_fresh
+    int tgt_can_zero
+    sink_ops *sink
+    int cfr_ok
+    # options
+    uint64_t cluster
+    uint64_t bufsize
+    int depth
+    int discard
+    int discard_errno
+    uint64_t bw_limit
+    uint64_t bw_burst
+    int64_t t0_ns
+    uint64_t bw_used
+    # digests: one sum per chunk of guest address space
+    uint64_t *digests
+    uint64_t digest_chunk
+    uint64_t n_digests
+    int digest_zero
+    # progress
+    uint64_t done_bytes
+    uint64_t read_bytes
+    uint64_t written_bytes
+    uint64_t zero_bytes
+    uint64_t discarded_bytes
+    # control
+    int cancel
+    int64_t cancel_ns
+    const char *zeros
+    # first error
+    pthread_mutex_t err_lock
+    int err_set
+    int err
+    int err_op
+    uint64_t err_offset
+    char err_msg[512]
+
+
+cdef struct Worker:
+    Job *job
+    nbd_handle *src_h
+    nbd_handle *tgt_h
+    char *buf               # depth slots of bufsize + ALIGN bytes
+    uint64_t slot_size
+    iovec *iov
+    uint64_t *clusters
+    uint64_t max_units
+    int leak                # buffers may still be in use by libnbd: never free
+    pthread_t tid
+    int started
+
+
+# ----------------------------------------------------------------------------
+# Small nogil helpers
+
+cdef inline int64_t now_ns() noexcept nogil:
+    cdef timespec ts
+    clock_gettime(CLOCK_MONOTONIC, &ts)
+    return <int64_t>ts.tv_sec * 1000000000 + ts.tv_nsec
+
+
+cdef inline void sleep_ns(int64_t ns) noexcept nogil:
+    cdef timespec ts
+    ts.tv_sec = ns // 1000000000
+    ts.tv_nsec = ns % 1000000000
+    nanosleep(&ts, NULL)
+
+
+cdef inline bint cancelled(Job *j) noexcept nogil:
+    return atomic_load_int(&j.cancel, __ATOMIC_RELAXED) != 0
+
+
+cdef void set_cancel(Job *j) noexcept nogil:
+    if not cancelled(j):
+        j.cancel_ns = now_ns()
+        atomic_store_int(&j.cancel, 1, __ATOMIC_SEQ_CST)
+
+
+cdef void fail(Job *j, int err, int op, uint64_t offset, const char *msg) noexcept nogil:
+    """Record the first error and stop every worker."""
+    pthread_mutex_lock(&j.err_lock)
+    if not j.err_set:
+        j.err_set = 1
+        j.err = err
+        j.err_op = op
+        j.err_offset = offset
+        if msg != NULL:
+            strncpy(j.err_msg, msg, sizeof(j.err_msg) - 1)
+            j.err_msg[sizeof(j.err_msg) - 1] = 0
+    pthread_mutex_unlock(&j.err_lock)
+    set_cancel(j)
+
+
+cdef inline void fail_nbd(Job *j, int op, uint64_t offset) noexcept nogil:
+    fail(j, nbd_get_errno(), op, offset, nbd_get_error())
+
+
+cdef inline bint is_zero(const char *p, uint64_t n) noexcept nogil:
+    """All bytes zero?  The first 16 bytes are checked directly, then the
+    buffer is compared with itself shifted by 16, which glibc does with SIMD."""
+    cdef uint64_t i
+    if n <= 16:
+        for i in range(n):
+            if p[i]:
+                return False
+        return True
+    for i in range(16):
+        if p[i]:
+            return False
+    return memcmp(p, p + 16, n - 16) == 0
+
+
+cdef void throttle(Job *j, uint64_t n) noexcept nogil:
+    """Token bucket as a virtual clock: the bytes taken so far may not run
+    ahead of `bw_limit` bytes per second plus one burst."""
+    if j.bw_limit == 0:
+        return
+    cdef uint64_t used = atomic_add_u64(&j.bw_used, n, __ATOMIC_RELAXED) + n
+    cdef int64_t due, wait
+    if used <= j.bw_burst:
+        return
+    due = j.t0_ns + <int64_t>((<double>(used - j.bw_burst) / j.bw_limit) * 1e9)
+    while not cancelled(j):
+        wait = due - now_ns()
+        if wait <= 0:
+            return
+        sleep_ns(wait if wait < 100000000 else 100000000)
+
+
+cdef inline void account(uint64_t *counter, uint64_t n) noexcept nogil:
+    atomic_add_u64(counter, n, __ATOMIC_RELAXED)
+
+
+# ----------------------------------------------------------------------------
+# File I/O with retries
+
+cdef int read_fd(Job *j, int fd, char *buf, uint64_t length, uint64_t offset,
+                 bint direct, bint eof_is_zero, int op) noexcept nogil:
+    """Read exactly `length` bytes (EINTR and short reads retried).  With
+    O_DIRECT the read is widened to the alignment (the buffer has room).
+    Premature EOF is an error, or zeros for qcow2 layers (QEMU reads the
+    missing tail of a file as zeros)."""
+    cdef uint64_t want = length
+    cdef uint64_t done = 0
+    cdef ssize_t r
+    cdef int err
+    if direct:
+        want = (length + ALIGN - 1) & ~(<uint64_t>ALIGN - 1)
+    while done < want:
+        r = pread(fd, buf + done, want - done, offset + done)
+        if r < 0:
+            err = errno
+            if err == EINTR:
+                continue
+            fail(j, err, op, offset + done, NULL)
+            return -1
+        if r == 0:
+            break
+        done += r
+    if done < length:
+        if eof_is_zero:
+            memset(buf + done, 0, length - done)
+        else:
+            fail(j, EIO, OP_EOF, offset + done,
+                 b"premature end of file: the source is shorter than its declared size")
+            return -1
+    account(&j.read_bytes, length)
+    return 0
+
+
+cdef int write_fd(Job *j, int fd, const char *buf, uint64_t length,
+                  uint64_t offset) noexcept nogil:
+    cdef uint64_t done = 0
+    cdef ssize_t r
+    cdef int err
+    while done < length:
+        r = pwrite(fd, buf + done, length - done, offset + done)
+        if r < 0:
+            err = errno
+            if err == EINTR:
+                continue
+            fail(j, err, OP_WRITE, offset + done, NULL)
+            return -1
+        if r == 0:
+            fail(j, ENOSPC, OP_WRITE, offset + done, NULL)
+            return -1
+        done += r
+    account(&j.written_bytes, length)
+    return 0
+
+
+cdef int writev_fd(Job *j, int fd, iovec *iov, uint64_t count, uint64_t offset,
+                   uint64_t guest_offset) noexcept nogil:
+    """pwritev the whole vector at `offset`, in IOV_MAX pieces, finishing any
+    short write piece by piece."""
+    cdef uint64_t i = 0, k, batch, total, n, skip, host
+    cdef ssize_t r
+    cdef int err
+    while i < count:
+        batch = count - i
+        if batch > IOV_MAX:
+            batch = IOV_MAX
+        total = 0
+        for k in range(i, i + batch):
+            total += iov[k].iov_len
+        r = pwritev(fd, iov + i, <int>batch, offset)
+        if r < 0:
+            err = errno
+            if err == EINTR:
+                continue
+            fail(j, err, OP_WRITE, guest_offset, NULL)
+            return -1
+        if <uint64_t>r < total:
+            # finish this batch with plain writes, after the bytes that made it
+            skip = r
+            host = offset
+            for k in range(i, i + batch):
+                n = iov[k].iov_len
+                if skip >= n:
+                    skip -= n
+                    host += n
+                    continue
+                if write_fd(j, fd, <char *>iov[k].iov_base + skip, n - skip, host + skip) < 0:
+                    return -1
+                host += n
+                skip = 0
+            account(&j.written_bytes, r)
+        else:
+            account(&j.written_bytes, total)
+        offset += total
+        i += batch
+    return 0
+
+
+cdef int zero_fd(Job *j, uint64_t offset, uint64_t length) noexcept nogil:
+    """Make [offset, offset+length) of the target read as zero."""
+    cdef uint64_t rng[2]
+    cdef int rc, err
+    cdef uint64_t piece
+    if j.tgt_blockdev:
+        rng[0] = offset
+        rng[1] = length
+        rc = ioctl(j.tgt_fd, BLKZEROOUT, rng)
+    else:
+        rc = fallocate(j.tgt_fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset, length)
+        if rc < 0 and errno == EOPNOTSUPP:
+            rc = fallocate(j.tgt_fd, FALLOC_FL_ZERO_RANGE, offset, length)
+    if rc == 0:
+        return 0
+    err = errno
+    if err != EOPNOTSUPP and err != ENOTTY and err != EINVAL and err != ENOSYS:
+        fail(j, err, OP_ZERO, offset, NULL)
+        return -1
+    while length:       # no way to punch: write zeros
+        piece = length if length < ZERO_BUF else ZERO_BUF
+        if write_fd(j, j.tgt_fd, j.zeros, piece, offset) < 0:
+            return -1
+        offset += piece
+        length -= piece
+    return 0
+
+
+# ----------------------------------------------------------------------------
+# Target side
+
+cdef int target_zero(Worker *w, uint64_t offset, uint64_t length) noexcept nogil:
+    cdef Job *j = w.job
+    cdef int rc
+    cdef uint64_t piece
+    account(&j.zero_bytes, length)
+    if j.tgt_kind == T_SINK:
+        if j.sink.records_zero:
+            if j.sink.zero(j.sink.ctx, offset, length) < 0:
+                fail(j, errno, OP_ALLOC, offset, NULL)
+                return -1
+        return 0
+    if j.tgt_fresh or j.tgt_kind == T_NULL:
+        return 0
+    if j.tgt_kind == T_FD:
+        return zero_fd(j, offset, length)
+    # NBD
+    if j.tgt_can_zero:
+        rc = nbd_zero(w.tgt_h, length, offset, 0)
+        if rc < 0:
+            fail_nbd(j, OP_ZERO, offset)
+            return -1
+        return 0
+    while length:
+        piece = length if length < ZERO_BUF else ZERO_BUF
+        if nbd_pwrite(w.tgt_h, j.zeros, piece, offset, 0) < 0:
+            fail_nbd(j, OP_WRITE, offset)
+            return -1
+        offset += piece
+        length -= piece
+    return 0
+
+
+cdef int target_write(Worker *w, const char *buf, uint64_t offset,
+                      uint64_t length) noexcept nogil:
+    cdef Job *j = w.job
+    if j.tgt_kind == T_FD:
+        return write_fd(j, j.tgt_fd, buf, length, offset)
+    if j.tgt_kind == T_NBD:
+        if nbd_pwrite(w.tgt_h, buf, length, offset, 0) < 0:
+            fail_nbd(j, OP_WRITE, offset)
+            return -1
+        account(&j.written_bytes, length)
+    return 0
+
+
+cdef inline void add_digest(Job *j, uint64_t offset, uint64_t value) noexcept nogil:
+    atomic_add_u64(&j.digests[offset // j.digest_chunk], value, __ATOMIC_RELAXED)
+
+
+cdef int process_sink(Worker *w, const char *buf, uint64_t offset,
+                      uint64_t length) noexcept nogil:
+    """Hand one cluster-aligned request to a sink: data clusters go to newly
+    allocated host clusters with one pwritev, zero clusters are recorded."""
+    cdef Job *j = w.job
+    cdef sink_ops *s = j.sink
+    cdef uint64_t cs = s.cluster_size
+    cdef uint64_t pos = offset, end = offset + length, ue, n = 0
+    cdef uint64_t zstart = 0, zend = 0
+    cdef int64_t host
+    cdef const char *p
+    while pos < end:
+        ue = pos - pos % cs + cs
+        if ue > end:
+            ue = end
+        p = buf + (pos - offset)
+        if is_zero(p, ue - pos):
+            if j.digests != NULL and j.digest_zero:
+                add_digest(j, pos, zero_unit_digest(pos, ue - pos))
+            if zend != pos:
+                if zend > zstart and target_zero(w, zstart, zend - zstart) < 0:
+                    return -1
+                zstart = pos
+            zend = ue
+        else:
+            if j.digests != NULL:
+                add_digest(j, pos, data_unit_digest(p, pos, ue - pos))
+            w.clusters[n] = pos // cs
+            w.iov[n].iov_base = <void *>p
+            w.iov[n].iov_len = ue - pos
+            n += 1
+        pos = ue
+    if zend > zstart and target_zero(w, zstart, zend - zstart) < 0:
+        return -1
+    if n:
+        host = s.alloc(s.ctx, w.clusters, n)
+        if host < 0:
+            fail(j, errno, OP_ALLOC, offset, NULL)
+            return -1
+        if writev_fd(j, s.fd, w.iov, n, <uint64_t>host, offset) < 0:
+            return -1
+    return 0
+
+
+cdef int process(Worker *w, const char *buf, uint64_t offset, uint64_t length,
+                 bint detect_zero) noexcept nogil:
+    """Write one request that has been read into `buf`."""
+    cdef Job *j = w.job
+    if j.tgt_kind == T_SINK:
+        return process_sink(w, buf, offset, length)
+    cdef uint64_t cs = j.cluster
+    cdef uint64_t pos = offset, end = offset + length, ue, run_start = offset
+    cdef int run_zero = -1, z
+    if not detect_zero:
+        if j.digests != NULL:
+            add_digest(j, offset, data_unit_digest(buf, offset, length))
+        return target_write(w, buf, offset, length)
+    while pos < end:
+        ue = pos - pos % cs + cs
+        if ue > end:
+            ue = end
+        z = is_zero(buf + (pos - offset), ue - pos)
+        if j.digests != NULL and (not z or j.digest_zero):
+            add_digest(j, pos, zero_unit_digest(pos, ue - pos) if z
+                       else data_unit_digest(buf + (pos - offset), pos, ue - pos))
+        if z != run_zero:
+            if run_zero == 1 and target_zero(w, run_start, pos - run_start) < 0:
+                return -1
+            if run_zero == 0 and target_write(w, buf + (run_start - offset), run_start,
+                                              pos - run_start) < 0:
+                return -1
+            run_zero = z
+            run_start = pos
+        pos = ue
+    if run_zero == 1:
+        return target_zero(w, run_start, end - run_start)
+    if run_zero == 0:
+        return target_write(w, buf + (run_start - offset), run_start, end - run_start)
+    return 0
+
+
+# ----------------------------------------------------------------------------
+# Source discard
+
+cdef void discard_source(Worker *w, uint64_t offset, uint64_t length) noexcept nogil:
+    """Give the copied range back to the source (fleecing images stay small).
+    Any refusal is remembered once and discarding stops; it is never fatal."""
+    cdef Job *j = w.job
+    cdef uint64_t rng[2]
+    cdef int rc, err = 0
+    if not atomic_load_int(&j.discard, __ATOMIC_RELAXED):
+        return
+    if j.src_nbd:
+        rc = nbd_trim(w.src_h, length, offset, 0)
+        if rc < 0:
+            err = nbd_get_errno()
+    elif j.src_blockdev:
+        rng[0] = offset
+        rng[1] = length
+        rc = ioctl(j.src_fd, BLKDISCARD, rng)
+        if rc < 0:
+            err = errno
+    else:
+        rc = fallocate(j.src_fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset, length)
+        if rc < 0:
+            err = errno
+    if rc < 0:
+        j.discard_errno = err if err else EOPNOTSUPP
+        atomic_store_int(&j.discard, 0, __ATOMIC_RELAXED)
+        return
+    account(&j.discarded_bytes, length)
+
+
+# ----------------------------------------------------------------------------
+# Workers
+
+cdef int copy_range(Worker *w, int in_fd, uint64_t *src, uint64_t *dst,
+                    uint64_t *length) noexcept nogil:
+    """copy_file_range from a layer into the target file.  Return 0 when
+    done, 1 when the kernel cannot do it here (the caller falls back to
+    read/write for what is left), -1 on error."""
+    cdef Job *j = w.job
+    cdef off_t s = src[0], d = dst[0]
+    cdef ssize_t r
+    cdef int err
+    while length[0]:
+        r = copy_file_range(in_fd, &s, j.tgt_fd, &d, length[0], 0)
+        if r < 0:
+            err = errno
+            if err == EINTR:
+                continue
+            if (err == EXDEV or err == EINVAL or err == ENOSYS or err == EOPNOTSUPP
+                    or err == EBADF):
+                j.cfr_ok = 0
+                return 1
+            fail(j, err, OP_WRITE, d, NULL)
+            return -1
+        if r == 0:
+            return 1            # end of the layer file: the rest reads as zero
+        src[0] += r
+        dst[0] += r
+        length[0] -= r
+        account(&j.read_bytes, r)
+        account(&j.written_bytes, r)
+    return 0
+
+
+cdef int one_request(Worker *w, uint64_t *row) noexcept nogil:
+    """Do one request synchronously (file sources and chain layers)."""
+    cdef Job *j = w.job
+    cdef uint64_t off = row[0], length = row[1], kind = row[2], src = row[4]
+    cdef int fd, rc
+    if kind == K_ZERO:
+        return target_zero(w, off, length)
+    throttle(j, length)
+    if kind == K_DATA:
+        if <int>row[3] >= j.n_layers:
+            fail(j, EINVAL, OP_READ_LAYER, off, b"request names a layer that does not exist")
+            return -1
+        fd = j.layer_fds[row[3]]
+        if j.tgt_kind == T_FD and j.cfr_ok:
+            rc = copy_range(w, fd, &src, &off, &length)
+            if rc <= 0:
+                return rc
+        if read_fd(j, fd, w.buf, length, src, False, True, OP_READ_LAYER) < 0:
+            return -1
+        return process(w, w.buf, off, length, True)
+    if read_fd(j, j.src_fd, w.buf, length, src, j.src_direct, False, OP_READ) < 0:
+        return -1
+    if process(w, w.buf, off, length, True) < 0:
+        return -1
+    discard_source(w, off, length)
+    return 0
+
+
+cdef void sync_worker(Worker *w) noexcept nogil:
+    cdef Job *j = w.job
+    cdef uint64_t i
+    cdef uint64_t *row
+    while not cancelled(j):
+        i = atomic_add_u64(&j.next_req, 1, __ATOMIC_RELAXED)
+        if i >= j.n_req:
+            break
+        row = j.req + 5 * i
+        if one_request(w, row) < 0:
+            break
+        account(&j.done_bytes, row[1])
+
+
+cdef void nbd_worker(Worker *w) noexcept nogil:
+    """Reads from one libnbd connection with up to `depth` requests in
+    flight; completed reads are written while the next ones travel."""
+    cdef Job *j = w.job
+    cdef int64_t cookie[MAX_DEPTH]
+    cdef uint64_t *rows[MAX_DEPTH]
+    cdef int busy[MAX_DEPTH]
+    cdef int k, inflight = 0, r, exhausted = 0, failed = 0
+    cdef uint64_t i
+    cdef uint64_t *row
+    cdef char *buf
+    for k in range(j.depth):
+        busy[k] = 0
+    while True:
+        # keep the pipeline full
+        while not exhausted and inflight < j.depth and not cancelled(j):
+            i = atomic_add_u64(&j.next_req, 1, __ATOMIC_RELAXED)
+            if i >= j.n_req:
+                exhausted = 1
+                break
+            row = j.req + 5 * i
+            if row[2] == K_ZERO:
+                if target_zero(w, row[0], row[1]) < 0:
+                    break
+                account(&j.done_bytes, row[1])
+                continue
+            throttle(j, row[1])
+            for k in range(j.depth):
+                if not busy[k]:
+                    break
+            buf = w.buf + <uint64_t>k * w.slot_size
+            cookie[k] = nbd_aio_pread(w.src_h, buf, row[1], row[4], NBD_NULL_COMPLETION, 0)
+            if cookie[k] < 0:
+                fail_nbd(j, OP_READ, row[4])
+                break
+            rows[k] = row
+            busy[k] = 1
+            inflight += 1
+        if inflight == 0:
+            break
+        if cancelled(j) and now_ns() - j.cancel_ns > CANCEL_GRACE_NS:
+            w.leak = 1          # the server does not answer: keep the buffers
+            break
+        r = nbd_poll(w.src_h, 1000)
+        if r < 0:
+            if not failed:
+                fail_nbd(j, OP_READ, rows[0][4] if busy[0] else 0)
+                failed = 1
+        for k in range(j.depth):
+            if not busy[k]:
+                continue
+            r = nbd_aio_command_completed(w.src_h, cookie[k])
+            if r == 0:
+                continue
+            busy[k] = 0
+            inflight -= 1
+            if r < 0:
+                fail_nbd(j, OP_READ, rows[k][4])
+                continue
+            if cancelled(j):
+                continue
+            account(&j.read_bytes, rows[k][1])
+            buf = w.buf + <uint64_t>k * w.slot_size
+            if process(w, buf, rows[k][0], rows[k][1], True) < 0:
+                continue
+            discard_source(w, rows[k][4], rows[k][1])
+            account(&j.done_bytes, rows[k][1])
+        if failed and inflight:
+            # a dead connection fails everything in flight; do not spin
+            if nbd_aio_in_flight(w.src_h) <= 0:
+                for k in range(j.depth):
+                    busy[k] = 0
+                inflight = 0
+
+
+cdef void *worker_main(void *arg) noexcept nogil:
+    cdef Worker *w = <Worker *>arg
+    if w.job.src_nbd:
+        nbd_worker(w)
+    else:
+        sync_worker(w)
+    return NULL
+
+
+# ----------------------------------------------------------------------------
+# Python face
+
+cdef class CopyJob:
+    """One copy, configured from plain values (see dirbackup.copy for the
+    typed interface).  run() blocks the calling thread, not the GIL."""
+
+    cdef Job job
+    cdef Worker *workers
+    cdef int n_workers
+    cdef object _requests
+    cdef object _keep            # Python objects whose C resources the job uses
+    cdef object _layer_array
+    cdef object _digests
+    cdef char *_zeros
+    cdef readonly str source_name
+    cdef readonly str target_name
+    cdef readonly bint ran
+
+    def __cinit__(self):
+        memset(&self.job, 0, sizeof(Job))
+        pthread_mutex_init(&self.job.err_lock, NULL)
+        self.workers = NULL
+        self._zeros = NULL
+
+    def __init__(self, requests, *, int workers=1, int src_fd=-1, bint src_direct=False,
+                 bint src_blockdev=False, src_handles=(), layer_fds=(),
+                 int target_kind=TGT_NULL, int tgt_fd=-1, bint tgt_blockdev=False,
+                 tgt_handles=(), sink=None, bint tgt_fresh=True,
+                 uint64_t cluster_size=65536, uint64_t request_size=4 << 20, int depth=4,
+                 bint discard=False, uint64_t bandwidth_limit=0, uint64_t digest_chunk=0,
+                 uint64_t digest_size=0, bint digest_zero=False,
+                 str source_name="source", str target_name="target"):
+        cdef uint64_t[:, ::1] rows
+        cdef int i, k
+        cdef void *mem
+        cdef Worker *w
+        self._requests = np.ascontiguousarray(requests, dtype=np.uint64)
+        if self._requests.ndim != 2 or self._requests.shape[1] != 5:
+            raise ValueError("requests must have shape (N, 5)")
+        rows = self._requests
+        if cluster_size == 0 or cluster_size & (cluster_size - 1):
+            raise ValueError("cluster_size must be a power of two")
+        if request_size < cluster_size or request_size % ALIGN:
+            raise ValueError("request_size must be a multiple of 4096 and >= cluster_size")
+        if depth < 1 or depth > MAX_DEPTH:
+            raise ValueError(f"depth must be between 1 and {MAX_DEPTH}")
+        if workers < 1:
+            raise ValueError("workers must be at least 1")
+        self.source_name = source_name
+        self.target_name = target_name
+        self._keep = [src_handles, tgt_handles, sink]
+        cdef Job *j = &self.job
+        j.req = &rows[0, 0] if rows.shape[0] else NULL
+        j.n_req = rows.shape[0]
+        for i in range(rows.shape[0]):
+            if rows[i, 1] > request_size:
+                raise ValueError(f"request {i} is longer than request_size")
+            if rows[i, 2] > K_ZERO:
+                raise ValueError(f"request {i} has unknown kind {rows[i, 2]}")
+        j.src_fd = src_fd
+        j.src_direct = src_direct
+        j.src_blockdev = src_blockdev
+        j.src_nbd = len(src_handles) > 0
+        self._layer_array = np.ascontiguousarray(layer_fds, dtype=np.intc)
+        cdef int[::1] lview = self._layer_array
+        j.layer_fds = &lview[0] if lview.shape[0] else NULL
+        j.n_layers = lview.shape[0]
+        j.tgt_kind = target_kind
+        j.tgt_fd = tgt_fd
+        j.tgt_blockdev = tgt_blockdev
+        j.tgt_fresh = tgt_fresh
+        j.cfr_ok = 1
+        if target_kind == TGT_SINK:
+            if sink is None:
+                raise ValueError("a sink target needs the sink capsule")
+            j.sink = <sink_ops *>PyCapsule_GetPointer(sink, "dirbackup.sink")
+            if cluster_size != j.sink.cluster_size:
+                raise ValueError("cluster_size must be the sink's cluster size")
+        elif target_kind == TGT_FD and tgt_fd < 0:
+            raise ValueError("a file target needs a file descriptor")
+        elif target_kind == TGT_NBD and len(tgt_handles) == 0:
+            raise ValueError("an NBD target needs handles")
+        if j.src_nbd and len(src_handles) < workers:
+            workers = len(src_handles)
+        if target_kind == TGT_NBD and len(tgt_handles) < workers:
+            workers = len(tgt_handles)
+        j.cluster = cluster_size
+        j.bufsize = request_size
+        j.depth = depth if j.src_nbd else 1
+        j.discard = discard
+        j.bw_limit = bandwidth_limit
+        j.bw_burst = request_size if bandwidth_limit > request_size else bandwidth_limit
+        if digest_chunk:
+            if digest_chunk % cluster_size:
+                raise ValueError("digest_chunk must be a multiple of cluster_size")
+            self._digests = np.zeros((digest_size + digest_chunk - 1) // digest_chunk,
+                                     dtype=np.uint64)
+            j.digest_chunk = digest_chunk
+            j.n_digests = self._digests.shape[0]
+            j.digest_zero = digest_zero
+            self._bind_digests()
+            for i in range(rows.shape[0]):
+                if rows[i, 1] and (rows[i, 0] + rows[i, 1] - 1) // digest_chunk >= j.n_digests:
+                    raise ValueError(f"request {i} lies beyond digest_size")
+        self._zeros = <char *>calloc(ZERO_BUF, 1)
+        if self._zeros == NULL:
+            raise MemoryError()
+        j.zeros = self._zeros
+
+        self.workers = <Worker *>calloc(workers, sizeof(Worker))
+        if self.workers == NULL:
+            raise MemoryError()
+        self.n_workers = workers
+        cdef uint64_t max_units = request_size // cluster_size + 2
+        for i in range(workers):
+            w = &self.workers[i]
+            w.job = j
+            w.slot_size = request_size + ALIGN
+            if posix_memalign(&mem, ALIGN, w.slot_size * j.depth) != 0:
+                raise MemoryError()
+            w.buf = <char *>mem
+            w.max_units = max_units
+            w.iov = <iovec *>calloc(max_units, sizeof(iovec))
+            w.clusters = <uint64_t *>calloc(max_units, sizeof(uint64_t))
+            if w.iov == NULL or w.clusters == NULL:
+                raise MemoryError()
+            if j.src_nbd:
+                w.src_h = handle_of(src_handles[i])
+            if target_kind == TGT_NBD:
+                w.tgt_h = handle_of(tgt_handles[i])
+        if j.src_nbd and discard:
+            for k in range(len(src_handles)):
+                if nbd_can_trim(handle_of(src_handles[k])) != 1:
+                    j.discard = 0
+                    j.discard_errno = EOPNOTSUPP
+        if target_kind == TGT_NBD:
+            j.tgt_can_zero = nbd_can_zero(self.workers[0].tgt_h) == 1
+
+    cdef int _bind_digests(self) except -1:
+        cdef uint64_t[::1] d = self._digests
+        self.job.digests = &d[0] if d.shape[0] else NULL
+        return 0
+
+    def __dealloc__(self):
+        cdef int i
+        if self.workers != NULL:
+            for i in range(self.n_workers):
+                if self.workers[i].leak:
+                    continue
+                free(self.workers[i].buf)
+                free(self.workers[i].iov)
+                free(self.workers[i].clusters)
+            free(self.workers)
+        free(self._zeros)
+        pthread_mutex_destroy(&self.job.err_lock)
+
+    # -- control and progress, safe to call from any thread while run() runs
+
+    def cancel(self):
+        """Ask the workers to stop; run() then raises Cancelled."""
+        set_cancel(&self.job)
+
+    @property
+    def total_bytes(self):
+        """Bytes the requests cover."""
+        return int(self._requests[:, 1].sum()) if self._requests.shape[0] else 0
+
+    @property
+    def done_bytes(self):
+        return atomic_load_u64(&self.job.done_bytes, __ATOMIC_RELAXED)
+
+    @property
+    def read_bytes(self):
+        return atomic_load_u64(&self.job.read_bytes, __ATOMIC_RELAXED)
+
+    @property
+    def written_bytes(self):
+        return atomic_load_u64(&self.job.written_bytes, __ATOMIC_RELAXED)
+
+    @property
+    def zero_bytes(self):
+        return atomic_load_u64(&self.job.zero_bytes, __ATOMIC_RELAXED)
+
+    @property
+    def discarded_bytes(self):
+        return atomic_load_u64(&self.job.discarded_bytes, __ATOMIC_RELAXED)
+
+    @property
+    def discard_errno(self):
+        """errno of the refusal that stopped source discards, or 0."""
+        return self.job.discard_errno
+
+    @property
+    def workers_used(self):
+        return self.n_workers
+
+    @property
+    def digests(self):
+        """Per-chunk digest sums (a copy), or None without digests."""
+        return None if self._digests is None else self._digests.copy()
+
+    def run(self, progress=None, double interval=0.5, cancel_event=None):
+        """Copy everything.  Calls progress(job) about every `interval`
+        seconds from this thread; a set `cancel_event` or Ctrl-C stops the
+        workers within a second.  Raises the first worker error as OSError."""
+        if self.ran:
+            raise RuntimeError("a CopyJob runs once")
+        self.ran = True
+        cdef Job *j = &self.job
+        cdef int i, rc = 0, started = 0
+        cdef timespec deadline
+        cdef int64_t last = now_ns(), step = <int64_t>(min(interval, 0.2) * 1e9)
+        cdef int64_t tick = <int64_t>(interval * 1e9)
+        interrupt = None
+        j.t0_ns = now_ns()
+        try:
+            for i in range(self.n_workers):
+                rc = pthread_create(&self.workers[i].tid, NULL, worker_main, &self.workers[i])
+                if rc != 0:
+                    fail(j, rc, OP_READ, 0, b"cannot start a worker thread")
+                    break
+                self.workers[i].started = 1
+                started += 1
+            i = 0
+            while i < started:
+                with nogil:
+                    clock_gettime(CLOCK_REALTIME, &deadline)
+                    deadline.tv_nsec += step
+                    if deadline.tv_nsec >= 1000000000:
+                        deadline.tv_sec += deadline.tv_nsec // 1000000000
+                        deadline.tv_nsec %= 1000000000
+                    rc = pthread_timedjoin_np(self.workers[i].tid, NULL, &deadline)
+                if rc == 0:
+                    self.workers[i].started = 0
+                    i += 1
+                    continue
+                try:
+                    PyErr_CheckSignals()
+                except KeyboardInterrupt as exc:
+                    # stop the workers, wait for them below, then re-raise
+                    interrupt = exc
+                    set_cancel(j)
+                if cancel_event is not None and cancel_event.is_set():
+                    set_cancel(j)
+                if progress is not None and now_ns() - last >= tick:
+                    last = now_ns()
+                    progress(self)
+        except BaseException:
+            set_cancel(j)
+            raise
+        finally:
+            # never leave a worker running, whatever happened above
+            for i in range(self.n_workers):
+                if self.workers[i].started:
+                    with nogil:
+                        pthread_join(self.workers[i].tid, NULL)
+                    self.workers[i].started = 0
+        if interrupt is not None:
+            raise interrupt
+        if j.err_set:
+            raise self._error()
+        if cancelled(j):
+            raise Cancelled("copy cancelled")
+        if progress is not None:
+            progress(self)
+
+    cdef object _error(self):
+        cdef Job *j = &self.job
+        op = OPERATIONS.get(j.err_op, "copying")
+        target_side = j.err_op in (OP_WRITE, OP_ZERO, OP_ALLOC)
+        name = self.target_name if target_side else self.source_name
+        err = j.err if j.err else EIO
+        detail = j.err_msg.decode("utf-8", "replace") if j.err_msg[0] else None
+        if detail is None:
+            import os
+            detail = os.strerror(err)
+        return OSError(err, f"{op} {name} at offset {j.err_offset}: {detail}", name)

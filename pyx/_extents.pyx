@@ -1,0 +1,766 @@
+# cython: language_level=3
+"""Extent kernels: parse `nbdinfo --map` output, collect NBD block status,
+find data in files, and the region arithmetic the copy engine needs.
+
+Extents are numpy arrays of shape (N, 3), dtype uint64, one row per extent:
+(offset, length, flags).  Nothing here builds Python lists per extent.
+"""
+from libc.errno cimport EINVAL, ENXIO, EOPNOTSUPP, errno
+from libc.stdint cimport UINT64_MAX, uint32_t, uint64_t
+from libc.stdlib cimport free, malloc, realloc
+from libc.string cimport memcpy, memset, strcmp
+from posix.mman cimport MADV_HUGEPAGE, madvise
+from posix.unistd cimport lseek
+
+from _capsule cimport handle_of
+from _errors cimport check_nbd, os_error
+from libnbd cimport nbd_block_status, nbd_extent_callback, nbd_get_errno, nbd_get_error, nbd_handle
+from sysdeps cimport SEEK_DATA, SEEK_HOLE
+
+import numpy as np
+
+from dirbackup.errors import MapFormatError, ProtocolError
+
+# Block status requests stay below 4 GiB: the NBD protocol carries 32-bit lengths.
+cdef uint64_t MAX_STATUS_REQUEST = 1 << 31
+
+OFFSET = 0
+LENGTH = 1
+FLAGS = 2
+
+
+# ----------------------------------------------------------------------------
+# A growable C array of (offset, length, flags) triples.
+
+cdef struct ExtBuf:
+    uint64_t *rows
+    size_t n
+    size_t cap
+    # block status collection state
+    const char *context
+    uint64_t pos          # next expected offset
+    uint64_t end          # end of the current request
+    int bad               # protocol violation seen
+    uint64_t bad_offset
+
+
+cdef int buf_append(ExtBuf *b, uint64_t off, uint64_t length, uint64_t flags) noexcept nogil:
+    """Append a row as it is."""
+    cdef uint64_t *grown
+    cdef uint64_t *row
+    cdef size_t cap
+    if b.n == b.cap:
+        cap = b.cap * 2 if b.cap else 1024
+        grown = <uint64_t *>realloc(b.rows, cap * 3 * sizeof(uint64_t))
+        if grown == NULL:
+            return -1
+        b.rows = grown
+        b.cap = cap
+    row = b.rows + 3 * b.n
+    row[0] = off
+    row[1] = length
+    row[2] = flags
+    b.n += 1
+    return 0
+
+
+cdef int buf_push(ExtBuf *b, uint64_t off, uint64_t length, uint64_t flags) noexcept nogil:
+    """Append a row, merging it into the previous one when contiguous with equal flags."""
+    cdef uint64_t *last
+    if b.n:
+        last = b.rows + 3 * (b.n - 1)
+        if last[2] == flags and last[0] + last[1] == off:
+            last[1] += length
+            return 0
+    return buf_append(b, off, length, flags)
+
+
+cdef class RowBuffer:
+    """Owns a malloc'ed block of rows and lends it to numpy without a copy."""
+
+    cdef uint64_t *rows
+    cdef Py_ssize_t n
+    cdef Py_ssize_t shape[2]
+    cdef Py_ssize_t strides[2]
+
+    def __dealloc__(self):
+        free(self.rows)
+
+    def __getbuffer__(self, Py_buffer *view, int flags):
+        self.shape[0] = self.n
+        self.shape[1] = 3
+        self.strides[0] = 3 * sizeof(uint64_t)
+        self.strides[1] = sizeof(uint64_t)
+        view.buf = self.rows
+        view.obj = self
+        view.len = self.n * 3 * sizeof(uint64_t)
+        view.readonly = 0
+        view.itemsize = sizeof(uint64_t)
+        view.format = "Q"
+        view.ndim = 2
+        view.shape = self.shape
+        view.strides = self.strides
+        view.suboffsets = NULL
+        view.internal = NULL
+
+    def __releasebuffer__(self, Py_buffer *view):
+        pass
+
+
+cdef void advise_huge(void *p, size_t nbytes) noexcept nogil:
+    """Ask for transparent huge pages inside a large allocation: filling a
+    big result then takes a few page faults instead of thousands."""
+    cdef size_t huge = 2 << 20
+    cdef size_t start = ((<size_t>p) + huge - 1) & ~(huge - 1)
+    cdef size_t end = ((<size_t>p) + nbytes) & ~(huge - 1)
+    if p != NULL and end > start:
+        madvise(<void *>start, end - start, MADV_HUGEPAGE)
+
+
+cdef object buf_to_array(ExtBuf *b):
+    """Hand the rows of `b` to a numpy array (b is left empty)."""
+    cdef RowBuffer owner
+    cdef uint64_t *shrunk
+    if b.n == 0:
+        return np.empty((0, 3), dtype=np.uint64)
+    shrunk = <uint64_t *>realloc(b.rows, b.n * 3 * sizeof(uint64_t))
+    owner = RowBuffer.__new__(RowBuffer)
+    owner.rows = shrunk if shrunk != NULL else b.rows
+    owner.n = b.n
+    b.rows = NULL
+    b.n = 0
+    b.cap = 0
+    return np.asarray(owner)
+
+
+cdef inline uint64_t[:, ::1] as_rows(object ext) except *:
+    arr = np.ascontiguousarray(ext, dtype=np.uint64)
+    if arr.ndim != 2 or arr.shape[1] != 3:
+        raise ValueError(f"extents must have shape (N, 3), got {arr.shape}")
+    return arr
+
+
+def empty():
+    """An extent array with no rows."""
+    return np.empty((0, 3), dtype=np.uint64)
+
+
+# ----------------------------------------------------------------------------
+# nbdinfo --map (text)
+
+cdef inline bint is_space(unsigned char c) noexcept nogil:
+    return c == c' ' or c == c'\t' or c == c'\r'
+
+
+cdef inline Py_ssize_t parse_uint(const unsigned char *s, Py_ssize_t i, Py_ssize_t end,
+                                  uint64_t *out) noexcept nogil:
+    """Parse decimal digits at s[i:]; return the index after them, -1 if none, -2 on overflow."""
+    cdef uint64_t v = 0
+    cdef uint64_t d
+    cdef Py_ssize_t start = i
+    # 19 digits always fit in 64 bits; only longer numbers need the overflow check
+    while i < end and i - start < 19 and <unsigned char>(s[i] - c'0') < 10:
+        v = v * 10 + (s[i] - c'0')
+        i += 1
+    while i < end and <unsigned char>(s[i] - c'0') < 10:
+        d = s[i] - c'0'
+        if v > (UINT64_MAX - d) // 10:
+            return -2
+        v = v * 10 + d
+        i += 1
+    if i == start:
+        return -1
+    out[0] = v
+    return i
+
+
+cdef object line_text(const unsigned char *s, Py_ssize_t a, Py_ssize_t b):
+    text = (<bytes>s[a:b]).decode("utf-8", "replace")
+    return text if len(text) <= 200 else text[:200] + "..."
+
+
+cdef enum:
+    TEXT_OK = 0
+    TEXT_MALFORMED = 1
+    TEXT_RANGE = 2
+    TEXT_EXTENT = 3
+    TEXT_NOMEM = 4
+
+
+cdef struct TextState:
+    Py_ssize_t lineno
+    Py_ssize_t line_start
+    Py_ssize_t line_end
+    uint64_t off
+    uint64_t length
+    uint64_t expect
+
+
+cdef inline Py_ssize_t skip_blank(const unsigned char *s, Py_ssize_t j,
+                                  Py_ssize_t end) noexcept nogil:
+    cdef uint64_t word
+    # nbdinfo pads numbers to a fixed width: skip runs of spaces eight at a time
+    while j + 8 <= end:
+        memcpy(&word, s + j, 8)
+        if word != 0x2020202020202020ULL:
+            break
+        j += 8
+    while j < end and is_space(s[j]):
+        j += 1
+    return j
+
+
+cdef int scan_text(const unsigned char *s, Py_ssize_t n, ExtBuf *b, bint contiguous,
+                   TextState *st) noexcept nogil:
+    """One pass over map text; on a bad line return its error code, with the
+    line's number and bounds in `st`."""
+    cdef Py_ssize_t i = 0, j
+    cdef uint64_t typ = 0
+    cdef int rc
+    cdef bint blank
+    while i < n:
+        st.lineno += 1
+        st.line_start = i
+        j = skip_blank(s, i, n)
+        rc = TEXT_OK
+        blank = j >= n or s[j] == c'\n'
+        if not blank:
+            # offset, length and type, each followed by blank space or the end of line
+            j = parse_uint(s, j, n, &st.off)
+            if j < 0 or j >= n or not is_space(s[j]):
+                rc = TEXT_RANGE if j == -2 else TEXT_MALFORMED
+            if rc == TEXT_OK:
+                j = parse_uint(s, skip_blank(s, j, n), n, &st.length)
+                if j < 0 or (j < n and s[j] != c'\n' and not is_space(s[j])):
+                    rc = TEXT_RANGE if j == -2 else TEXT_MALFORMED
+            if rc == TEXT_OK:
+                j = parse_uint(s, skip_blank(s, j, n), n, &typ)
+                if j < 0 or (j < n and s[j] != c'\n' and not is_space(s[j])):
+                    rc = TEXT_RANGE if j == -2 else TEXT_MALFORMED
+                elif typ > <uint64_t>0xFFFFFFFFU:
+                    rc = TEXT_RANGE
+            if rc == TEXT_OK and not extent_ok(st.off, st.length, st.expect, contiguous):
+                rc = TEXT_EXTENT
+        if j < 0:
+            j = st.line_start
+        # the description, up to the end of the line
+        while j < n and s[j] != c'\n':
+            j += 1
+        st.line_end = j
+        if rc != TEXT_OK:
+            return rc
+        i = j + 1
+        if not blank:
+            st.expect = st.off + st.length
+            if buf_push(b, st.off, st.length, typ) < 0:
+                return TEXT_NOMEM
+    return TEXT_OK
+
+
+def parse_map_text(data, uint64_t start=0, object size=None, bint contiguous=True):
+    """Parse the text printed by `nbdinfo --map[=CONTEXT]` into extents.
+
+    Each line is `offset length type [description]`, separated by any amount of
+    blank space.  Blank lines are ignored; any other line that does not have that
+    shape raises MapFormatError naming its line number and content, so no entry
+    is ever dropped.  With `contiguous` (the default) the extents must start at
+    `start`, follow each other without gap or overlap and, when `size` is given,
+    end exactly at `size` -- a truncated or reordered map is an error.
+    """
+    cdef const unsigned char[::1] view
+    if isinstance(data, str):
+        data = data.encode()
+    view = data
+    cdef const unsigned char *s = &view[0] if view.shape[0] else <const unsigned char *>b""
+    cdef Py_ssize_t n = view.shape[0]
+    cdef TextState st
+    memset(&st, 0, sizeof(st))
+    st.expect = start
+    cdef ExtBuf b
+    b.n = 0
+    cdef int rc
+    with nogil:
+        b.cap = n // 6 + 1      # "0 1 0\n" is the shortest line: never regrown
+        b.rows = <uint64_t *>malloc(b.cap * 3 * sizeof(uint64_t))
+        advise_huge(b.rows, b.cap * 3 * sizeof(uint64_t))
+        rc = scan_text(s, n, &b, contiguous, &st) if b.rows != NULL else TEXT_NOMEM
+    try:
+        if rc == TEXT_NOMEM:
+            raise MemoryError()
+        if rc != TEXT_OK:
+            text = line_text(s, st.line_start, st.line_end)
+            if rc == TEXT_EXTENT:
+                check_extent(st.off, st.length, st.expect, contiguous, f"line {st.lineno}", text)
+            what = "number out of range" if rc == TEXT_RANGE else "malformed map entry"
+            raise MapFormatError(f"line {st.lineno}: {what}: {text!r}")
+        check_end(b.n, st.expect, start, size, contiguous)
+        return buf_to_array(&b)
+    finally:
+        free(b.rows)
+
+
+cdef inline bint extent_ok(uint64_t off, uint64_t length, uint64_t expect,
+                           bint contiguous) noexcept nogil:
+    return length != 0 and off <= UINT64_MAX - length and (not contiguous or off == expect)
+
+
+cdef int check_extent(uint64_t off, uint64_t length, uint64_t expect, bint contiguous,
+                      str where, object text) except -1:
+    if length == 0:
+        raise MapFormatError(f"line {where}: zero-length extent: {text!r}")
+    if off > UINT64_MAX - length:
+        raise MapFormatError(f"line {where}: extent runs past 2^64: {text!r}")
+    if contiguous and off != expect:
+        how = "overlaps the previous one" if off < expect else "leaves a gap"
+        raise MapFormatError(
+            f"line {where}: extent at offset {off} {how} (expected offset {expect}): {text!r}")
+    return 0
+
+
+cdef int check_end(size_t count, uint64_t end, uint64_t start, object size,
+                   bint contiguous) except -1:
+    if size is None or not contiguous:
+        return 0
+    if count == 0 and size != start:
+        raise MapFormatError(f"map is empty but the export has {size} bytes")
+    if end != size:
+        raise MapFormatError(
+            f"map ends at offset {end} but the export has {size} bytes (truncated or too long)")
+    return 0
+
+
+# ----------------------------------------------------------------------------
+# nbdinfo --map --json
+
+cdef struct JsonCursor:
+    const unsigned char *s
+    Py_ssize_t i
+    Py_ssize_t n
+
+
+cdef inline void skip_ws(JsonCursor *c) noexcept nogil:
+    while c.i < c.n and (c.s[c.i] == c' ' or c.s[c.i] == c'\n' or c.s[c.i] == c'\t'
+                         or c.s[c.i] == c'\r'):
+        c.i += 1
+
+
+cdef inline bint expect_char(JsonCursor *c, unsigned char ch) noexcept nogil:
+    skip_ws(c)
+    if c.i < c.n and c.s[c.i] == ch:
+        c.i += 1
+        return True
+    return False
+
+
+cdef Py_ssize_t scan_string(JsonCursor *c) noexcept nogil:
+    """Skip a JSON string at the cursor; return its start (after the quote) or -1."""
+    skip_ws(c)
+    if c.i >= c.n or c.s[c.i] != c'"':
+        return -1
+    c.i += 1
+    cdef Py_ssize_t start = c.i
+    while c.i < c.n:
+        if c.s[c.i] == c'\\':
+            c.i += 2
+            continue
+        if c.s[c.i] == c'"':
+            c.i += 1
+            return start
+        c.i += 1
+    return -1
+
+
+cdef Py_ssize_t json_line(JsonCursor *c) noexcept:
+    cdef Py_ssize_t k, line = 1
+    for k in range(min(c.i, c.n)):
+        if c.s[k] == c'\n':
+            line += 1
+    return line
+
+
+cdef object json_error(JsonCursor *c, Py_ssize_t entry, str what):
+    cdef Py_ssize_t line = json_line(c)
+    lo = max(0, c.i - 40)
+    near = (<bytes>c.s[lo:min(c.n, c.i + 40)]).decode("utf-8", "replace")
+    return MapFormatError(f"line {line}, entry {entry}: {what} near {near!r}")
+
+
+def parse_map_json(data, uint64_t start=0, object size=None, bint contiguous=True):
+    """Parse the output of `nbdinfo --map --json`: an array of objects with
+    integer `offset`, `length` and `type` (other keys are skipped).
+
+    The same validation as parse_map_text applies; errors name the line and
+    entry number.
+    """
+    cdef const unsigned char[::1] view
+    if isinstance(data, str):
+        data = data.encode()
+    view = data
+    cdef JsonCursor c
+    c.s = &view[0] if view.shape[0] else <const unsigned char *>b""
+    c.i = 0
+    c.n = view.shape[0]
+    cdef ExtBuf b
+    b.rows = NULL
+    b.n = 0
+    b.cap = 0
+    cdef Py_ssize_t entry = 0, key_start, key_len, j
+    cdef uint64_t off = 0, length = 0, typ = 0, value = 0
+    cdef int have
+    cdef uint64_t expect = start
+    try:
+        if not expect_char(&c, c'['):
+            raise json_error(&c, 0, "expected '['")
+        skip_ws(&c)
+        if c.i < c.n and c.s[c.i] == c']':
+            c.i += 1
+        else:
+            while True:
+                entry += 1
+                if not expect_char(&c, c'{'):
+                    raise json_error(&c, entry, "expected '{'")
+                have = 0
+                while True:
+                    key_start = scan_string(&c)
+                    if key_start < 0:
+                        raise json_error(&c, entry, "expected a key")
+                    key_len = c.i - 1 - key_start
+                    if not expect_char(&c, c':'):
+                        raise json_error(&c, entry, "expected ':'")
+                    skip_ws(&c)
+                    if c.i < c.n and c.s[c.i] == c'"':
+                        if scan_string(&c) < 0:
+                            raise json_error(&c, entry, "unterminated string")
+                        value = UINT64_MAX
+                    else:
+                        j = parse_uint(c.s, c.i, c.n, &value)
+                        if j == -2:
+                            raise json_error(&c, entry, "number out of range")
+                        if j < 0:
+                            # true/false/null or a negative/float number: skip the token
+                            while (c.i < c.n and c.s[c.i] != c',' and c.s[c.i] != c'}'
+                                   and c.s[c.i] != c' ' and c.s[c.i] != c'\n'):
+                                c.i += 1
+                            value = UINT64_MAX
+                        else:
+                            c.i = j
+                    if key_len == 6 and (<bytes>c.s[key_start:key_start + 6]) == b"offset":
+                        off = value
+                        have |= 1
+                    elif key_len == 6 and (<bytes>c.s[key_start:key_start + 6]) == b"length":
+                        length = value
+                        have |= 2
+                    elif key_len == 4 and (<bytes>c.s[key_start:key_start + 4]) == b"type":
+                        typ = value
+                        have |= 4
+                    skip_ws(&c)
+                    if expect_char(&c, c','):
+                        continue
+                    if expect_char(&c, c'}'):
+                        break
+                    raise json_error(&c, entry, "expected ',' or '}'")
+                if (have != 7 or off == UINT64_MAX or length == UINT64_MAX
+                        or typ > <uint64_t>0xFFFFFFFFU):
+                    raise json_error(&c, entry, "entry needs integer offset, length and type")
+                if not extent_ok(off, length, expect, contiguous):
+                    check_extent(off, length, expect, contiguous,
+                                 f"line {json_line(&c)}, entry {entry}",
+                                 f"offset {off} length {length} type {typ}")
+                expect = off + length
+                if buf_push(&b, off, length, typ) < 0:
+                    raise MemoryError()
+                if expect_char(&c, c','):
+                    continue
+                if expect_char(&c, c']'):
+                    break
+                raise json_error(&c, entry, "expected ',' or ']'")
+        skip_ws(&c)
+        if c.i != c.n:
+            raise json_error(&c, entry, "trailing data after the array")
+        check_end(b.n, expect, start, size, contiguous)
+        return buf_to_array(&b)
+    finally:
+        free(b.rows)
+
+
+# ----------------------------------------------------------------------------
+# Block status from a libnbd handle
+
+cdef int on_extents(void *user_data, const char *metacontext, uint64_t offset,
+                    uint32_t *entries, size_t nr_entries, int *error) noexcept nogil:
+    cdef ExtBuf *b = <ExtBuf *>user_data
+    cdef size_t i
+    cdef uint64_t length
+    if strcmp(metacontext, b.context) != 0:
+        return 0
+    if offset != b.pos:
+        b.bad = 1
+        b.bad_offset = offset
+        return 0
+    i = 0
+    while i + 1 < nr_entries and b.pos < b.end:
+        length = entries[i]
+        if length == 0:
+            b.bad = 2
+            b.bad_offset = b.pos
+            return 0
+        if length > b.end - b.pos:
+            length = b.end - b.pos     # the last extent may run past the request
+        if buf_push(b, b.pos, length, entries[i + 1]) < 0:
+            b.bad = 3
+            return 0
+        b.pos += length
+        i += 2
+    return 0
+
+
+def block_status(h, str context, uint64_t offset=0, object length=None):
+    """Collect the extents of meta context `context` (e.g. "base:allocation" or
+    "qemu:dirty-bitmap:NAME") over [offset, offset+length) of a connected
+    python-libnbd handle `h`; `length` defaults to the rest of the export.
+
+    Requests stay below 4 GiB each and the loop follows partial replies until
+    the whole range is covered.  Neighbouring extents with equal flags are
+    merged.  The handle must have negotiated `context`.
+    """
+    cdef nbd_handle *ptr = handle_of(h)
+    cdef uint64_t size = h.get_size()
+    cdef uint64_t end
+    if length is None:
+        end = size
+    else:
+        end = offset + <uint64_t>length
+    if offset > size or end > size or end < offset:
+        raise ValueError(f"range {offset}+{length} is outside the export of {size} bytes")
+    if not h.can_meta_context(context):
+        raise ProtocolError(f"the server did not agree to meta context {context!r}")
+    ctx_bytes = context.encode()
+    cdef ExtBuf b
+    b.rows = NULL
+    b.n = 0
+    b.cap = 0
+    b.context = ctx_bytes
+    b.pos = offset
+    b.bad = 0
+    cdef nbd_extent_callback cb
+    cb.callback = on_extents
+    cb.user_data = &b
+    cb.free = NULL
+    cdef int rc = 0, err = 0
+    cdef const char *msg = NULL
+    cdef uint64_t before
+    try:
+        while b.pos < end:
+            before = b.pos
+            b.end = min(end, b.pos + MAX_STATUS_REQUEST)
+            with nogil:
+                rc = nbd_block_status(ptr, b.end - b.pos, b.pos, cb, 0)
+                if rc < 0:
+                    err = nbd_get_errno()
+                    msg = nbd_get_error()
+            check_nbd(rc, err, msg, f"block status ({context}) at offset {before}")
+            if b.bad == 3:
+                raise MemoryError()
+            if b.bad:
+                raise ProtocolError(
+                    f"block status ({context}): bad reply at offset {b.bad_offset}")
+            if b.pos == before:
+                raise ProtocolError(
+                    f"block status ({context}): no extents returned for offset {before}")
+        return buf_to_array(&b)
+    finally:
+        free(b.rows)
+
+
+# ----------------------------------------------------------------------------
+# Data and holes of a file
+
+def file_extents(int fd, uint64_t offset, uint64_t length):
+    """Data and hole extents of [offset, offset+length) of an open file, from
+    SEEK_DATA/SEEK_HOLE.  Flags follow NBD base:allocation: 0 for data, 3
+    (hole|zero) for holes.  Where the file system cannot tell (block devices,
+    old file systems), the whole range is reported as data.
+    """
+    cdef ExtBuf b
+    b.rows = NULL
+    b.n = 0
+    b.cap = 0
+    cdef long long pos = offset, end = offset + length, data, hole
+    cdef int err = 0
+    try:
+        while pos < end:
+            with nogil:
+                data = lseek(fd, pos, SEEK_DATA)
+                err = errno
+            if data < 0:
+                if err == ENXIO:        # no data up to EOF
+                    data = end
+                elif err == EINVAL or err == EOPNOTSUPP:
+                    free(b.rows)
+                    b.rows = NULL
+                    b.n = 0
+                    if length:
+                        buf_push(&b, offset, length, 0)
+                    return buf_to_array(&b)
+                else:
+                    raise os_error(err, f"SEEK_DATA at offset {pos}")
+            if data > end:
+                data = end
+            if data > pos and buf_push(&b, pos, data - pos, 3) < 0:
+                raise MemoryError()
+            if data >= end:
+                break
+            with nogil:
+                hole = lseek(fd, data, SEEK_HOLE)
+                err = errno
+            if hole < 0:
+                raise os_error(err, f"SEEK_HOLE at offset {data}")
+            if hole > end:
+                hole = end
+            if buf_push(&b, data, hole - data, 0) < 0:
+                raise MemoryError()
+            pos = hole
+        return buf_to_array(&b)
+    finally:
+        free(b.rows)
+
+
+# ----------------------------------------------------------------------------
+# Region arithmetic
+
+def select(ext, uint64_t mask, uint64_t value):
+    """Rows whose flags satisfy (flags & mask) == value, neighbours merged."""
+    cdef uint64_t[:, ::1] r = as_rows(ext)
+    cdef ExtBuf b
+    b.rows = NULL
+    b.n = 0
+    b.cap = 0
+    cdef Py_ssize_t i
+    try:
+        for i in range(r.shape[0]):
+            if r[i, 2] & mask == value:
+                if buf_push(&b, r[i, 0], r[i, 1], r[i, 2] & mask) < 0:
+                    raise MemoryError()
+        return buf_to_array(&b)
+    finally:
+        free(b.rows)
+
+
+def coalesce(ext, uint64_t gap=0):
+    """Merge rows that touch, overlap or are at most `gap` bytes apart.
+
+    Rows must be sorted by offset.  Flags of merged rows are OR-ed.
+    """
+    cdef uint64_t[:, ::1] r = as_rows(ext)
+    cdef ExtBuf b
+    b.rows = NULL
+    b.n = 0
+    b.cap = 0
+    cdef Py_ssize_t i
+    cdef uint64_t off, end, last_end
+    cdef uint64_t *last
+    try:
+        for i in range(r.shape[0]):
+            off = r[i, 0]
+            end = off + r[i, 1]
+            if r[i, 1] == 0:
+                continue
+            if b.n:
+                last = b.rows + 3 * (b.n - 1)
+                last_end = last[0] + last[1]
+                if off < last[0]:
+                    raise ValueError(f"extents are not sorted at row {i} (offset {off})")
+                if off <= last_end + gap:
+                    if end > last_end:
+                        last[1] = end - last[0]
+                    last[2] |= r[i, 2]
+                    continue
+            if buf_push(&b, off, end - off, r[i, 2]) < 0:
+                raise MemoryError()
+        return buf_to_array(&b)
+    finally:
+        free(b.rows)
+
+
+def align(ext, uint64_t granularity, uint64_t size):
+    """Widen every row outward to multiples of `granularity` (a power of two),
+    clamp to `size`, and merge what then touches."""
+    if granularity == 0 or granularity & (granularity - 1):
+        raise ValueError(f"granularity must be a power of two, got {granularity}")
+    cdef uint64_t[:, ::1] r = as_rows(ext)
+    out = np.empty((r.shape[0], 3), dtype=np.uint64)
+    cdef uint64_t[:, ::1] o = out
+    cdef Py_ssize_t i
+    cdef uint64_t mask = granularity - 1, off, end
+    for i in range(r.shape[0]):
+        off = r[i, 0] & ~mask
+        end = r[i, 0] + r[i, 1]
+        end = (end + mask) & ~mask if end <= UINT64_MAX - mask else end
+        if end > size:
+            end = size
+        if off > end:
+            off = end
+        o[i, 0] = off
+        o[i, 1] = end - off
+        o[i, 2] = r[i, 2]
+    return coalesce(out)
+
+
+def split(ext, uint64_t max_length, uint64_t boundary=0):
+    """Cut rows into pieces of at most `max_length` bytes that never cross a
+    multiple of `boundary` (0: no boundary)."""
+    if max_length == 0:
+        raise ValueError("max_length must be positive")
+    cdef uint64_t[:, ::1] r = as_rows(ext)
+    cdef ExtBuf b
+    b.rows = NULL
+    b.n = 0
+    b.cap = 0
+    cdef Py_ssize_t i
+    cdef uint64_t off, end, piece, limit
+    try:
+        for i in range(r.shape[0]):
+            off = r[i, 0]
+            end = off + r[i, 1]
+            while off < end:
+                piece = min(end - off, max_length)
+                if boundary:
+                    limit = boundary - off % boundary
+                    if piece > limit:
+                        piece = limit
+                if buf_append(&b, off, piece, r[i, 2]) < 0:
+                    raise MemoryError()
+                off += piece
+        return buf_to_array(&b)
+    finally:
+        free(b.rows)
+
+
+def total(ext):
+    """Sum of the lengths."""
+    cdef uint64_t[:, ::1] r = as_rows(ext)
+    cdef uint64_t s = 0
+    cdef Py_ssize_t i
+    for i in range(r.shape[0]):
+        s += r[i, 1]
+    return s
+
+
+def clip(ext, uint64_t start, uint64_t end):
+    """The parts of the rows inside [start, end)."""
+    cdef uint64_t[:, ::1] r = as_rows(ext)
+    cdef ExtBuf b
+    b.rows = NULL
+    b.n = 0
+    b.cap = 0
+    cdef Py_ssize_t i
+    cdef uint64_t a, z
+    try:
+        for i in range(r.shape[0]):
+            a = max(r[i, 0], start)
+            z = min(r[i, 0] + r[i, 1], end)
+            if a < z and buf_push(&b, a, z - a, r[i, 2]) < 0:
+                raise MemoryError()
+        return buf_to_array(&b)
+    finally:
+        free(b.rows)

@@ -1,0 +1,24 @@
+# The interface between the copy loop (_copy.pyx) and a target that keeps
+# its own metadata, such as the qcow2 writer (_qcow2.pyx).  The copy loop does
+# all data I/O on `fd`; the sink only decides where guest clusters go.
+# Declarations only.
+from libc.stdint cimport int64_t, uint64_t
+
+
+cdef struct sink_ops:
+    void *ctx
+    # file the data clusters are written to, with pwrite/pwritev
+    int fd
+    # guest cluster size; requests given to a sink are aligned to it
+    uint64_t cluster_size
+    uint64_t virtual_size
+    # non-zero when clusters reading as zero must be recorded (an image with a
+    # backing file); zero when they are simply left out (self-contained image)
+    int records_zero
+    # Map the `n` guest clusters numbered in `clusters` to `n` new consecutive
+    # host clusters; return the host offset of the first, or -1 with errno set.
+    # Called by several threads at once.
+    int64_t (*alloc)(void *ctx, const uint64_t *clusters, size_t n) noexcept nogil
+    # Record guest bytes [offset, offset + length), cluster aligned, as zero.
+    # Return 0, or -1 with errno set.
+    int (*zero)(void *ctx, uint64_t offset, uint64_t length) noexcept nogil

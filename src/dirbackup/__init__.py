@@ -1,0 +1,9 @@
+"""dirbackup: back up QEMU guests and containers into a plain directory.
+
+The package is layered: Cython kernels (`dirbackup._extents`, `dirbackup._copy`,
+`dirbackup._qcow2`) do the data path with the GIL released; thin Python
+modules (`extents`, `copy`, `qcow2`) give them typed faces; the provider, the
+storage plugin and the command line are built on those.
+"""
+
+__version__ = "0.1.0"

@@ -1,0 +1,41 @@
+"""The exceptions dirbackup raises on purpose.
+
+Operational failures are `DirbackupError`s (the command line prints them as a
+one-line `error: ...`).  I/O failures keep Python's own `OSError` subclasses
+(ENOENT -> FileNotFoundError, ENOSPC -> OSError with errno ENOSPC, ...) with
+the path or URI and the offset in their message.
+"""
+
+from __future__ import annotations
+
+
+class DirbackupError(Exception):
+    """Base class of the errors a user can act on."""
+
+
+class MapFormatError(DirbackupError, ValueError):
+    """`nbdinfo --map` output that is malformed, truncated, overlapping or out of order."""
+
+
+class ProtocolError(DirbackupError):
+    """An NBD server answered something the protocol does not allow."""
+
+
+class Cancelled(DirbackupError):
+    """A copy was cancelled (Ctrl-C or a cancel event) and stopped cleanly."""
+
+
+class ImageError(DirbackupError):
+    """A qcow2 image or backing chain that is invalid, unsafe or unsupported."""
+
+
+class UnsupportedImage(ImageError):
+    """A valid qcow2 feature that dirbackup does not read (compression, encryption)."""
+
+
+class VolumeNameError(DirbackupError, ValueError):
+    """A volume name that is not one of ours (or tries to escape the store)."""
+
+
+class StoreError(DirbackupError):
+    """The backup store is missing, unreachable, locked or inconsistent."""
