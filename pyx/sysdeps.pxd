@@ -65,3 +65,8 @@ cdef extern from * nogil:
     bint atomic_cas_ptr "__atomic_compare_exchange_n"(
         void **ptr, void **expected, void *desired, bint weak, int success, int failure)
     void *atomic_load_ptr "__atomic_load_n"(void **ptr, int order)
+
+
+cdef extern from "<endian.h>" nogil:
+    uint64_t htobe64(uint64_t x)
+    uint64_t be64toh(uint64_t x)

@@ -113,9 +113,14 @@ class Sink(Protocol):
     """A target that keeps its own metadata (qcow2.Writer): the engine writes
     the data clusters, the sink decides where they go."""
 
-    name: str
-    cluster_size: int
-    virtual_size: int
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def cluster_size(self) -> int: ...
+
+    @property
+    def virtual_size(self) -> int: ...
 
     def sink_capsule(self) -> Any: ...
 

@@ -1,0 +1,737 @@
+# cython: language_level=3
+"""qcow2 kernels: a writer that the copy loop fills from several threads,
+and the mapping of a validated backing chain's guest address space.
+
+Format: QEMU's docs/interop/qcow2.txt (version 3, 16-bit refcounts, standard
+64-bit L2 entries).  Header parsing and chain validation are policy and live
+in dirbackup/qcow2.py; this module only walks tables and writes them.
+
+Writer layout: cluster 0 is the header (zeros until finish(), so a crash
+leaves a file that no tool accepts as qcow2); data clusters are appended from
+cluster 1 on by an atomic counter; finish() appends the L2 tables, the L1
+table, the refcount blocks and the refcount table, syncs, then writes the
+header and syncs again.  Every host cluster in the file is referenced exactly
+once, so refcounts are all 1.
+"""
+from cpython.pycapsule cimport PyCapsule_New
+from libc.errno cimport EEXIST, EINTR, EINVAL, EIO, ENOMEM, errno
+from libc.stdint cimport int64_t, uint16_t, uint64_t
+from libc.stdlib cimport calloc, free, malloc
+from libc.string cimport memset
+from posix.fcntl cimport O_CREAT, O_EXCL, O_RDWR, open as c_open
+from posix.unistd cimport close, fdatasync, ftruncate, pread, pwrite
+
+from _errors cimport os_error
+from _hash cimport data_unit_digest, zero_unit_digest
+from sink cimport sink_ops
+from sysdeps cimport (__ATOMIC_ACQUIRE, __ATOMIC_RELAXED, __ATOMIC_SEQ_CST, atomic_add_u64,
+                      atomic_cas_ptr, atomic_load_ptr, atomic_load_u64, be64toh, htobe64)
+
+import os
+
+import numpy as np
+
+from dirbackup.errors import ImageError, UnsupportedImage
+
+cdef extern from *:
+    """
+    #define DB_QCOW_OFLAG_COPIED     (1ULL << 63)
+    #define DB_QCOW_OFLAG_COMPRESSED (1ULL << 62)
+    #define DB_QCOW_OFLAG_ZERO       1ULL
+    #define DB_L1E_OFFSET_MASK       0x00fffffffffffe00ULL
+    #define DB_L2E_OFFSET_MASK       0x00fffffffffffe00ULL
+    #define DB_L1E_RESERVED          0x7f000000000001ffULL
+    #define DB_L2E_RESERVED          0x3f000000000001feULL
+    """
+    const uint64_t OFLAG_COPIED "DB_QCOW_OFLAG_COPIED"
+    const uint64_t OFLAG_COMPRESSED "DB_QCOW_OFLAG_COMPRESSED"
+    const uint64_t OFLAG_ZERO "DB_QCOW_OFLAG_ZERO"
+    const uint64_t L1E_OFFSET_MASK "DB_L1E_OFFSET_MASK"
+    const uint64_t L2E_OFFSET_MASK "DB_L2E_OFFSET_MASK"
+    const uint64_t L1E_RESERVED "DB_L1E_RESERVED"
+    const uint64_t L2E_RESERVED "DB_L2E_RESERVED"
+
+cdef extern from *:
+    """
+    #include <errno.h>
+    static void db_set_errno(int e) { errno = e; }
+    """
+    void set_errno "db_set_errno"(int e) noexcept nogil
+
+# Kinds of mapped ranges (the first two are also copy request kinds).
+MAP_DATA = 1
+MAP_ZERO = 2
+MAP_UNALLOCATED = 3
+
+cdef enum:
+    K_DATA = 1
+    K_ZERO = 2
+    K_UNALLOC = 3
+    REFCOUNT_ORDER = 4
+
+
+def l1_entries_for(uint64_t virtual_size, int cluster_bits):
+    """Number of L1 entries an image of this size needs."""
+    cdef uint64_t per_l2 = (<uint64_t>1 << cluster_bits) * ((<uint64_t>1 << cluster_bits) // 8)
+    return (virtual_size + per_l2 - 1) // per_l2
+
+
+# ----------------------------------------------------------------------------
+# Writer
+
+cdef struct WriterState:
+    int fd
+    uint64_t cs
+    int bits
+    uint64_t l2_entries
+    uint64_t virtual_size
+    uint64_t l1_size
+    uint64_t **tables           # L2 tables by L1 index, native endian, made on first use
+    uint64_t next_host          # next free host offset (atomic)
+    uint64_t zero_clusters      # (atomic)
+    int records_zero
+    sink_ops ops
+
+
+cdef uint64_t *table_for(WriterState *w, uint64_t l1_index) noexcept nogil:
+    """The L2 table of an L1 index, allocated by whichever thread needs it first."""
+    cdef void **slot = <void **>&w.tables[l1_index]
+    cdef void *table = atomic_load_ptr(slot, __ATOMIC_ACQUIRE)
+    cdef void *expected = NULL
+    cdef void *fresh
+    if table != NULL:
+        return <uint64_t *>table
+    fresh = calloc(w.l2_entries, sizeof(uint64_t))
+    if fresh == NULL:
+        return NULL
+    if atomic_cas_ptr(slot, &expected, fresh, False, __ATOMIC_SEQ_CST, __ATOMIC_SEQ_CST):
+        return <uint64_t *>fresh
+    free(fresh)                 # another thread won; `expected` holds its table
+    return <uint64_t *>expected
+
+
+cdef int64_t writer_alloc(void *ctx, const uint64_t *clusters, size_t n) noexcept nogil:
+    cdef WriterState *w = <WriterState *>ctx
+    cdef uint64_t host = atomic_add_u64(&w.next_host, n * w.cs, __ATOMIC_RELAXED)
+    cdef size_t k
+    cdef uint64_t g
+    cdef uint64_t *table
+    for k in range(n):
+        g = clusters[k]
+        if g >= w.l1_size * w.l2_entries or (g << w.bits) >= w.virtual_size:
+            set_errno(EINVAL)
+            return -1
+        table = table_for(w, g // w.l2_entries)
+        if table == NULL:
+            set_errno(ENOMEM)
+            return -1
+        if table[g % w.l2_entries] != 0:
+            set_errno(EEXIST)      # a guest cluster written twice would leak a host cluster
+            return -1
+        table[g % w.l2_entries] = (host + k * w.cs) | OFLAG_COPIED
+    return <int64_t>host
+
+
+cdef int writer_zero(void *ctx, uint64_t offset, uint64_t length) noexcept nogil:
+    cdef WriterState *w = <WriterState *>ctx
+    cdef uint64_t g, end
+    cdef uint64_t *table
+    if not w.records_zero:
+        return 0
+    if offset % w.cs or offset + length > w.virtual_size:
+        set_errno(EINVAL)
+        return -1
+    end = (offset + length + w.cs - 1) >> w.bits
+    g = offset >> w.bits
+    while g < end:
+        table = table_for(w, g // w.l2_entries)
+        if table == NULL:
+            set_errno(ENOMEM)
+            return -1
+        if table[g % w.l2_entries] & ~OFLAG_ZERO:
+            set_errno(EEXIST)
+            return -1
+        table[g % w.l2_entries] = OFLAG_ZERO
+        g += 1
+    atomic_add_u64(&w.zero_clusters, end - (offset >> w.bits), __ATOMIC_RELAXED)
+    return 0
+
+
+cdef int write_all(int fd, const char *buf, uint64_t length, uint64_t offset) noexcept nogil:
+    """pwrite everything or return -1 with errno."""
+    cdef ssize_t r
+    while length:
+        r = pwrite(fd, buf, length, offset)
+        if r < 0:
+            if errno == EINTR:
+                continue
+            return -1
+        if r == 0:
+            set_errno(EIO)
+            return -1
+        buf += r
+        length -= r
+        offset += r
+    return 0
+
+
+cdef class Qcow2Writer:
+    """A new qcow2 (version 3) image, filled by the copy engine as a sink.
+
+    The file at `path` must not exist (it is created exclusively: callers
+    write under a temporary name and publish by rename).  `backing` is the
+    backing file name stored in the image, relative to the image's directory;
+    with a backing file, clusters that read as zero are recorded as zero
+    clusters (so a restore never resurrects the old data); without one they
+    are simply left out.  Use as a context manager: leaving it with an
+    exception removes the file; finish() completes it.
+    """
+
+    cdef WriterState w
+    cdef readonly object path
+    cdef readonly object backing
+    cdef readonly str backing_format
+    cdef readonly bint finished
+    cdef bint _open
+
+    def __cinit__(self):
+        memset(&self.w, 0, sizeof(WriterState))
+        self.w.fd = -1
+
+    def __init__(self, path, uint64_t virtual_size, uint64_t cluster_size=65536, backing=None,
+                 str backing_format="qcow2", records_zero=None):
+        cdef int bits = 0
+        if cluster_size < 512 or cluster_size > (2 << 20) or cluster_size & (cluster_size - 1):
+            raise ValueError("cluster size must be a power of two from 512 bytes to 2 MiB")
+        if virtual_size == 0:
+            raise ValueError("virtual size must be positive")
+        # QEMU counts qcow2 sizes in 512-byte sectors (qemu-img create rounds up too)
+        virtual_size = (virtual_size + 511) & ~(<uint64_t>511)
+        while (<uint64_t>1 << bits) < cluster_size:
+            bits += 1
+        self.path = os.fspath(path)
+        self.backing = None if backing is None else os.fspath(backing)
+        self.backing_format = backing_format
+        if self.backing is not None:
+            name = self.backing.encode()
+            if len(name) > 1023 or len(name) == 0:
+                raise ValueError("backing file name must have 1 to 1023 bytes")
+            if 104 + 8 + ((len(backing_format) + 7) // 8) * 8 + 8 + len(name) > cluster_size:
+                raise ValueError("backing file name does not fit in the header cluster")
+        self.w.cs = cluster_size
+        self.w.bits = bits
+        self.w.l2_entries = cluster_size // 8
+        self.w.virtual_size = virtual_size
+        self.w.l1_size = l1_entries_for(virtual_size, bits)
+        self.w.records_zero = (self.backing is not None) if records_zero is None else records_zero
+        self.w.next_host = cluster_size
+        self.w.tables = <uint64_t **>calloc(self.w.l1_size, sizeof(uint64_t *))
+        if self.w.tables == NULL:
+            raise MemoryError()
+        cdef bytes cpath = os.fsencode(self.path)
+        cdef const char *cpath_p = cpath
+        cdef int fd, err = 0, rc
+        with nogil:
+            fd = c_open(cpath_p, O_RDWR | O_CREAT | O_EXCL, 0o644)
+            if fd < 0:
+                err = errno
+        if fd < 0:
+            raise os_error(err, "creating", self.path)
+        self.w.fd = fd
+        self._open = True
+        # cluster 0 stays zero until finish(): an unfinished file is not qcow2
+        with nogil:
+            rc = ftruncate(fd, cluster_size)
+            if rc < 0:
+                err = errno
+        if rc < 0:
+            self.abort()
+            raise os_error(err, "sizing", self.path)
+        self.w.ops.ctx = &self.w
+        self.w.ops.fd = fd
+        self.w.ops.cluster_size = cluster_size
+        self.w.ops.virtual_size = virtual_size
+        self.w.ops.records_zero = self.w.records_zero
+        self.w.ops.alloc = writer_alloc
+        self.w.ops.zero = writer_zero
+
+    def __dealloc__(self):
+        cdef uint64_t i
+        if self.w.tables != NULL:
+            for i in range(self.w.l1_size):
+                free(self.w.tables[i])
+            free(self.w.tables)
+        if self.w.fd >= 0:
+            close(self.w.fd)
+
+    @property
+    def name(self):
+        return self.path
+
+    @property
+    def cluster_size(self):
+        return self.w.cs
+
+    @property
+    def virtual_size(self):
+        return self.w.virtual_size
+
+    @property
+    def records_zero(self):
+        return bool(self.w.records_zero)
+
+    @property
+    def data_clusters(self):
+        return (atomic_load_u64(&self.w.next_host, __ATOMIC_RELAXED) - self.w.cs) // self.w.cs
+
+    @property
+    def zero_clusters(self):
+        return atomic_load_u64(&self.w.zero_clusters, __ATOMIC_RELAXED)
+
+    def sink_capsule(self):
+        """The sink_ops the copy engine writes through (valid while this writer lives)."""
+        if not self._open or self.finished:
+            raise ValueError("the image is not open for writing")
+        return PyCapsule_New(&self.w.ops, "dirbackup.sink", NULL)
+
+    def zero(self, uint64_t offset, uint64_t length):
+        """Record cluster-aligned guest bytes as reading zero (images with a backing file)."""
+        if writer_zero(&self.w, offset, length) < 0:
+            raise os_error(errno, f"recording zero clusters at offset {offset} in", self.path)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, exc, tb):
+        if exc_type is not None or not self.finished:
+            self.abort()
+        return False
+
+    def abort(self):
+        """Close and remove an unfinished image."""
+        if self.w.fd >= 0:
+            close(self.w.fd)
+            self.w.fd = -1
+        if self._open and not self.finished:
+            try:
+                os.unlink(self.path)
+            except FileNotFoundError:
+                pass
+        self._open = False
+
+    def finish(self, bint sync=True):
+        """Write the metadata and the header; return the image's file size.
+
+        Data and metadata are synced before the header is written, and the
+        header after, so that a crash at any point leaves either a complete
+        image or one that is rejected."""
+        if not self._open or self.finished:
+            raise ValueError("the image is not open for writing")
+        cdef WriterState *w = &self.w
+        cdef uint64_t cs = w.cs, i, pos, l2_count = 0
+        cdef uint64_t *l1 = NULL
+        cdef uint64_t *be = NULL
+        cdef uint64_t l1_clusters, used, rb, rt, rb_new, rt_new, total, per_block, k
+        cdef uint64_t l1_offset, rt_offset, hdr_len
+        cdef const char *hdr
+        cdef uint16_t one
+        cdef uint16_t *blocks = NULL
+        cdef uint64_t *rtable = NULL
+        cdef int err = 0, rc = 0
+        try:
+            l1 = <uint64_t *>calloc(w.l1_size if w.l1_size else 1, sizeof(uint64_t))
+            be = <uint64_t *>malloc(cs)
+            if l1 == NULL or be == NULL:
+                raise MemoryError()
+            pos = w.next_host
+            with nogil:
+                for i in range(w.l1_size):
+                    if w.tables[i] == NULL:
+                        continue
+                    for k in range(w.l2_entries):
+                        be[k] = htobe64(w.tables[i][k])
+                    if write_all(w.fd, <char *>be, cs, pos) < 0:
+                        rc = -1
+                        err = errno
+                        break
+                    l1[i] = htobe64(pos | OFLAG_COPIED)
+                    pos += cs
+                    l2_count += 1
+            if rc < 0:
+                raise os_error(err, "writing L2 tables of", self.path)
+            l1_offset = pos
+            l1_clusters = (w.l1_size * 8 + cs - 1) // cs
+            if l1_clusters == 0:
+                l1_clusters = 1
+            with nogil:
+                rc = write_all(w.fd, <char *>l1, w.l1_size * 8, pos)
+                if rc < 0:
+                    err = errno
+            if rc < 0:
+                raise os_error(err, "writing the L1 table of", self.path)
+            pos += l1_clusters * cs
+            # refcounts: the blocks and the table count themselves too
+            used = pos // cs
+            per_block = cs * 8 // (1 << REFCOUNT_ORDER)
+            rb = 0
+            rt = 0
+            while True:
+                total = used + rb + rt
+                rb_new = (total + per_block - 1) // per_block
+                rt_new = (rb_new * 8 + cs - 1) // cs
+                if rb_new == rb and rt_new == rt:
+                    break
+                rb = rb_new
+                rt = rt_new
+            blocks = <uint16_t *>calloc(rb * cs, 1)
+            rtable = <uint64_t *>calloc(rt * cs, 1)
+            if blocks == NULL or rtable == NULL:
+                raise MemoryError()
+            one = htobe16_(1)
+            for k in range(total):
+                blocks[k] = one
+            for k in range(rb):
+                rtable[k] = htobe64(pos + k * cs)
+            rt_offset = pos + rb * cs
+            with nogil:
+                rc = write_all(w.fd, <char *>blocks, rb * cs, pos)
+                if rc == 0:
+                    rc = write_all(w.fd, <char *>rtable, rt * cs, rt_offset)
+                if rc == 0:
+                    rc = ftruncate(w.fd, rt_offset + rt * cs)
+                if rc == 0 and sync:
+                    rc = fdatasync(w.fd)
+                if rc < 0:
+                    err = errno
+            if rc < 0:
+                raise os_error(err, "writing refcounts of", self.path)
+            header = self._header(l1_offset, rt_offset, rt)
+            hdr = header
+            hdr_len = len(header)
+            with nogil:
+                rc = write_all(w.fd, hdr, hdr_len, 0)
+                if rc == 0 and sync:
+                    rc = fdatasync(w.fd)
+                if rc < 0:
+                    err = errno
+            if rc < 0:
+                raise os_error(err, "writing the header of", self.path)
+        except BaseException:
+            self.abort()
+            raise
+        finally:
+            free(l1)
+            free(be)
+            free(blocks)
+            free(rtable)
+        self.finished = True
+        close(w.fd)
+        w.fd = -1
+        self._open = False
+        return rt_offset + rt * cs
+
+    cdef bytes _header(self, uint64_t l1_offset, uint64_t rt_offset, uint64_t rt_clusters):
+        import struct
+        ext = b""
+        if self.backing is not None:
+            fmt = self.backing_format.encode()
+            ext += struct.pack(">II", 0xE2792ACA, len(fmt)) + fmt + bytes((8 - len(fmt) % 8) % 8)
+        ext += struct.pack(">II", 0, 0)
+        name = b"" if self.backing is None else os.fsencode(self.backing)
+        backing_offset = 104 + len(ext) if name else 0
+        header = struct.pack(
+            ">4sIQIIQIIQQIIQQQQII",
+            b"QFI\xfb", 3, backing_offset, len(name), self.w.bits, self.w.virtual_size,
+            0, self.w.l1_size, l1_offset, rt_offset, rt_clusters, 0, 0,
+            0, 0, 0, REFCOUNT_ORDER, 104)
+        assert len(header) == 104
+        return header + ext + name
+
+
+cdef inline uint16_t htobe16_(uint16_t x) noexcept nogil:
+    return <uint16_t>((x >> 8) | (x << 8))
+
+
+# ----------------------------------------------------------------------------
+# Chain reader
+
+cdef struct Layer:
+    int fd
+    int version
+    int bits
+    uint64_t cs
+    uint64_t l2_entries
+    uint64_t virtual_size
+    uint64_t file_size
+    uint64_t l1_size
+    uint64_t *l1                # native endian
+    uint64_t *l2                # one cached L2 table
+    int64_t l2_index
+
+
+cdef struct RowBuf:
+    uint64_t *rows              # rows of 5
+    size_t n
+    size_t cap
+
+
+cdef int rows_push(RowBuf *b, uint64_t off, uint64_t length, uint64_t kind, uint64_t layer,
+                   uint64_t host) except -1:
+    """Append a row, merging with the previous one when it continues it."""
+    cdef uint64_t *last
+    cdef uint64_t *grown
+    if b.n:
+        last = b.rows + 5 * (b.n - 1)
+        if (last[2] == kind and last[0] + last[1] == off and
+                (kind != K_DATA or (last[3] == layer and last[4] + last[1] == host))):
+            last[1] += length
+            return 0
+    if b.n == b.cap:
+        b.cap = b.cap * 2 if b.cap else 256
+        grown = <uint64_t *>realloc_(b.rows, b.cap * 5 * sizeof(uint64_t))
+        if grown == NULL:
+            raise MemoryError()
+        b.rows = grown
+    last = b.rows + 5 * b.n
+    last[0] = off
+    last[1] = length
+    last[2] = kind
+    last[3] = layer if kind == K_DATA else 0
+    last[4] = host if kind == K_DATA else 0
+    b.n += 1
+    return 0
+
+
+cdef extern from "<stdlib.h>" nogil:
+    void *realloc_ "realloc"(void *p, size_t n)
+
+
+cdef class ChainMap:
+    """The L1/L2 tables of a validated chain, top image first.
+
+    Built by dirbackup.qcow2.Chain from headers it has checked; every table
+    offset is checked again here before it is read, so a lying header or a
+    corrupt table is an ImageError, never a wild read.
+    """
+
+    cdef Layer *layers
+    cdef int n
+    cdef list names
+
+    def __cinit__(self):
+        self.layers = NULL
+        self.n = 0
+
+    def __init__(self, layers):
+        """`layers`: sequence of (fd, name, version, cluster_bits, virtual_size,
+        l1_offset, l1_size, file_size), top image first."""
+        cdef Layer *L
+        cdef uint64_t i, need
+        cdef ssize_t r
+        self.names = []
+        self.layers = <Layer *>calloc(len(layers), sizeof(Layer))
+        if self.layers == NULL:
+            raise MemoryError()
+        for spec in layers:
+            fd, name, version, bits, vsize, l1_offset, l1_size, file_size = spec
+            L = &self.layers[self.n]
+            self.n += 1
+            self.names.append(name)
+            L.fd = fd
+            L.version = version
+            L.bits = bits
+            L.cs = <uint64_t>1 << bits
+            L.l2_entries = L.cs // 8
+            L.virtual_size = vsize
+            L.file_size = file_size
+            L.l1_size = l1_size
+            L.l2_index = -1
+            need = l1_entries_for(vsize, bits)
+            if l1_size < need:
+                raise ImageError(f"{name}: L1 table has {l1_size} entries, "
+                                 f"the virtual size needs {need}")
+            if l1_size > (32 << 20) // 8:
+                raise ImageError(f"{name}: L1 table of {l1_size} entries is too large")
+            if l1_offset % L.cs or l1_offset + l1_size * 8 > file_size:
+                raise ImageError(f"{name}: L1 table offset {l1_offset} is invalid "
+                                 f"(misaligned or beyond the end of the file)")
+            L.l1 = <uint64_t *>calloc(l1_size if l1_size else 1, 8)
+            L.l2 = <uint64_t *>malloc(L.cs)
+            if L.l1 == NULL or L.l2 == NULL:
+                raise MemoryError()
+            r = pread(fd, L.l1, l1_size * 8, l1_offset)
+            if r != <ssize_t>(l1_size * 8):
+                raise os_error(errno if r < 0 else EIO, "reading the L1 table of", name)
+            for i in range(l1_size):
+                L.l1[i] = be64toh(L.l1[i])
+                if L.l1[i] & L1E_RESERVED:
+                    raise ImageError(f"{name}: L1 entry {i} has reserved bits set (corrupt)")
+                if (L.l1[i] & L1E_OFFSET_MASK) and (
+                        (L.l1[i] & L1E_OFFSET_MASK) % L.cs
+                        or (L.l1[i] & L1E_OFFSET_MASK) + L.cs > file_size):
+                    raise ImageError(f"{name}: L1 entry {i} points to an invalid L2 table offset "
+                                     f"{L.l1[i] & L1E_OFFSET_MASK}")
+
+    def __dealloc__(self):
+        cdef int i
+        if self.layers != NULL:
+            for i in range(self.n):
+                free(self.layers[i].l1)
+                free(self.layers[i].l2)
+            free(self.layers)
+
+    cdef int load_l2(self, int li, uint64_t l1_index) except -1:
+        cdef Layer *L = &self.layers[li]
+        cdef uint64_t off = L.l1[l1_index] & L1E_OFFSET_MASK
+        cdef ssize_t r
+        cdef uint64_t k
+        if L.l2_index == <int64_t>l1_index:
+            return 0
+        with nogil:
+            r = pread(L.fd, L.l2, L.cs, off)
+        if r != <ssize_t>L.cs:
+            L.l2_index = -1
+            raise os_error(errno if r < 0 else EIO, "reading an L2 table of", self.names[li])
+        for k in range(L.l2_entries):
+            L.l2[k] = be64toh(L.l2[k])
+        L.l2_index = l1_index
+        return 0
+
+    cdef int resolve(self, int li, int depth, uint64_t off, uint64_t end,
+                     RowBuf *out) except -1:
+        """Map guest [off, end) through layers li.. of the chain into `out`."""
+        cdef Layer *L
+        cdef uint64_t pos, cluster, l1i, cend, entry, host, run_start = 0
+        cdef int kind, run_kind = 0
+        if li >= depth:
+            rows_push(out, off, end - off, K_UNALLOC, 0, 0)
+            return 0
+        L = &self.layers[li]
+        pos = off
+        while pos < end:
+            if pos >= L.virtual_size:
+                # a shorter backing file reads as zero beyond its end
+                if run_kind == K_UNALLOC:
+                    self.resolve(li + 1, depth, run_start, pos, out)
+                run_kind = 0
+                rows_push(out, pos, end - pos, K_ZERO, 0, 0)
+                return 0
+            cluster = pos >> L.bits
+            cend = (cluster + 1) << L.bits
+            if cend > end:
+                cend = end
+            l1i = cluster // L.l2_entries
+            entry = 0
+            if l1i < L.l1_size and (L.l1[l1i] & L1E_OFFSET_MASK):
+                self.load_l2(li, l1i)
+                entry = L.l2[cluster % L.l2_entries]
+            if entry & OFLAG_COMPRESSED:
+                raise UnsupportedImage(
+                    f"{self.names[li]}: compressed clusters are not supported "
+                    f"(guest offset {cluster << L.bits}); convert the image with qemu-img")
+            if entry & L2E_RESERVED or (L.version < 3 and entry & OFLAG_ZERO):
+                raise ImageError(f"{self.names[li]}: L2 entry for guest offset "
+                                 f"{cluster << L.bits} has reserved bits set (corrupt)")
+            host = entry & L2E_OFFSET_MASK
+            if entry & OFLAG_ZERO:
+                kind = K_ZERO
+            elif host:
+                if host % L.cs or host >= L.file_size:
+                    raise ImageError(f"{self.names[li]}: data cluster for guest offset "
+                                     f"{cluster << L.bits} at invalid host offset {host}")
+                kind = K_DATA
+            else:
+                kind = K_UNALLOC
+            if kind != K_UNALLOC:
+                if run_kind == K_UNALLOC:
+                    self.resolve(li + 1, depth, run_start, pos, out)
+                run_kind = kind
+                rows_push(out, pos, cend - pos, kind, li, host + (pos - (cluster << L.bits)))
+            elif run_kind != K_UNALLOC:
+                run_kind = K_UNALLOC
+                run_start = pos
+            pos = cend
+        if run_kind == K_UNALLOC:
+            self.resolve(li + 1, depth, run_start, end, out)
+        return 0
+
+    def map(self, uint64_t offset=0, length=None, int depth=-1):
+        """Rows (guest offset, length, kind, layer, host offset) covering the range,
+        kind MAP_DATA / MAP_ZERO / MAP_UNALLOCATED, through the first `depth`
+        layers (all by default); neighbouring rows that continue each other
+        are merged."""
+        cdef RowBuf out
+        out.rows = NULL
+        out.n = 0
+        out.cap = 0
+        cdef uint64_t end = self.layers[0].virtual_size if length is None else offset + length
+        if depth < 0 or depth > self.n:
+            depth = self.n
+        if end > self.layers[0].virtual_size or end < offset:
+            raise ValueError("range outside the image")
+        try:
+            if end > offset:
+                self.resolve(0, depth, offset, end, &out)
+            result = np.empty((out.n, 5), dtype=np.uint64)
+            if out.n:
+                memcpy_(<void *>np_data(result), out.rows, out.n * 5 * sizeof(uint64_t))
+            return result
+        finally:
+            free(out.rows)
+
+
+cdef extern from "<string.h>" nogil:
+    void *memcpy_ "memcpy"(void *d, const void *s, size_t n)
+
+
+cdef inline size_t np_data(object arr) except 0:
+    cdef uint64_t[:, ::1] v = arr
+    return <size_t>&v[0, 0]
+
+
+# ----------------------------------------------------------------------------
+# Digests of one image's own clusters
+
+def layer_digests(ChainMap chain, uint64_t chunk, uint64_t n_chunks):
+    """Per-chunk digest sums of the clusters the top image itself holds
+    (data clusters hashed, zero clusters as their marker), computed exactly as
+    the copy loop computes them while writing.  Used by verify."""
+    cdef Layer *L = &chain.layers[0]
+    cdef uint64_t cs = L.cs, pos, end, unit, idx
+    cdef uint64_t[:, ::1] rows
+    cdef Py_ssize_t i
+    cdef ssize_t r
+    cdef char *buf
+    out = np.zeros(n_chunks, dtype=np.uint64)
+    cdef uint64_t[::1] d = out
+    if chunk % cs:
+        raise ValueError("digest chunk must be a multiple of the cluster size")
+    rows = chain.map(depth=1)
+    buf = <char *>malloc(cs)
+    if buf == NULL:
+        raise MemoryError()
+    try:
+        for i in range(rows.shape[0]):
+            if rows[i, 2] == K_UNALLOC:
+                continue
+            pos = rows[i, 0]
+            end = pos + rows[i, 1]
+            while pos < end:
+                unit = cs if end - pos > cs else end - pos
+                idx = pos // chunk
+                if idx >= n_chunks:
+                    raise ImageError(f"{chain.names[0]}: cluster beyond the digested size")
+                if rows[i, 2] == K_ZERO:
+                    d[idx] += zero_unit_digest(pos, unit)
+                else:
+                    with nogil:
+                        r = pread(L.fd, buf, unit, rows[i, 4] + (pos - rows[i, 0]))
+                    if r < 0:
+                        raise os_error(errno, "reading", chain.names[0])
+                    if <uint64_t>r < unit:
+                        memset(buf + r, 0, unit - r)
+                    d[idx] += data_unit_digest(buf, pos, unit)
+                pos += unit
+    finally:
+        free(buf)
+    return out
