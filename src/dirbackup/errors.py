@@ -39,3 +39,7 @@ class VolumeNameError(DirbackupError, ValueError):
 
 class StoreError(DirbackupError):
     """The backup store is missing, unreachable, locked or inconsistent."""
+
+
+class PruneOptionError(DirbackupError, ValueError):
+    """A `prune-backups` retention option string or hash that PVE's schema would reject."""
