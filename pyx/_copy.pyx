@@ -119,6 +119,7 @@ cdef struct Job:
     # options
     uint64_t cluster
     uint64_t bufsize
+    uint64_t slice
     int depth
     int discard
     int discard_errno
@@ -590,14 +591,28 @@ cdef int one_request(Worker *w, uint64_t *row) noexcept nogil:
             rc = copy_range(w, fd, &src, &off, &length)
             if rc <= 0:
                 return rc
-        if read_fd(j, fd, w.buf, length, src, False, True, OP_READ_LAYER) < 0:
+        return read_and_process(w, fd, off, src, length, False, True, OP_READ_LAYER)
+    if read_and_process(w, j.src_fd, off, src, row[1], j.src_direct, False, OP_READ) < 0:
+        return -1
+    discard_source(w, off, row[1])
+    return 0
+
+
+cdef int read_and_process(Worker *w, int fd, uint64_t off, uint64_t src, uint64_t length,
+                          bint direct, bint eof_is_zero, int op) noexcept nogil:
+    """Read and write a request slice by slice, so that each slice is still in
+    the CPU cache when it is checked for zeros, hashed and written."""
+    cdef Job *j = w.job
+    cdef uint64_t piece
+    while length:
+        piece = length if length <= j.slice else j.slice
+        if read_fd(j, fd, w.buf, piece, src, direct, eof_is_zero, op) < 0:
             return -1
-        return process(w, w.buf, off, length, True)
-    if read_fd(j, j.src_fd, w.buf, length, src, j.src_direct, False, OP_READ) < 0:
-        return -1
-    if process(w, w.buf, off, length, True) < 0:
-        return -1
-    discard_source(w, off, length)
+        if process(w, w.buf, off, piece, True) < 0:
+            return -1
+        off += piece
+        src += piece
+        length -= piece
     return 0
 
 
@@ -728,7 +743,8 @@ cdef class CopyJob:
                  bint src_blockdev=False, src_handles=(), layer_fds=(),
                  int target_kind=TGT_NULL, int tgt_fd=-1, bint tgt_blockdev=False,
                  tgt_handles=(), sink=None, bint tgt_fresh=True,
-                 uint64_t cluster_size=65536, uint64_t request_size=4 << 20, int depth=4,
+                 uint64_t cluster_size=65536, uint64_t request_size=4 << 20,
+                 uint64_t slice_size=1 << 20, int depth=4,
                  bint discard=False, uint64_t bandwidth_limit=0, uint64_t digest_chunk=0,
                  uint64_t digest_size=0, bint digest_zero=False,
                  str source_name="source", str target_name="target"):
@@ -788,6 +804,11 @@ cdef class CopyJob:
             workers = len(tgt_handles)
         j.cluster = cluster_size
         j.bufsize = request_size
+        # slices: a multiple of the cluster and of the O_DIRECT alignment
+        j.slice = max(slice_size, cluster_size, <uint64_t>ALIGN)
+        j.slice = (j.slice + cluster_size - 1) // cluster_size * cluster_size
+        if j.slice > request_size:
+            j.slice = request_size
         j.depth = depth if j.src_nbd else 1
         j.discard = discard
         j.bw_limit = bandwidth_limit
@@ -817,7 +838,8 @@ cdef class CopyJob:
         for i in range(workers):
             w = &self.workers[i]
             w.job = j
-            w.slot_size = request_size + ALIGN
+            # NBD slots hold whole requests; file reads go slice by slice
+            w.slot_size = (request_size if j.src_nbd else j.slice) + ALIGN
             if posix_memalign(&mem, ALIGN, w.slot_size * j.depth) != 0:
                 raise MemoryError()
             w.buf = <char *>mem
