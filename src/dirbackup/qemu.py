@@ -232,3 +232,57 @@ def serve_nbd(
         yield server
     finally:
         server.stop()
+
+
+# ----------------------------------------------------------------------------
+# nbdfuse
+
+
+@dataclass
+class FuseFile:
+    """An NBD export exposed as a read-only file by nbdfuse."""
+
+    mountpoint: Path
+    path: Path
+    pid: int
+    process: subprocess.Popen[bytes] = field(repr=False)
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Unmount and wait for nbdfuse to exit (killed if it does not)."""
+        subprocess.run(
+            ["fusermount3", "-u", str(self.mountpoint)], capture_output=True, check=False
+        )
+        try:
+            self.process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+            subprocess.run(
+                ["fusermount3", "-u", "-z", str(self.mountpoint)], capture_output=True,
+                check=False,
+            )
+
+
+def start_nbdfuse(mountpoint: Path, filename: str, uri: str, timeout: float = 30.0) -> FuseFile:
+    """Mount `uri` read-only as mountpoint/filename; return once the file exists."""
+    pidfile = mountpoint.parent / f".{mountpoint.name}.pid"
+    pidfile.unlink(missing_ok=True)
+    try:
+        proc = subprocess.Popen(
+            ["nbdfuse", "-r", "-P", str(pidfile), f"{mountpoint}/{filename}", uri],
+            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True,
+        )
+    except FileNotFoundError:
+        raise ToolError("nbdfuse is not installed (Debian package libnbd-bin)") from None
+    deadline = time.monotonic() + timeout
+    while not pidfile.exists():
+        if proc.poll() is not None:
+            err = proc.stderr.read().decode(errors="replace").strip() if proc.stderr else ""
+            raise ToolError(f"nbdfuse: {err or f'exited with status {proc.returncode}'}")
+        if time.monotonic() > deadline:
+            proc.kill()
+            proc.wait()
+            raise ToolError(f"nbdfuse did not mount {uri} within {timeout:.0f} s")
+        time.sleep(0.02)
+    pidfile.unlink(missing_ok=True)
+    return FuseFile(mountpoint, mountpoint / filename, proc.pid, proc)

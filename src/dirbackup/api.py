@@ -1,0 +1,273 @@
+"""The hypervisor's backup provider API, as a Python base class.
+
+Method names and argument order are those of Proxmox VE's
+`PVE::BackupProvider::Plugin::Base` (storage plugin API 11+).  Where the
+hypervisor passes hashes, the methods accept either such a mapping (with the
+hypervisor's key names: 'bitmap-mode', 'nbd-path', ...) or the typed
+dataclasses below, so integrators can drive a provider from Python without
+building Perl-shaped dictionaries, and a host written for the hypervisor's
+shapes keeps working.
+
+Call order for a VM backup (the hypervisor's, which `dirbackup.host` plays):
+job_init -> backup_init -> backup_get_mechanism -> backup_vm_query_incremental
+-> backup_vm -> backup_cleanup(success) -> backup_handle_log_file ->
+job_cleanup.  A container backup calls backup_container_prepare and
+backup_container instead of the two VM steps.  On any failure after
+backup_init the hypervisor calls backup_cleanup(success=False, {'error': msg}).
+"""
+
+from __future__ import annotations
+
+import os
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import Any
+
+from dirbackup.store import VmType
+
+__all__ = [
+    "BackupInfo", "BackupProvider", "BitmapMode", "ContainerInfo", "IncrementalChoice",
+    "LogFunction", "Mechanism", "RestoreMechanism", "VmType", "VolumeInfo",
+]
+
+LogFunction = Callable[[str, str], None]
+"""log(level, message) with level 'info', 'warn' or 'err'."""
+
+
+class Mechanism(StrEnum):
+    """How the provider gets at a guest's data during backup."""
+
+    NBD = "nbd"
+    FILE_HANDLE = "file-handle"
+    DIRECTORY = "directory"
+
+
+class BitmapMode(StrEnum):
+    """What the hypervisor did with a disk's dirty bitmap for this backup.
+
+    none: no bitmap, read everything; new: a bitmap was (re)created, read
+    everything; reuse: the bitmap holds the changes since the last successful
+    backup, read only its dirty parts."""
+
+    NONE = "none"
+    NEW = "new"
+    REUSE = "reuse"
+
+
+class IncrementalChoice(StrEnum):
+    """The provider's answer per device in backup_vm_query_incremental."""
+
+    NEW = "new"
+    USE = "use"
+
+
+class RestoreMechanism(StrEnum):
+    QEMU_IMG = "qemu-img"
+    TAR = "tar"
+    DIRECTORY = "directory"
+
+
+DirtyRegions = Callable[[], "tuple[int, int] | None"]
+
+
+@dataclass
+class VolumeInfo:
+    """One disk handed to backup_vm.
+
+    For the `nbd` mechanism: `nbd_path` (Unix socket; the export name is the
+    device name) and, with a bitmap, `bitmap_name` (read through the NBD meta
+    context `qemu:dirty-bitmap:NAME`).  For `file-handle`: `file_handle` (a
+    file descriptor or file object, possibly O_DIRECT) and `next_dirty_region`
+    (returns (offset, length) per call, then None; (0, size) once without a
+    bitmap)."""
+
+    size: int
+    bitmap_mode: BitmapMode = BitmapMode.NONE
+    nbd_path: str | None = None
+    bitmap_name: str | None = None
+    file_handle: Any = None
+    next_dirty_region: DirtyRegions | None = None
+
+    @classmethod
+    def coerce(cls, value: VolumeInfo | Mapping[str, Any]) -> VolumeInfo:
+        """Accept the typed form or the hypervisor's hash."""
+        if isinstance(value, VolumeInfo):
+            return value
+        return cls(
+            size=int(value["size"]),
+            bitmap_mode=BitmapMode(value.get("bitmap-mode") or BitmapMode.NONE),
+            nbd_path=value.get("nbd-path"),
+            bitmap_name=value.get("bitmap-name"),
+            file_handle=value.get("file-handle"),
+            next_dirty_region=value.get("next-dirty-region"),
+        )
+
+    def fileno(self) -> int:
+        """The file descriptor of `file_handle`."""
+        fh = self.file_handle
+        return fh if isinstance(fh, int) else int(fh.fileno())
+
+    def dirty_regions(self) -> Iterator[tuple[int, int]]:
+        """Iterate `next_dirty_region` until it is exhausted."""
+        if self.next_dirty_region is None:
+            yield (0, self.size)
+            return
+        while (region := self.next_dirty_region()) is not None:
+            yield region
+
+
+@dataclass
+class BackupInfo:
+    """The `info` of backup_vm: bandwidth limit in bytes/s (0: none) and the
+    guest's firewall configuration, if it has one."""
+
+    bandwidth_limit: int = 0
+    firewall_config: str | None = None
+
+    @classmethod
+    def coerce(cls, value: BackupInfo | Mapping[str, Any] | None) -> BackupInfo:
+        if isinstance(value, BackupInfo):
+            return value
+        value = value or {}
+        return cls(
+            bandwidth_limit=int(value.get("bandwidth-limit") or 0),
+            firewall_config=value.get("firewall-config"),
+        )
+
+
+@dataclass
+class ContainerInfo:
+    """The `info` of backup_container_prepare and backup_container."""
+
+    directory: str
+    sources: Sequence[str] = field(default_factory=lambda: ["."])
+    backup_user_id: int = 0
+    bandwidth_limit: int = 0
+    firewall_config: str | None = None
+
+    @classmethod
+    def coerce(cls, value: ContainerInfo | Mapping[str, Any]) -> ContainerInfo:
+        if isinstance(value, ContainerInfo):
+            return value
+        return cls(
+            directory=os.fspath(value["directory"]),
+            sources=list(value.get("sources") or ["."]),
+            backup_user_id=int(value.get("backup-user-id") or 0),
+            bandwidth_limit=int(value.get("bandwidth-limit") or 0),
+            firewall_config=value.get("firewall-config"),
+        )
+
+
+class BackupProvider(ABC):
+    """Base class of backup providers; subclasses implement every method.
+
+    The constructor takes the storage plugin the provider belongs to, the
+    storage's configuration, the storage id and the hypervisor's log function.
+    """
+
+    def __init__(
+        self, storage_plugin: Any, scfg: Any, storeid: str, log: LogFunction | None = None
+    ) -> None:
+        self.storage_plugin = storage_plugin
+        self.scfg = scfg
+        self.storeid = storeid
+        self.log_function: LogFunction = log or (lambda level, msg: None)
+
+    def log(self, level: str, message: str) -> None:
+        self.log_function(level, message)
+
+    # -- job
+
+    @abstractmethod
+    def provider_name(self) -> str: ...
+
+    @abstractmethod
+    def job_init(self, start_time: int) -> None: ...
+
+    @abstractmethod
+    def job_cleanup(self) -> None: ...
+
+    # -- backup
+
+    @abstractmethod
+    def backup_init(self, vmid: int, vmtype: str, start_time: int) -> dict[str, str]:
+        """Return {'archive-name': ...}."""
+
+    @abstractmethod
+    def backup_cleanup(
+        self, vmid: int, vmtype: str | None, success: bool, info: Mapping[str, Any] | None
+    ) -> dict[str, Any]:
+        """On success return {'stats': {'archive-size': bytes}}."""
+
+    @abstractmethod
+    def backup_get_mechanism(self, vmid: int, vmtype: str) -> str: ...
+
+    @abstractmethod
+    def backup_vm_query_incremental(
+        self, vmid: int, volumes: Mapping[str, Mapping[str, Any]]
+    ) -> dict[str, str]: ...
+
+    @abstractmethod
+    def backup_vm(
+        self,
+        vmid: int,
+        guest_config: str,
+        volumes: Mapping[str, VolumeInfo | Mapping[str, Any]],
+        info: BackupInfo | Mapping[str, Any] | None,
+    ) -> None: ...
+
+    @abstractmethod
+    def backup_container_prepare(
+        self, vmid: int, info: ContainerInfo | Mapping[str, Any]
+    ) -> None: ...
+
+    @abstractmethod
+    def backup_container(
+        self,
+        vmid: int,
+        guest_config: str,
+        exclude_patterns: Sequence[str],
+        info: ContainerInfo | Mapping[str, Any],
+    ) -> None: ...
+
+    @abstractmethod
+    def backup_handle_log_file(self, vmid: int, filename: str) -> None: ...
+
+    # -- restore
+
+    @abstractmethod
+    def restore_get_mechanism(self, volname: str, *storeid: str) -> tuple[str, str]:
+        """Return (mechanism, vmtype)."""
+
+    @abstractmethod
+    def archive_get_guest_config(self, volname: str, *storeid: str) -> str: ...
+
+    @abstractmethod
+    def archive_get_firewall_config(self, volname: str, *storeid: str) -> str | None: ...
+
+    @abstractmethod
+    def restore_vm_init(self, volname: str, *storeid: str) -> dict[str, dict[str, int]]:
+        """Return {device: {'size': bytes}}."""
+
+    @abstractmethod
+    def restore_vm_cleanup(self, volname: str, *storeid: str) -> None: ...
+
+    @abstractmethod
+    def restore_vm_volume_init(
+        self, volname: str, device_name: str, info: Mapping[str, Any] | None = None
+    ) -> dict[str, str]:
+        """Return {'qemu-img-path': path}."""
+
+    @abstractmethod
+    def restore_vm_volume_cleanup(
+        self, volname: str, device_name: str, info: Mapping[str, Any] | None = None
+    ) -> None: ...
+
+    @abstractmethod
+    def restore_container_init(self, volname: str, *args: Any) -> dict[str, str]:
+        """Return {'tar-path': path} or {'archive-directory': path}."""
+
+    @abstractmethod
+    def restore_container_cleanup(self, volname: str, *args: Any) -> None: ...

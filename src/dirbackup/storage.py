@@ -1,0 +1,637 @@
+"""DirectoryStorage: the storage-plugin side of a dirbackup store.
+
+The hypervisor sees a backup store through a storage plugin (type
+`dirbackup`, plugin API 11+, feature `backup-provider`): it lists backups,
+asks their sizes and parents, sets notes and protection, prunes with the
+keep-last/hourly/daily/weekly/monthly/yearly rules and removes backups.  This
+is the seed's `BackupProviderDirExamplePlugin` with its "a proper backup
+storage should implement this" parts done: pruning and removal keep
+incremental chains intact (a removed base is merged into its kept child
+first), attributes are stored, and `verify` checks what was written.
+"""
+
+from __future__ import annotations
+
+import json
+import multiprocessing
+import os
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field, replace
+from enum import StrEnum
+from pathlib import Path
+from typing import Any
+
+from dirbackup import qcow2
+from dirbackup.errors import DirbackupError, ImageError, StoreError
+from dirbackup.prune import KeepRules, Mark, PruneCandidate, mark
+from dirbackup.store import (
+    GUEST_CONFIG,
+    PENDING_ATTRIBUTES,
+    SQUASHFS_ARCHIVE,
+    TAR_ARCHIVE,
+    BackupEntry,
+    BackupId,
+    Manifest,
+    Store,
+    VmType,
+    digest_map,
+    dir_usage,
+    read_json,
+    sha256_file,
+    split_volid,
+    write_atomic,
+)
+
+PLUGIN_TYPE = "dirbackup"
+PLUGIN_API = 11
+LogFunction = Callable[[str, str], None]
+
+
+class VmBackupMode(StrEnum):
+    FULL = "full"
+    INCREMENTAL = "incremental"
+
+
+class VmBackupMechanism(StrEnum):
+    NBD = "nbd"
+    FILE_HANDLE = "file-handle"
+
+
+class LxcBackupMode(StrEnum):
+    TAR = "tar"
+    SQUASHFS = "squashfs"
+
+
+class StorageOperationError(DirbackupError):
+    """An operation a backup store cannot do (clone, allocate, resize, snapshot...)."""
+
+
+@dataclass(frozen=True)
+class StorageConfig:
+    """The storage's section of the hypervisor's storage.cfg (`scfg`).
+
+    vm_backup_mechanism accepts the seed's name `block-device` for
+    `file-handle`.  max_protected_backups < 0 means unlimited."""
+
+    path: str
+    vm_backup_mode: VmBackupMode = VmBackupMode.INCREMENTAL
+    vm_backup_mechanism: VmBackupMechanism = VmBackupMechanism.NBD
+    lxc_backup_mode: LxcBackupMode = LxcBackupMode.TAR
+    prune_backups: KeepRules = field(default_factory=KeepRules)
+    max_protected_backups: int = -1
+    disable: bool = False
+    nodes: tuple[str, ...] = ()
+
+    @classmethod
+    def from_mapping(cls, scfg: Mapping[str, Any]) -> StorageConfig:
+        """Build from a PVE-style hash (`{'path': ..., 'vm-backup-mode': ...}`),
+        rejecting unknown options and values with a clear message."""
+        known = {
+            "path", "vm-backup-mode", "vm-backup-mechanism", "lxc-backup-mode", "prune-backups",
+            "max-protected-backups", "disable", "nodes", "type", "content", "shared",
+        }
+        unknown = set(scfg) - known
+        if unknown:
+            raise StoreError(f"unknown storage option(s): {', '.join(sorted(unknown))}")
+        if not scfg.get("path"):
+            raise StoreError("storage option 'path' is required")
+        mechanism = str(scfg.get("vm-backup-mechanism", VmBackupMechanism.NBD))
+        if mechanism == "block-device":
+            mechanism = VmBackupMechanism.FILE_HANDLE
+        try:
+            prune = scfg.get("prune-backups", KeepRules())
+            if isinstance(prune, str):
+                prune = KeepRules.parse(prune)
+            elif isinstance(prune, Mapping):
+                prune = KeepRules.from_mapping(prune)
+            nodes = scfg.get("nodes", ())
+            if isinstance(nodes, str):
+                nodes = tuple(n for n in nodes.split(",") if n)
+            return cls(
+                path=str(scfg["path"]),
+                vm_backup_mode=VmBackupMode(scfg.get("vm-backup-mode", VmBackupMode.INCREMENTAL)),
+                vm_backup_mechanism=VmBackupMechanism(mechanism),
+                lxc_backup_mode=LxcBackupMode(scfg.get("lxc-backup-mode", LxcBackupMode.TAR)),
+                prune_backups=prune,
+                max_protected_backups=int(scfg.get("max-protected-backups", -1)),
+                disable=bool(int(scfg.get("disable", 0))),
+                nodes=tuple(nodes),
+            )
+        except ValueError as exc:
+            raise StoreError(f"invalid storage configuration: {exc}") from None
+
+
+@dataclass(frozen=True)
+class PruneEntry:
+    """One row of prune_backups' answer, as the hypervisor expects it."""
+
+    volid: str
+    type: str
+    ctime: int
+    vmid: int
+    mark: Mark
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"volid": self.volid, "type": self.type, "ctime": self.ctime,
+                "vmid": self.vmid, "mark": str(self.mark)}
+
+
+@dataclass(frozen=True)
+class VerifyResult:
+    """The outcome of verifying one backup."""
+
+    volid: str
+    ok: bool
+    problems: tuple[str, ...] = ()
+    checked_bytes: int = 0
+
+
+def _activate_probe(path: str) -> bool:
+    return os.path.isdir(path)
+
+
+class DirectoryStorage:
+    """A dirbackup store seen as a hypervisor storage.
+
+    Method names and arguments follow the hypervisor's storage plugin API;
+    `scfg` is bound at construction instead of being passed to every call.
+    """
+
+    def __init__(self, storeid: str, scfg: StorageConfig | Mapping[str, Any]) -> None:
+        self.storeid = storeid
+        self.scfg = scfg if isinstance(scfg, StorageConfig) else StorageConfig.from_mapping(scfg)
+        self.store = Store(self.scfg.path)
+
+    # ---------------------------------------------------------------- plugin description
+
+    @staticmethod
+    def api() -> int:
+        return PLUGIN_API
+
+    @staticmethod
+    def type() -> str:
+        return PLUGIN_TYPE
+
+    @staticmethod
+    def plugindata() -> dict[str, Any]:
+        return {
+            "content": [{"backup": 1, "none": 1}, {"backup": 1}],
+            "features": {"backup-provider": 1},
+        }
+
+    @staticmethod
+    def properties() -> dict[str, dict[str, Any]]:
+        return {
+            "vm-backup-mode": {
+                "description": "full: always full VM backups; incremental: qcow2 images backed by "
+                "the previous backup, holding what the dirty bitmap says changed (full when "
+                "there is nothing to build on).",
+                "type": "string", "enum": [m.value for m in VmBackupMode],
+                "default": VmBackupMode.INCREMENTAL.value,
+            },
+            "vm-backup-mechanism": {
+                "description": "nbd: read disks through NBD exports; file-handle: through file "
+                "descriptors (`block-device` is accepted as the old name).",
+                "type": "string", "enum": [m.value for m in VmBackupMechanism],
+                "default": VmBackupMechanism.NBD.value,
+            },
+            "lxc-backup-mode": {
+                "description": "tar: a GNU tar archive; squashfs: a squashfs image (restored "
+                "through the directory mechanism).",
+                "type": "string", "enum": [m.value for m in LxcBackupMode],
+                "default": LxcBackupMode.TAR.value,
+            },
+        }
+
+    @staticmethod
+    def options() -> dict[str, dict[str, Any]]:
+        return {
+            "path": {"fixed": 1},
+            "vm-backup-mode": {"optional": 1},
+            "vm-backup-mechanism": {"optional": 1},
+            "lxc-backup-mode": {"optional": 1},
+            "prune-backups": {"optional": 1},
+            "max-protected-backups": {"optional": 1},
+            "disable": {"optional": 1},
+            "nodes": {"optional": 1},
+        }
+
+    # ---------------------------------------------------------------- names and paths
+
+    def parse_volname(self, volname: str) -> tuple[str, str, int]:
+        """('backup', '<vmid>/<type>-<epoch>', vmid); strict (see store.BackupId.parse)."""
+        bid = BackupId.parse(volname if volname.startswith("backup/") else f"backup/{volname}")
+        return "backup", bid.archive, bid.vmid
+
+    def backup_id(self, volume: str) -> BackupId:
+        """A BackupId from a volid or volume name of this storage."""
+        storeid, volname = split_volid(volume)
+        if storeid is not None and storeid != self.storeid:
+            raise StoreError(f"volume {volume!r} belongs to storage {storeid!r}, "
+                             f"not {self.storeid!r}")
+        return BackupId.parse(volname)
+
+    def path(self, volname: str, snapname: str | None = None) -> tuple[str, int, str]:
+        if snapname:
+            raise StorageOperationError("volume snapshots are not possible on a dirbackup store")
+        bid = self.backup_id(volname)
+        return str(self.store.backup_dir(bid)), bid.vmid, "backup"
+
+    def vm_backup_mode(self) -> VmBackupMode:
+        return self.scfg.vm_backup_mode
+
+    def vm_backup_mechanism(self) -> VmBackupMechanism:
+        return self.scfg.vm_backup_mechanism
+
+    def lxc_backup_mode(self) -> LxcBackupMode:
+        return self.scfg.lxc_backup_mode
+
+    # ---------------------------------------------------------------- activation
+
+    def activate_storage(self, timeout: float = 2.0) -> bool:
+        """Check that the store directory exists and answers within `timeout`
+        seconds (a hung network mount must not hang the caller)."""
+        ctx = multiprocessing.get_context("fork")
+        with ctx.Pool(1) as pool:
+            result = pool.apply_async(_activate_probe, (self.scfg.path,))
+            try:
+                ok = result.get(timeout)
+            except multiprocessing.TimeoutError:
+                pool.terminate()
+                raise StoreError(
+                    f"unable to activate storage '{self.storeid}' - directory "
+                    f"'{self.scfg.path}' does not answer within {timeout:g} s"
+                ) from None
+        if not ok:
+            raise StoreError(
+                f"unable to activate storage '{self.storeid}' - directory '{self.scfg.path}' "
+                "does not exist"
+            )
+        return True
+
+    def deactivate_storage(self) -> bool:
+        return True
+
+    def activate_volume(self, volname: str, snapname: str | None = None) -> bool:
+        self.path(volname, snapname)
+        return True
+
+    def deactivate_volume(self, volname: str, snapname: str | None = None) -> bool:
+        self.path(volname, snapname)
+        return True
+
+    # ---------------------------------------------------------------- listing
+
+    def _entry(self, volname: str) -> BackupEntry:
+        bid = self.backup_id(volname)
+        path = self.store.require(bid)
+        return BackupEntry(bid, path, self.store.read_manifest(bid))
+
+    def parent_of(self, entry: BackupEntry) -> BackupId | None:
+        """The backup an incremental builds on (the newest one its disks name)."""
+        if entry.manifest is not None:
+            parents = [d.parent for d in entry.manifest.disks.values() if d.parent]
+            if not parents:
+                return None
+            return max(BackupId.parse(p) for p in parents)
+        return self._legacy_parent(entry)
+
+    def _legacy_parent(self, entry: BackupEntry) -> BackupId | None:
+        """For a backup without manifest: follow the first image's backing file."""
+        for img in sorted(entry.path.glob("*.qcow2")):
+            try:
+                header = qcow2.read_header(img)
+            except ImageError:
+                continue
+            if not header.backing_name:
+                continue
+            backing = Path(header.backing_name)
+            if not backing.is_absolute():
+                backing = img.parent / backing
+            try:
+                return BackupId.parse(f"{entry.id.vmid}/{backing.parent.name}")
+            except DirbackupError:
+                return None
+        return None
+
+    def list_volumes(
+        self, vmid: int | None = None, content_types: Iterable[str] = ("backup",)
+    ) -> list[dict[str, Any]]:
+        """Backups as the hypervisor lists them (volid, vmid, format, size, ctime,
+        subtype, content, notes, protected, parent)."""
+        if "backup" not in content_types:
+            return []
+        out = []
+        for entry in self.store.backups(vmid):
+            size, _used = dir_usage(entry.path)
+            parent = self.parent_of(entry)
+            m = entry.manifest
+            out.append({
+                "volid": entry.id.volid(self.storeid),
+                "vmid": entry.id.vmid,
+                "format": "directory",
+                "size": size,
+                "ctime": entry.id.epoch,
+                "subtype": str(entry.id.vmtype),
+                "content": "backup",
+                "notes": m.notes if m else "",
+                "protected": bool(m.protected) if m else False,
+                "parent": parent.volid(self.storeid) if parent else None,
+            })
+        return out
+
+    def list_images(self, vmid: int | None = None) -> list[dict[str, Any]]:
+        return []  # a backup store holds no guest images
+
+    def volume_size_info(
+        self, volname: str, timeout: float | None = None
+    ) -> tuple[int, str, int, str | None, int]:
+        """(size, format, used, parent volid, ctime)."""
+        entry = self._entry(volname)
+        size, used = dir_usage(entry.path)
+        parent = self.parent_of(entry)
+        parent_volid = parent.volid(self.storeid) if parent else None
+        return size, "directory", used, parent_volid, entry.id.epoch
+
+    # ---------------------------------------------------------------- attributes
+
+    def get_volume_attribute(self, volname: str, attribute: str) -> str | int | None:
+        if attribute not in ("notes", "protected"):
+            return None
+        bid = self.backup_id(volname)
+        if not self.store.exists(bid) and self.store.partial_dir(bid).is_dir():
+            pending = read_json(self.store.partial_dir(bid) / PENDING_ATTRIBUTES)
+            value = pending.get(attribute, "" if attribute == "notes" else 0)
+            return str(value) if attribute == "notes" else int(bool(value))
+        m = self._entry(volname).manifest
+        if attribute == "notes":
+            return m.notes if m else ""
+        return 1 if (m and m.protected) else 0
+
+    def update_volume_attribute(self, volname: str, attribute: str, value: Any) -> None:
+        """Set `notes` (text) or `protected` (0/1); other attributes are errors.
+
+        Protecting more than `max-protected-backups` backups of a guest is refused."""
+        if attribute not in ("notes", "protected"):
+            raise StorageOperationError(
+                f"attribute '{attribute}' is not supported on a dirbackup store"
+            )
+        bid = self.backup_id(volname)
+        with self.store.lock(bid.vmid, what=f"setting {attribute}"):
+            if not self.store.exists(bid) and self.store.partial_dir(bid).is_dir():
+                # being written (the hypervisor sets attributes before it is published)
+                if attribute == "protected" and int(bool(value)):
+                    self._check_protected_limit(bid.vmid)
+                path = self.store.partial_dir(bid) / PENDING_ATTRIBUTES
+                pending = read_json(path)
+                pending[attribute] = str(value) if attribute == "notes" else bool(int(value))
+                write_atomic(path, json.dumps(pending))
+                return
+            entry = self._entry(volname)
+            m = entry.manifest or self._legacy_manifest(entry)
+            if attribute == "notes":
+                text = "" if value is None else str(value)
+                if "\0" in text or len(text.encode()) > 64 * 1024:
+                    raise StoreError("notes must be text of at most 64 KiB")
+                m = replace(m, notes=text)
+            else:
+                protect = bool(int(value)) if not isinstance(value, bool) else value
+                if protect and not m.protected:
+                    self._check_protected_limit(bid.vmid)
+                m = replace(m, protected=protect)
+            self.store.write_manifest(bid, m)
+
+    def _check_protected_limit(self, vmid: int) -> None:
+        limit = self.scfg.max_protected_backups
+        if limit < 0:
+            return
+        count = sum(1 for e in self.store.backups(vmid) if e.manifest and e.manifest.protected)
+        if count >= limit:
+            raise StoreError(
+                f"guest {vmid} has {count} protected backups already, the limit "
+                f"(max-protected-backups) is {limit}"
+            )
+
+    def _legacy_manifest(self, entry: BackupEntry) -> Manifest:
+        mode = "container" if entry.id.vmtype == VmType.LXC else "full"
+        return Manifest(vmid=entry.id.vmid, vmtype=str(entry.id.vmtype), ctime=entry.id.epoch,
+                        mode=mode, legacy=True)
+
+    # ---------------------------------------------------------------- removal
+
+    def children_of(self, bid: BackupId) -> list[BackupEntry]:
+        """Backups whose images build on `bid`."""
+        out = []
+        for entry in self.store.backups(bid.vmid):
+            if entry.id == bid:
+                continue
+            if entry.manifest is not None:
+                if any(d.parent == bid.volname for d in entry.manifest.disks.values()):
+                    out.append(entry)
+            elif self._legacy_parent(entry) == bid:
+                out.append(entry)
+        return out
+
+    def free_image(self, volname: str, log: LogFunction | None = None) -> None:
+        """Remove a backup.  Protected backups are refused; a backup that is the
+        base of others is first merged into each of them, so they stay whole."""
+        bid = self.backup_id(volname)
+        with self.store.lock(bid.vmid, what="removal"):
+            self._remove(bid, log)
+
+    def _remove(self, bid: BackupId, log: LogFunction | None) -> None:
+        entry = self._entry(bid.volname)
+        if entry.manifest is not None and entry.manifest.protected:
+            raise StoreError(f"backup {bid.volname} is protected; unprotect it first")
+        for child in self.children_of(bid):
+            self._merge_into(bid, entry, child, log)
+        self.store.remove_backup(bid)
+        if log:
+            log("info", f"removed backup {bid.volid(self.storeid)}")
+
+    def _merge_into(
+        self, bid: BackupId, entry: BackupEntry, child: BackupEntry, log: LogFunction | None
+    ) -> None:
+        gdir = self.store.guest_dir(bid.vmid)
+        if log:
+            log("info", f"merging {bid.volname} into {child.id.volname} before removal")
+        m = child.manifest
+        parent_manifest = entry.manifest
+        disks = m.disks if m is not None else {p.stem: None for p in child.path.glob("*.qcow2")}
+        for device, record in disks.items():
+            if record is not None and record.parent != bid.volname:
+                continue
+            image = child.path / (record.file if record else f"{device}.qcow2")
+            with qcow2.Chain(image, gdir) as chain:
+                if chain.depth < 2 or Path(chain.paths[1]).parent != entry.path.resolve():
+                    continue
+            qcow2.merge_into_child(image, gdir)
+            if m is not None and record is not None:
+                grand = None
+                if parent_manifest is not None and device in parent_manifest.disks:
+                    grand = parent_manifest.disks[device].parent
+                digests = qcow2.image_digests(image, record.digest_chunk, record.size)
+                m.disks[device] = replace(
+                    record,
+                    parent=grand,
+                    mode="incremental" if grand else "full",
+                    digests=digest_map(digests),
+                )
+        if m is not None:
+            parents = [d.parent for d in m.disks.values() if d.parent]
+            m = replace(m, parent=max(parents) if parents else None,
+                        mode="incremental" if parents else m.mode)
+            self.store.write_manifest(child.id, m)
+
+    def prune_backups(
+        self,
+        keep: KeepRules | Mapping[str, Any] | str | None = None,
+        vmid: int | None = None,
+        vmtype: str | None = None,
+        dryrun: bool = False,
+        log: LogFunction | None = None,
+    ) -> list[dict[str, Any]]:
+        """Mark (and unless `dryrun`, remove) backups by the hypervisor's keep rules.
+
+        Groups are (guest, type); protected backups are never removed.  Removal
+        runs newest first, so a removed base with a kept child is merged into it.
+        Returns the hypervisor's entries: volid, type, ctime, vmid, mark."""
+        if keep is None:
+            rules = self.scfg.prune_backups
+        elif isinstance(keep, KeepRules):
+            rules = keep
+        elif isinstance(keep, str):
+            rules = KeepRules.parse(keep)
+        else:
+            rules = KeepRules.from_mapping(keep)
+        groups: dict[tuple[int, str], list[BackupEntry]] = {}
+        for entry in self.store.backups(vmid):
+            if vmtype and str(entry.id.vmtype) != vmtype:
+                continue
+            groups.setdefault((entry.id.vmid, str(entry.id.vmtype)), []).append(entry)
+        result: list[PruneEntry] = []
+        for (gvmid, gtype), entries in sorted(groups.items()):
+            marks = mark(
+                [PruneCandidate(e.id.volname, e.id.epoch,
+                                bool(e.manifest and e.manifest.protected)) for e in entries],
+                rules,
+            )
+            for e in sorted(entries, key=lambda e: -e.id.epoch):
+                result.append(PruneEntry(e.id.volid(self.storeid), gtype, e.id.epoch, gvmid,
+                                         marks[e.id.volname]))
+        if not dryrun:
+            for gvmid in sorted({e.vmid for e in result}):
+                doomed = [p for p in result if p.vmid == gvmid and p.mark == Mark.REMOVE]
+                if not doomed:
+                    continue
+                with self.store.lock(gvmid, what="prune"):
+                    for p in sorted(doomed, key=lambda p: -p.ctime):
+                        self._remove(self.backup_id(p.volid), log)
+        return [e.as_dict() for e in result]
+
+    # ---------------------------------------------------------------- verify
+
+    def verify(self, volname: str | None = None, vmid: int | None = None) -> list[VerifyResult]:
+        """Re-read backups and check every digest, archive and chain.
+
+        Backups without a manifest (the seed's layout) are checked as far as
+        possible: their chains are validated and their tables walked."""
+        entries = [self._entry(volname)] if volname is not None else self.store.backups(vmid)
+        return [self._verify_one(e) for e in entries]
+
+    def _verify_one(self, entry: BackupEntry) -> VerifyResult:
+        problems: list[str] = []
+        checked = 0
+        gdir = self.store.guest_dir(entry.id.vmid)
+        m = entry.manifest
+        if m is None:
+            images = sorted(entry.path.glob("*.qcow2"))
+            for img in images:
+                try:
+                    with qcow2.Chain(img, gdir) as chain:
+                        chain.map()
+                except (DirbackupError, OSError) as exc:
+                    problems.append(str(exc))
+            if entry.id.vmtype == VmType.QEMU and not images:
+                problems.append("no disk images")
+            if not (entry.path / GUEST_CONFIG).exists():
+                problems.append(f"{GUEST_CONFIG} is missing")
+            return VerifyResult(entry.id.volid(self.storeid), not problems, tuple(problems))
+        for device, disk in m.disks.items():
+            image = entry.path / disk.file
+            try:
+                with qcow2.Chain(image, gdir) as chain:
+                    if chain.virtual_size != disk.size:
+                        problems.append(f"{device}: virtual size {chain.virtual_size} differs "
+                                        f"from the manifest's {disk.size}")
+                    if disk.parent:
+                        want = self.store.backup_dir(BackupId.parse(disk.parent)).resolve()
+                        if chain.depth < 2 or Path(chain.paths[1]).parent != want:
+                            problems.append(f"{device}: backing file is not {disk.parent}")
+                    elif chain.depth != 1:
+                        problems.append(f"{device}: a full backup image has a backing file")
+                    chain.map()
+                digests = qcow2.image_digests(image, disk.digest_chunk, disk.size)
+                if digest_map(digests) != disk.digests:
+                    bad = sorted(set(digest_map(digests).items()) ^ set(disk.digests.items()))
+                    first = int(bad[0][0]) * disk.digest_chunk if bad else 0
+                    problems.append(f"{device}: data does not match its digests "
+                                    f"(first difference in the chunk at offset {first})")
+                checked += image.stat().st_size
+            except (DirbackupError, OSError) as exc:
+                problems.append(f"{device}: {exc}")
+        for name, rec in m.files.items():
+            path = entry.path / name
+            try:
+                st = path.stat()
+            except FileNotFoundError:
+                problems.append(f"{name} is missing")
+                continue
+            if st.st_size != rec.size:
+                problems.append(f"{name}: size {st.st_size} differs from the manifest's {rec.size}")
+                continue
+            if rec.sha256 and rec.sha256 != sha256_file(path):
+                problems.append(f"{name}: content does not match its sha256")
+            elif name in (TAR_ARCHIVE, SQUASHFS_ARCHIVE):
+                from dirbackup import container
+
+                try:
+                    container.verify_archive(path)
+                except DirbackupError as exc:
+                    problems.append(str(exc))
+            checked += st.st_size
+        return VerifyResult(entry.id.volid(self.storeid), not problems, tuple(problems), checked)
+
+    # ---------------------------------------------------------------- not possible here
+
+    def create_base(self, volname: str) -> None:
+        raise StorageOperationError("cannot create a base image on a dirbackup store")
+
+    def clone_image(self, volname: str, vmid: int, snap: str | None = None) -> None:
+        raise StorageOperationError("cannot clone images on a dirbackup store")
+
+    def alloc_image(self, vmid: int, fmt: str, name: str | None, size: int) -> None:
+        raise StorageOperationError("cannot allocate images on a dirbackup store")
+
+    def volume_resize(self, volname: str, size: int, running: bool = False) -> None:
+        raise StorageOperationError("volume resize is not possible on a dirbackup store")
+
+    def volume_snapshot(self, volname: str, snap: str) -> None:
+        raise StorageOperationError("volume snapshots are not possible on a dirbackup store")
+
+    def volume_snapshot_rollback(self, volname: str, snap: str) -> None:
+        raise StorageOperationError("volume snapshots are not possible on a dirbackup store")
+
+    def volume_snapshot_delete(self, volname: str, snap: str) -> None:
+        raise StorageOperationError("volume snapshots are not possible on a dirbackup store")
+
+    def volume_has_feature(self, feature: str, volname: str, snapname: str | None = None) -> bool:
+        return False
+
+    # ---------------------------------------------------------------- provider
+
+    def new_backup_provider(self, log: LogFunction | None = None) -> Any:
+        """The backup provider that writes into this store."""
+        from dirbackup.provider import DirectoryBackupProvider
+
+        return DirectoryBackupProvider(self, self.scfg, self.storeid, log)

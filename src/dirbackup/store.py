@@ -1,0 +1,558 @@
+"""The backup store on disk: layout, names, manifest, atomic publish, locking.
+
+Layout (DESIGN.md §5)::
+
+    <root>/<vmid>/previous-info                 last good backup per device
+    <root>/<vmid>/.lock                         per-guest lock (flock)
+    <root>/<vmid>/<type>-<epoch>/guest.conf     raw guest config
+                                /firewall.conf  if any
+                                /<device>.qcow2 per disk; backing file = previous backup's
+                                /archive.tar | archive.sqfs   containers
+                                /manifest.json  files, sizes, digests, parent, mode, notes...
+                                /backup.log
+    <root>/<vmid>/.<type>-<epoch>.partial/      a backup being written (never listed)
+    <root>/<vmid>/<type>-<epoch>.failed/        the log of a failed backup
+
+A backup is written under its `.partial` name and renamed into place only
+when complete and synced, so a crash never leaves a half-written backup that
+lists as valid; the next writer removes partial directories whose owner is
+gone.  Volume names are parsed strictly: nothing a caller passes can name a
+path outside the store.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import hashlib
+import json
+import os
+import re
+import shutil
+import time
+from collections.abc import Iterable, Iterator
+from dataclasses import asdict, dataclass, field
+from enum import StrEnum
+from pathlib import Path
+from typing import Any
+
+from dirbackup import __version__
+from dirbackup.errors import StoreError, VolumeNameError
+
+
+class VmType(StrEnum):
+    """Guest types, as they appear in backup names."""
+
+    QEMU = "qemu"
+    LXC = "lxc"
+
+
+MANIFEST = "manifest.json"
+PREVIOUS_INFO = "previous-info"
+GUEST_CONFIG = "guest.conf"
+FIREWALL_CONFIG = "firewall.conf"
+LOG_FILE = "backup.log"
+TAR_ARCHIVE = "archive.tar"
+SQUASHFS_ARCHIVE = "archive.sqfs"
+OWNER_FILE = ".owner"
+PENDING_ATTRIBUTES = ".attributes.json"
+MAX_VMID = 999_999_999
+MAX_EPOCH = 1 << 40
+
+# guest directories this process holds the lock of: (real path, pid) -> depth
+_HELD_LOCKS: dict[tuple[str, int], int] = {}
+
+_NAME_RE = re.compile(r"(qemu|lxc)-([0-9]{1,13})")
+_DEVICE_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.+-]{0,63}")
+
+
+def check_device_name(device: str) -> str:
+    """Device names become file names: letters, digits, `_.+-`, no leading dot."""
+    if not _DEVICE_RE.fullmatch(device) or ".." in device:
+        raise VolumeNameError(f"invalid device name {device!r}")
+    return device
+
+
+@dataclass(frozen=True, order=True)
+class BackupId:
+    """One backup of one guest: `<vmid>/<type>-<epoch>`."""
+
+    vmid: int
+    vmtype: VmType
+    epoch: int
+
+    @property
+    def name(self) -> str:
+        """The backup directory's name, e.g. `qemu-1700000000`."""
+        return f"{self.vmtype}-{self.epoch}"
+
+    @property
+    def archive(self) -> str:
+        """The archive name the hypervisor sees: `<vmid>/<type>-<epoch>`."""
+        return f"{self.vmid}/{self.name}"
+
+    @property
+    def volname(self) -> str:
+        """The storage volume name: `backup/<vmid>/<type>-<epoch>`."""
+        return f"backup/{self.archive}"
+
+    def volid(self, storeid: str) -> str:
+        return f"{storeid}:{self.volname}"
+
+    @classmethod
+    def parse(cls, text: str) -> BackupId:
+        """Parse `backup/<vmid>/<type>-<epoch>` or `<vmid>/<type>-<epoch>`, strictly.
+
+        Anything else -- `..`, absolute paths, NUL bytes, extra components,
+        absurd numbers -- raises VolumeNameError."""
+        if not isinstance(text, str) or "\0" in text or len(text) > 256:
+            raise VolumeNameError(f"invalid volume name {text!r}")
+        parts = text.split("/")
+        if parts and parts[0] == "backup":
+            parts = parts[1:]
+        if len(parts) != 2 or not parts[0].isascii() or not parts[0].isdigit():
+            raise VolumeNameError(
+                f"invalid volume name {text!r}: expected backup/<vmid>/<qemu|lxc>-<epoch>"
+            )
+        m = _NAME_RE.fullmatch(parts[1])
+        if not m:
+            raise VolumeNameError(
+                f"invalid volume name {text!r}: expected backup/<vmid>/<qemu|lxc>-<epoch>"
+            )
+        vmid, epoch = int(parts[0]), int(m.group(2))
+        if parts[0] != str(vmid) or vmid > MAX_VMID or epoch > MAX_EPOCH:
+            raise VolumeNameError(f"invalid volume name {text!r}: number out of range")
+        return cls(vmid, VmType(m.group(1)), epoch)
+
+
+def split_volid(text: str) -> tuple[str | None, str]:
+    """`STOREID:backup/...` -> (storeid, volname); a bare name -> (None, name)."""
+    if ":" in text:
+        storeid, _, rest = text.partition(":")
+        if not re.fullmatch(r"[A-Za-z][A-Za-z0-9._-]*", storeid):
+            raise VolumeNameError(f"invalid storage id in {text!r}")
+        return storeid, rest
+    return None, text
+
+
+# ----------------------------------------------------------------------------
+# Manifest
+
+
+@dataclass
+class DiskRecord:
+    """One VM disk of a backup."""
+
+    file: str
+    size: int  # virtual size in bytes
+    mode: str  # "full" or "incremental"
+    parent: str | None  # volname of the backup holding the backing image
+    cluster_size: int
+    digest_chunk: int
+    digests: dict[str, str]  # chunk index -> hex XXH64 sum, non-zero sums only
+    dirty_bytes: int = 0
+    written_bytes: int = 0
+
+
+@dataclass
+class FileRecord:
+    """A plain file of a backup (configs, archives)."""
+
+    size: int
+    sha256: str | None = None
+
+
+@dataclass
+class Manifest:
+    """What a backup holds, and its attributes (notes, protected)."""
+
+    vmid: int
+    vmtype: str
+    ctime: int
+    mode: str  # "full", "incremental" or "container"
+    parent: str | None = None
+    disks: dict[str, DiskRecord] = field(default_factory=dict)
+    files: dict[str, FileRecord] = field(default_factory=dict)
+    notes: str = ""
+    protected: bool = False
+    tool: str = f"dirbackup {__version__}"
+    format: int = 1
+    legacy: bool = False  # made for a backup written without a manifest (the seed's layout)
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=1, sort_keys=True) + "\n"
+
+    @classmethod
+    def from_json(cls, text: str, where: str = "manifest") -> Manifest:
+        try:
+            raw = json.loads(text)
+            disks = {k: DiskRecord(**v) for k, v in raw.pop("disks", {}).items()}
+            files = {k: FileRecord(**v) for k, v in raw.pop("files", {}).items()}
+            return cls(disks=disks, files=files, **raw)
+        except (ValueError, TypeError) as exc:
+            raise StoreError(f"{where}: unreadable manifest ({exc})") from None
+
+
+# ----------------------------------------------------------------------------
+# previous-info
+
+
+@dataclass
+class PreviousDevice:
+    """The last good backup of one device, to build the next incremental on."""
+
+    backup: str  # backup directory name, e.g. qemu-1700000000
+    size: int
+    file: str
+
+
+@dataclass
+class PreviousInfo:
+    """The provider's record of the last good backup per device of a guest.
+
+    The seed wrote `"<bitmap-id> <backup-time>"`; that form is still read."""
+
+    devices: dict[str, PreviousDevice] = field(default_factory=dict)
+    backup: str | None = None  # newest good backup of the guest
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=1, sort_keys=True) + "\n"
+
+    @classmethod
+    def parse(cls, text: str, vmtype: str = "qemu") -> PreviousInfo:
+        text = text.strip()
+        if not text:
+            return cls()
+        legacy = re.fullmatch(r"(\d+)\s+(\d+)", text)
+        if legacy:
+            return cls(backup=f"{vmtype}-{legacy.group(2)}")
+        try:
+            raw = json.loads(text)
+            devices = {k: PreviousDevice(**v) for k, v in raw.get("devices", {}).items()}
+            return cls(devices=devices, backup=raw.get("backup"))
+        except (ValueError, TypeError, AttributeError):
+            return cls()  # unreadable: no incremental, next backup is full
+
+
+# ----------------------------------------------------------------------------
+# File helpers
+
+
+def fsync_path(path: Path) -> None:
+    """fsync a file or directory by path."""
+    fd = os.open(path, os.O_RDONLY | (os.O_DIRECTORY if path.is_dir() else 0))
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_atomic(path: Path, data: str | bytes, mode: int = 0o644) -> None:
+    """Replace a file's content all at once (temp file, fsync, rename, fsync dir)."""
+    raw = data.encode() if isinstance(data, str) else data
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
+    try:
+        view = memoryview(raw)
+        while view:
+            view = view[os.write(fd, view) :]
+        os.fsync(fd)
+    except BaseException:
+        os.close(fd)
+        tmp.unlink(missing_ok=True)
+        raise
+    os.close(fd)
+    os.replace(tmp, path)
+    fsync_path(path.parent)
+
+
+def _process_alive(pid: int, start: str) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+    except (FileNotFoundError, ProcessLookupError, IndexError):
+        return False
+    return fields[0] not in ("Z", "X") and fields[19] == start
+
+
+def _own_start_time() -> str:
+    with open(f"/proc/{os.getpid()}/stat") as f:
+        return f.read().rsplit(")", 1)[1].split()[19]
+
+
+# ----------------------------------------------------------------------------
+# The store
+
+
+@dataclass(frozen=True)
+class BackupEntry:
+    """A published backup as listing sees it."""
+
+    id: BackupId
+    path: Path
+    manifest: Manifest | None
+
+
+class Store:
+    """A backup store rooted at a directory."""
+
+    def __init__(self, root: str | os.PathLike[str]) -> None:
+        self.root = Path(root)
+
+    # -- paths
+
+    def guest_dir(self, vmid: int) -> Path:
+        return self.root / str(vmid)
+
+    def backup_dir(self, bid: BackupId) -> Path:
+        return self.guest_dir(bid.vmid) / bid.name
+
+    def partial_dir(self, bid: BackupId) -> Path:
+        return self.guest_dir(bid.vmid) / f".{bid.name}.partial"
+
+    def failed_dir(self, bid: BackupId) -> Path:
+        return self.guest_dir(bid.vmid) / f"{bid.name}.failed"
+
+    def previous_info_path(self, vmid: int) -> Path:
+        return self.guest_dir(vmid) / PREVIOUS_INFO
+
+    # -- checks
+
+    def check(self) -> None:
+        """Fail clearly when the store directory is missing or not a directory."""
+        if not self.root.is_dir():
+            raise StoreError(f"backup store {self.root} does not exist or is not a directory")
+
+    # -- locking
+
+    @contextlib.contextmanager
+    def lock(self, vmid: int, timeout: float = 60.0, what: str = "backup") -> Iterator[None]:
+        """Serialise writers and pruning of one guest (flock on <vmid>/.lock).
+
+        Waits up to `timeout` seconds, then raises StoreError naming the guest.
+        Re-entrant within a process: the hypervisor prunes and sets attributes
+        from the same process while its backup of the guest holds the lock."""
+        gdir = self.guest_dir(vmid)
+        gdir.mkdir(parents=True, exist_ok=True)
+        key = (os.path.realpath(gdir), os.getpid())
+        if key in _HELD_LOCKS:
+            _HELD_LOCKS[key] += 1
+            try:
+                yield
+            finally:
+                _HELD_LOCKS[key] -= 1
+            return
+        fd = os.open(gdir / ".lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        try:
+            deadline = time.monotonic() + timeout
+            while True:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:
+                    if time.monotonic() >= deadline:
+                        raise StoreError(
+                            f"guest {vmid} is locked by another backup or prune; "
+                            f"gave up after {timeout:.0f} s ({what})"
+                        ) from None
+                    time.sleep(0.05)
+            _HELD_LOCKS[key] = 1
+            try:
+                yield
+            finally:
+                del _HELD_LOCKS[key]
+        finally:
+            os.close(fd)
+
+    # -- writing a backup
+
+    def new_backup_id(self, vmid: int, vmtype: VmType, epoch: int) -> BackupId:
+        """The first free id at or after `epoch`: two backups of a guest within
+        the same second never share (and so never overwrite) a directory."""
+        while True:
+            bid = BackupId(vmid, vmtype, epoch)
+            if not (
+                self.backup_dir(bid).exists()
+                or self.partial_dir(bid).exists()
+                or self.failed_dir(bid).exists()
+            ):
+                return bid
+            epoch += 1
+
+    def begin(self, bid: BackupId) -> Path:
+        """Create the partial directory of a new backup, owned by this process."""
+        self.guest_dir(bid.vmid).mkdir(parents=True, exist_ok=True)
+        part = self.partial_dir(bid)
+        try:
+            part.mkdir(mode=0o755)
+        except FileExistsError:
+            raise StoreError(f"backup {bid.archive} is already being written") from None
+        (part / OWNER_FILE).write_text(f"{os.getpid()} {_own_start_time()}\n")
+        return part
+
+    def publish(self, bid: BackupId, manifest: Manifest) -> Path:
+        """Make a partial backup visible: sync every file, write the manifest,
+        sync, and rename the directory into place."""
+        part = self.partial_dir(bid)
+        final = self.backup_dir(bid)
+        (part / OWNER_FILE).unlink(missing_ok=True)
+        for p in part.iterdir():
+            if p.is_file():
+                fsync_path(p)
+        write_atomic(part / MANIFEST, manifest.to_json())
+        if final.exists():
+            raise StoreError(f"backup {bid.archive} exists already; not overwritten")
+        os.rename(part, final)
+        fsync_path(final.parent)
+        return final
+
+    def discard(self, bid: BackupId, keep_log: str | None = None) -> None:
+        """Remove a partial backup; keep its log as `<name>.failed/backup.log`."""
+        part = self.partial_dir(bid)
+        if keep_log is not None:
+            failed = self.failed_dir(bid)
+            failed.mkdir(parents=True, exist_ok=True)
+            write_atomic(failed / LOG_FILE, keep_log)
+        shutil.rmtree(part, ignore_errors=True)
+
+    def clean_stale(self, vmid: int) -> list[str]:
+        """Remove partial backups and temporary files left by processes that are gone."""
+        removed: list[str] = []
+        gdir = self.guest_dir(vmid)
+        if not gdir.is_dir():
+            return removed
+        for p in gdir.iterdir():
+            if p.name.startswith(".") and p.name.endswith(".partial") and p.is_dir():
+                try:
+                    pid_s, start = (p / OWNER_FILE).read_text().split()
+                    alive = _process_alive(int(pid_s), start)
+                except (OSError, ValueError):
+                    alive = False
+                if not alive:
+                    shutil.rmtree(p, ignore_errors=True)
+                    removed.append(p.name)
+            elif ".removing-" in p.name and p.name.startswith(".") and p.is_dir():
+                pid_s = p.name.rsplit("-", 1)[1]
+                if pid_s.isdigit() and not os.path.exists(f"/proc/{pid_s}"):
+                    shutil.rmtree(p, ignore_errors=True)
+                    removed.append(p.name)
+            elif ".tmp-" in p.name and p.name.startswith("."):
+                pid_s = p.name.rsplit("-", 1)[1]
+                if pid_s.isdigit() and not os.path.exists(f"/proc/{pid_s}"):
+                    p.unlink(missing_ok=True)
+                    removed.append(p.name)
+        return removed
+
+    # -- reading
+
+    def exists(self, bid: BackupId) -> bool:
+        return self.backup_dir(bid).is_dir()
+
+    def require(self, bid: BackupId) -> Path:
+        """The directory of a published backup, or StoreError."""
+        path = self.backup_dir(bid)
+        if not path.is_dir():
+            raise StoreError(f"backup {bid.volname} does not exist in {self.root}")
+        return path
+
+    def read_manifest(self, bid: BackupId) -> Manifest | None:
+        """The manifest, or None for a backup in the seed's layout (no manifest)."""
+        path = self.backup_dir(bid) / MANIFEST
+        try:
+            text = path.read_text()
+        except FileNotFoundError:
+            return None
+        return Manifest.from_json(text, str(path))
+
+    def write_manifest(self, bid: BackupId, manifest: Manifest) -> None:
+        write_atomic(self.require(bid) / MANIFEST, manifest.to_json())
+
+    def guest_ids(self) -> list[int]:
+        """Guests with a directory in the store."""
+        self.check()
+        out = []
+        for p in self.root.iterdir():
+            if p.is_dir() and p.name.isdigit() and str(int(p.name)) == p.name:
+                out.append(int(p.name))
+        return sorted(out)
+
+    def backups(self, vmid: int | None = None) -> list[BackupEntry]:
+        """Published backups (oldest first), with their manifests."""
+        self.check()
+        vmids = [vmid] if vmid is not None else self.guest_ids()
+        entries = []
+        for v in vmids:
+            gdir = self.guest_dir(v)
+            if not gdir.is_dir():
+                continue
+            for p in gdir.iterdir():
+                m = _NAME_RE.fullmatch(p.name)
+                if not m or not p.is_dir():
+                    continue
+                bid = BackupId(v, VmType(m.group(1)), int(m.group(2)))
+                entries.append(BackupEntry(bid, p, self.read_manifest(bid)))
+        entries.sort(key=lambda e: (e.id.vmid, e.id.epoch, e.id.vmtype))
+        return entries
+
+    def read_previous(self, vmid: int, vmtype: VmType) -> PreviousInfo:
+        try:
+            text = self.previous_info_path(vmid).read_text()
+        except FileNotFoundError:
+            return PreviousInfo()
+        return PreviousInfo.parse(text, vmtype)
+
+    def write_previous(self, vmid: int, info: PreviousInfo) -> None:
+        write_atomic(self.previous_info_path(vmid), info.to_json())
+
+    def remove_backup(self, bid: BackupId) -> None:
+        """Delete a published backup directory (callers handle chains first)."""
+        path = self.require(bid)
+        doomed = path.with_name(f".{path.name}.removing-{os.getpid()}")
+        os.rename(path, doomed)  # disappears from listings at once
+        shutil.rmtree(doomed)
+        fsync_path(path.parent)
+
+
+def disk_file(device: str) -> str:
+    return f"{check_device_name(device)}.qcow2"
+
+
+def dir_usage(path: Path) -> tuple[int, int]:
+    """(apparent size, allocated bytes) of the files in a directory."""
+    size = used = 0
+    for p in path.iterdir():
+        try:
+            st = p.lstat()
+        except OSError as exc:
+            if exc.errno == errno.ENOENT:
+                continue
+            raise
+        if p.is_file():
+            size += st.st_size
+            used += st.st_blocks * 512
+    return size, used
+
+
+def digest_map(digests: Iterable[int]) -> dict[str, str]:
+    """Non-zero per-chunk digest sums as {chunk index: 16 hex digits}, the
+    manifest's sparse form (an incremental touches few chunks)."""
+    return {str(i): f"{int(v):016x}" for i, v in enumerate(digests) if int(v)}
+
+
+def sha256_file(path: Path) -> str:
+    """Hex SHA-256 of a file's content."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def read_json(path: Path) -> dict[str, Any]:
+    """A small JSON object file, or {} when missing or unreadable."""
+    try:
+        data = json.loads(path.read_text())
+    except (FileNotFoundError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
