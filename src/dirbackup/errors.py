@@ -39,3 +39,10 @@ class VolumeNameError(DirbackupError, ValueError):
 
 class StoreError(DirbackupError):
     """The backup store is missing, unreachable, locked or inconsistent."""
+
+
+class ContainerError(DirbackupError):
+    """A container archive could not be written, read, verified, extracted or mounted.
+
+    The message is one line meant for the user (the tool's own message included);
+    partial output has already been removed when it is raised."""
