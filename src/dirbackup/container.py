@@ -465,7 +465,9 @@ def _run_mksquashfs(
             try:
                 throttle = ProcessReadThrottle(tool.proc.pid, bandwidth_limit)
             except OSError as e:
-                logf("warn", f"mksquashfs: bandwidth limit not applied: no I/O counters ({e})")
+                if tool.proc.poll() is None:  # else it is already done: nothing to limit
+                    logf("warn", f"mksquashfs: bandwidth limit not applied: "
+                                 f"no I/O counters ({e})")
         try:
             while tool.proc.poll() is None:
                 if throttle is not None:

@@ -15,8 +15,8 @@ So tar decides.  It walks the tree with the very options of the tar backup but
 writes to /dev/null (GNU tar then reads no file data) and lists what it would
 store.  Everything else a listed directory holds is excluded; mksquashfs gets
 those paths as literal names.  The walk is streamed: tar lists depth first, so a
-directory is complete as soon as a name outside it arrives, and memory stays
-proportional to the depth of the tree, not its size.
+directory is complete as soon as a name outside it arrives; memory holds the
+names of the directories on the current path only, not the whole tree.
 """
 
 from __future__ import annotations
