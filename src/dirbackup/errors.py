@@ -43,3 +43,10 @@ class StoreError(DirbackupError):
 
 class PruneOptionError(DirbackupError, ValueError):
     """A `prune-backups` retention option string or hash that PVE's schema would reject."""
+
+
+class ContainerError(DirbackupError):
+    """A container archive could not be written, read, verified, extracted or mounted.
+
+    The message is one line meant for the user (the tool's own message included);
+    partial output has already been removed when it is raised."""

@@ -1,0 +1,208 @@
+"""Run the container tools (tar, mksquashfs, cp, mount, ...) with their messages in the log.
+
+Why a reader thread per tool: tar and mksquashfs report problems while they work
+(a file that changed, an attribute that cannot be stored).  Reading their stderr
+only at exit would let the pipe fill and block them, and would hide the messages
+from the task log for as long as a backup runs.  Each line goes to the provider's
+`log(level, message)` as it arrives, prefixed with the tool's name, and is kept so
+that a failure can be reported as one line with the tool's own words.
+
+Tools run with LC_ALL=C: their messages are then stable (we recognise a few) and
+file names that are not valid text come out escaped instead of mangled.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import signal
+import subprocess
+import threading
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import IO, Any
+
+from dirbackup.errors import ContainerError
+
+#: The provider's log function: level ("info", "warn" or "err") and message.
+LogFunc = Callable[[str, str], None]
+
+#: Decides what a tool's message line is: "info", "warn", or None to drop it.
+Classifier = Callable[[str], "str | None"]
+
+_logger = logging.getLogger("dirbackup.container")
+_LEVELS = {"info": logging.INFO, "warn": logging.WARNING, "err": logging.ERROR}
+
+
+def resolve_log(log: LogFunc | None) -> LogFunc:
+    """The caller's log function, or one that writes to Python logging.
+
+    Tool warnings must go somewhere even when a library user passes no log."""
+    if log is not None:
+        return log
+
+    def to_logging(level: str, message: str) -> None:
+        _logger.log(_LEVELS.get(level, logging.INFO), "%s", message)
+
+    return to_logging
+
+
+def tool_env() -> dict[str, str]:
+    """The environment for tools: ours, with messages in the C locale."""
+    env = dict(os.environ)
+    env["LC_ALL"] = "C"
+    env.pop("LANGUAGE", None)
+    return env
+
+
+def describe_status(returncode: int) -> str:
+    """'exit status 2' or 'killed by signal 9 (SIGKILL)'."""
+    if returncode < 0:
+        try:
+            name = signal.Signals(-returncode).name
+        except ValueError:
+            name = "unknown"
+        return f"killed by signal {-returncode} ({name})"
+    return f"exit status {returncode}"
+
+
+def _warn_everything(line: str) -> str | None:
+    return "warn"
+
+
+@dataclass(frozen=True)
+class Message:
+    """One line a tool wrote, as logged."""
+
+    level: str
+    text: str  # prefixed with the tool's name, e.g. "tar: ./x: file changed as we read it"
+
+
+class Tool:
+    """A started tool whose message stream is logged line by line.
+
+    `stdin`/`stdout` are passed to Popen (PIPE, DEVNULL, a file descriptor);
+    with `merge_stdout` the tool's stdout is treated as messages too (mksquashfs
+    writes some there).  Use as a context manager: leaving the block kills a
+    tool that is still running, so no exit path leaves one behind.
+    """
+
+    def __init__(
+        self,
+        argv: Sequence[str],
+        *,
+        name: str,
+        log: LogFunc,
+        classify: Classifier | None = None,
+        stdin: int | IO[Any] | None = subprocess.DEVNULL,
+        stdout: int | IO[Any] | None = subprocess.DEVNULL,
+        merge_stdout: bool = False,
+    ) -> None:
+        self.name = name
+        self.argv = list(argv)
+        self.messages: list[Message] = []
+        self._log = log
+        self._classify = classify or _warn_everything
+        try:
+            self.proc = subprocess.Popen(
+                self.argv,
+                stdin=stdin,
+                stdout=subprocess.PIPE if merge_stdout else stdout,
+                stderr=subprocess.STDOUT if merge_stdout else subprocess.PIPE,
+                env=tool_env(),
+            )
+        except FileNotFoundError:
+            raise ContainerError(f"{self.argv[0]} is not installed") from None
+        except OSError as e:
+            raise ContainerError(f"cannot run {self.argv[0]}: {e.strerror or e}") from None
+        stream = self.proc.stdout if merge_stdout else self.proc.stderr
+        assert stream is not None
+        self._reader = threading.Thread(
+            target=self._read_messages, args=(stream,), name=f"{name}-messages", daemon=True
+        )
+        self._reader.start()
+
+    @property
+    def stdout(self) -> IO[bytes]:
+        """The tool's stdout pipe (only when started with stdout=PIPE)."""
+        assert self.proc.stdout is not None
+        return self.proc.stdout
+
+    def _read_messages(self, stream: IO[bytes]) -> None:
+        prefix = f"{self.name}: "
+        for raw in stream:
+            line = raw.rstrip(b"\n").decode("utf-8", "backslashreplace").rstrip()
+            if not line:
+                continue
+            while line.startswith(prefix):  # tar and cp name themselves already
+                line = line[len(prefix) :]
+            level = self._classify(line)
+            if level is None:
+                continue
+            message = Message(level, prefix + line)
+            self.messages.append(message)
+            self._log(level, message.text)
+
+    def wait(self) -> int:
+        """Wait for the tool and for its last message; return its exit status."""
+        returncode = self.proc.wait()
+        self._reader.join()
+        return returncode
+
+    def kill(self) -> None:
+        """Stop the tool if it still runs (SIGTERM, then SIGKILL) and reap it."""
+        if self.proc.poll() is None:
+            for sig in (signal.SIGTERM, signal.SIGCONT):  # CONT: it may be paused
+                with contextlib.suppress(ProcessLookupError):
+                    self.proc.send_signal(sig)
+            try:
+                self.proc.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self._reader.join(timeout=5)
+
+    def warnings(self) -> list[str]:
+        """The lines logged as warnings, in order."""
+        return [m.text for m in self.messages if m.level == "warn"]
+
+    def failure(self, returncode: int, *, ignore: Sequence[str] = ()) -> str:
+        """One line saying why the tool failed, in its own words where it gave any.
+
+        The first warning that is not a generic trailer (`ignore` substrings, e.g.
+        tar's "Exiting with failure status") is the cause in practice."""
+        cause = next(
+            (m.text for m in self.messages
+             if m.level == "warn" and not any(s in m.text for s in ignore)),
+            None,
+        )
+        status = describe_status(returncode)
+        return f"{self.name} failed ({status})" + (f": {cause}" if cause else "")
+
+    def __enter__(self) -> Tool:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.kill()
+        for pipe in (self.proc.stdin, self.proc.stdout, self.proc.stderr):
+            if pipe is not None:
+                pipe.close()
+
+
+def run_tool(
+    argv: Sequence[str],
+    *,
+    name: str,
+    log: LogFunc,
+    classify: Classifier | None = None,
+    ok: Sequence[int] = (0,),
+    ignore: Sequence[str] = (),
+    merge_stdout: bool = False,
+) -> Tool:
+    """Run a tool to completion; raise ContainerError unless its status is in `ok`."""
+    with Tool(argv, name=name, log=log, classify=classify, merge_stdout=merge_stdout) as tool:
+        returncode = tool.wait()
+    if returncode not in ok:
+        raise ContainerError(tool.failure(returncode, ignore=ignore))
+    return tool
