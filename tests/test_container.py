@@ -197,10 +197,16 @@ def build_tree(root: Path) -> Tree:
     (root / "acl_dir").mkdir()
     _write(root / "acl_dir" / "f", b"acl\n")
     try:
-        subprocess.run(["setfacl", "-m", "u:4321:rwx", os.fspath(root / "acl_dir" / "f")],
-                       check=True, capture_output=True)
-        subprocess.run(["setfacl", "-d", "-m", "u:4321:rx", os.fspath(root / "acl_dir")],
-                       check=True, capture_output=True)
+        subprocess.run(
+            ["setfacl", "-m", "u:4321:rwx", os.fspath(root / "acl_dir" / "f")],
+            check=True,
+            capture_output=True,
+        )
+        subprocess.run(
+            ["setfacl", "-d", "-m", "u:4321:rx", os.fspath(root / "acl_dir")],
+            check=True,
+            capture_output=True,
+        )
         tree.acls = True
     except (OSError, subprocess.CalledProcessError) as e:
         tree.notes.append(f"no ACLs: {e}")
@@ -316,11 +322,18 @@ def test_tar_command_rejects_bad_arguments(
 
 
 def test_squashfs_command_takes_literal_exclusions(tmp_path: Path) -> None:
-    argv = squashfs_command(Path("/ct"), Path("/b/archive.sqfs"), tmp_path / "ex",
-                            [b"new\nline", b"a b*"])
+    argv = squashfs_command(
+        Path("/ct"), Path("/b/archive.sqfs"), tmp_path / "ex", [b"new\nline", b"a b*"]
+    )
     assert argv[:3] == ["mksquashfs", "/ct", "/b/archive.sqfs"]
-    for option in ("-quiet", "-no-progress", "-noappend", "-xattrs", "-exit-on-error",
-                   "-wildcards"):
+    for option in (
+        "-quiet",
+        "-no-progress",
+        "-noappend",
+        "-xattrs",
+        "-exit-on-error",
+        "-wildcards",
+    ):
         assert option in argv
     assert argv[argv.index("-ef") + 1] == os.fspath(tmp_path / "ex")
     assert argv[-3:] == ["-e", "new\\\nline", "a\\ b\\*"]
@@ -506,8 +519,9 @@ def tmpfs(tmp_path: Path) -> Iterator[Callable[[str], Path]]:
     def mount(options: str) -> Path:
         path = tmp_path / f"tmpfs{len(mounted)}"
         path.mkdir()
-        proc = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", path],
-                              capture_output=True)
+        proc = subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", options, "tmpfs", path], capture_output=True
+        )
         if proc.returncode != 0:
             pytest.skip(f"cannot mount tmpfs: {proc.stderr.decode().strip()}")
         mounted.append(path)
@@ -682,9 +696,7 @@ def test_unmount_detaches_a_busy_mount(
 
 
 @pytest.mark.parametrize("use_fuse", [False, True])
-def test_mount_refuses_bad_mount_points(
-    small_sqfs: Path, tmp_path: Path, use_fuse: bool
-) -> None:
+def test_mount_refuses_bad_mount_points(small_sqfs: Path, tmp_path: Path, use_fuse: bool) -> None:
     busy = tmp_path / "busy"
     _write(busy / "file", b"")
     with pytest.raises(ContainerError, match="not empty"):

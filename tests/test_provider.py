@@ -6,17 +6,15 @@ against a copy of the guest taken at that time."""
 
 from __future__ import annotations
 
+import itertools
 import json
-import os
-import shutil
-import subprocess
 from pathlib import Path
 
 import pytest
 from conftest import KiB, MiB, assert_same
 
-from dirbackup import qcow2, qemu
-from dirbackup.errors import DirbackupError, ImageError, StoreError, VolumeNameError
+from dirbackup import qemu
+from dirbackup.errors import ImageError, StoreError, VolumeNameError
 from dirbackup.host import Disk, Host, bitmap_name
 from dirbackup.storage import DirectoryStorage, StorageOperationError
 from dirbackup.store import PreviousInfo
@@ -33,8 +31,11 @@ class Guest:
         for dev, size in devices.items():
             img = root / f"{dev}.qcow2"
             qemu.img_create(img, size)
-            qemu.io(img, f"write -P 0x{len(self.disks) + 1:02x} 0 {size // 2}",
-                    f"write -P 0x7e {size - MiB} 512k")
+            qemu.io(
+                img,
+                f"write -P 0x{len(self.disks) + 1:02x} 0 {size // 2}",
+                f"write -P 0x7e {size - MiB} 512k",
+            )
             self.disks.append(Disk(dev, img))
         self.states: list[dict[str, Path]] = []
 
@@ -58,8 +59,9 @@ def make_storage(tmp_path: Path, **opts: object) -> DirectoryStorage:
     return DirectoryStorage(STOREID, {"path": str(store), **opts})
 
 
-def restore_and_compare(storage: DirectoryStorage, volid: str, state: dict[str, Path],
-                        tmp_path: Path) -> None:
+def restore_and_compare(
+    storage: DirectoryStorage, volid: str, state: dict[str, Path], tmp_path: Path
+) -> None:
     """Restore every disk with our engine and through qemu-img-path; compare both."""
     host = Host(storage, STOREID)
     targets = {dev: tmp_path / f"restore-{dev}.raw" for dev in state}
@@ -92,8 +94,10 @@ def test_full_and_incremental_chain(tmp_path: Path, mechanism: str) -> None:
     changes = [
         [],
         [("drive-scsi0", "write -P 0x21 1M 100k", "write -z 4M 1M", "discard 8M 2M")],
-        [("drive-scsi0", "write -z 0 64k", "write -P 0x22 31M 4k"),
-         ("drive-virtio1", "discard 0 8M", "write -P 0x23 12M 1")],
+        [
+            ("drive-scsi0", "write -z 0 64k", "write -P 0x22 31M 4k"),
+            ("drive-virtio1", "discard 0 8M", "write -P 0x23 12M 1"),
+        ],
         [("drive-virtio1", "write -P 0x24 0 16M")],
         [],  # nothing changed: a clean bitmap reads nothing
     ]
@@ -102,16 +106,20 @@ def test_full_and_incremental_chain(tmp_path: Path, mechanism: str) -> None:
         for dev, *cmds in batch:
             guest.change(dev, *cmds)
         guest.snapshot()
-        report = host.backup_vm(100, guest.disks, config=f"# config {i}\n",
-                                firewall="[OPTIONS]\nenable: 1\n" if i == 1 else None,
-                                start_time=1_700_000_000 + i * 3600)
+        report = host.backup_vm(
+            100,
+            guest.disks,
+            config=f"# config {i}\n",
+            firewall="[OPTIONS]\nenable: 1\n" if i == 1 else None,
+            start_time=1_700_000_000 + i * 3600,
+        )
         volids.append(report.volid)
         expected = "new" if i == 0 else "reuse"
         assert set(report.bitmap_modes.values()) == {expected}
     listing = storage.list_volumes(100)
     assert [v["volid"] for v in listing] == volids
     assert listing[0]["parent"] is None
-    for prev, entry in zip(listing, listing[1:], strict=False):
+    for prev, entry in itertools.pairwise(listing):
         assert entry["parent"] == prev["volid"]
         assert entry["subtype"] == "qemu" and entry["content"] == "backup"
     # the last backup saw a clean bitmap: its images hold no data clusters
@@ -126,7 +134,8 @@ def test_full_and_incremental_chain(tmp_path: Path, mechanism: str) -> None:
     provider = storage.new_backup_provider()
     assert provider.archive_get_guest_config(volids[1].split(":")[1]) == "# config 1\n"
     assert provider.archive_get_firewall_config(volids[1].split(":")[1]) == (
-        "[OPTIONS]\nenable: 1\n")
+        "[OPTIONS]\nenable: 1\n"
+    )
     assert provider.archive_get_firewall_config(volids[2].split(":")[1]) is None
     assert all(r.ok for r in storage.verify()), storage.verify()
 
@@ -136,17 +145,24 @@ def test_query_incremental_and_full_mode(tmp_path: Path) -> None:
     guest = Guest(tmp_path, {"drive-scsi0": 8 * MiB})
     provider = storage.new_backup_provider()
     assert provider.backup_vm_query_incremental(100, {"drive-scsi0": {"size": 8 * MiB}}) == {
-        "drive-scsi0": "new"}
+        "drive-scsi0": "new"
+    }
     Host(storage, STOREID).backup_vm(100, guest.disks, start_time=1000)
     answer = provider.backup_vm_query_incremental(
-        100, {"drive-scsi0": {"size": 8 * MiB}, "drive-scsi1": {"size": MiB}})
+        100, {"drive-scsi0": {"size": 8 * MiB}, "drive-scsi1": {"size": MiB}}
+    )
     assert answer == {"drive-scsi0": "use", "drive-scsi1": "new"}
     # a resized disk: no base of the same size
     assert provider.backup_vm_query_incremental(100, {"drive-scsi0": {"size": 16 * MiB}}) == {
-        "drive-scsi0": "new"}
+        "drive-scsi0": "new"
+    }
     full = make_storage(tmp_path, **{"vm-backup-mode": "full"})
-    assert full.new_backup_provider().backup_vm_query_incremental(
-        100, {"drive-scsi0": {"size": 8 * MiB}}) == {}
+    assert (
+        full.new_backup_provider().backup_vm_query_incremental(
+            100, {"drive-scsi0": {"size": 8 * MiB}}
+        )
+        == {}
+    )
     # full mode: the host removes the bitmap and every backup is self-contained
     report = Host(full, STOREID).backup_vm(100, guest.disks, start_time=2000)
     assert report.bitmap_modes == {"drive-scsi0": "none"}
@@ -182,13 +198,22 @@ def test_failure_in_the_middle_keeps_everything_consistent(tmp_path: Path, nbd_s
     s1 = nbd_server(guest.disks[1].path, export="drive-scsi1", bitmap=bitmap_name(STOREID))
     s1.stop()
     volumes = {
-        "drive-scsi0": {"size": 16 * MiB, "bitmap-mode": "reuse", "nbd-path": s0.socket,
-                        "bitmap-name": bitmap_name(STOREID)},
-        "drive-scsi1": {"size": 8 * MiB, "bitmap-mode": "reuse", "nbd-path": s1.socket,
-                        "bitmap-name": bitmap_name(STOREID)},
+        "drive-scsi0": {
+            "size": 16 * MiB,
+            "bitmap-mode": "reuse",
+            "nbd-path": s0.socket,
+            "bitmap-name": bitmap_name(STOREID),
+        },
+        "drive-scsi1": {
+            "size": 8 * MiB,
+            "bitmap-mode": "reuse",
+            "nbd-path": s1.socket,
+            "bitmap-name": bitmap_name(STOREID),
+        },
     }
     with pytest.raises(OSError, match="connecting to"):
         p.backup_vm(100, "cfg", volumes, {})
+    s0.stop()
     p.backup_cleanup(100, "qemu", False, {"error": "snapshot access lost"})
     log = tmp_path / "task.log"
     log.write_text("task log\n")
@@ -218,15 +243,20 @@ def test_failure_after_publish_forgets_the_base(tmp_path: Path) -> None:
     p.backup_init(100, "qemu", 2000)
     s = qemu.start_nbd(guest.disks[0].path, str(tmp_path / "s.sock"), export="drive-scsi0")
     try:
-        p.backup_vm(100, "cfg", {"drive-scsi0": {"size": 8 * MiB, "bitmap-mode": "none",
-                                                 "nbd-path": s.socket}}, {})
+        p.backup_vm(
+            100,
+            "cfg",
+            {"drive-scsi0": {"size": 8 * MiB, "bitmap-mode": "none", "nbd-path": s.socket}},
+            {},
+        )
     finally:
         s.stop()
     assert len(storage.list_volumes(100)) == 2  # published when backup_vm returned
     p.backup_cleanup(100, "qemu", False, {"error": "prune failed"})
     assert len(storage.list_volumes(100)) == 1
     assert p.backup_vm_query_incremental(100, {"drive-scsi0": {"size": 8 * MiB}}) == {
-        "drive-scsi0": "new"}
+        "drive-scsi0": "new"
+    }
 
 
 def test_v3_adapter_round_trip(tmp_path: Path) -> None:
@@ -240,11 +270,12 @@ def test_v3_adapter_round_trip(tmp_path: Path) -> None:
     name = v3.backup_get_archive_name(100, "qemu", 4000)
     v3.backup_hook("start", 100, "qemu", {"start-time": 4000})
     mechanism, bitmap_id = v3.backup_get_mechanism(100, "qemu")
-    assert mechanism == "block-device"
+    assert mechanism == "block-device" and bitmap_id == "fresh"
     # v3 passes a block device path; a raw image file stands in for it here
     raw = guest.states[0]["drive-scsi0"]
-    v3.backup_vm(100, "cfg", {"drive-scsi0": {"path": str(raw), "size": 8 * MiB,
-                                              "bitmap-mode": "none"}}, {})
+    v3.backup_vm(
+        100, "cfg", {"drive-scsi0": {"path": str(raw), "size": 8 * MiB, "bitmap-mode": "none"}}, {}
+    )
     v3.backup_hook("end", 100, "qemu", {})
     assert v3.backup_get_task_size(100) > 0
     v3.job_hook("end", {})
@@ -267,8 +298,9 @@ def chain_of_backups(tmp_path: Path, n: int) -> tuple[DirectoryStorage, Guest, l
     host = Host(storage, STOREID)
     volids = []
     for i in range(n):
-        guest.change("drive-scsi0", f"write -P 0x{0x40 + i:02x} {i}M 512k",
-                     f"write -z {8 + i}M 64k")
+        guest.change(
+            "drive-scsi0", f"write -P 0x{0x40 + i:02x} {i}M 512k", f"write -z {8 + i}M 64k"
+        )
         guest.snapshot()
         volids.append(host.backup_vm(100, guest.disks, start_time=86400 * (i + 1)).volid)
     return storage, guest, volids
@@ -279,8 +311,13 @@ def test_prune_merges_removed_bases_into_kept_children(tmp_path: Path) -> None:
     storage.update_volume_attribute(volids[1], "protected", 1)
     dry = storage.prune_backups("keep-last=2", vmid=100, dryrun=True)
     marks = {e["volid"]: e["mark"] for e in dry}
-    assert marks == {volids[4]: "keep", volids[3]: "keep", volids[2]: "remove",
-                     volids[1]: "protected", volids[0]: "remove"}
+    assert marks == {
+        volids[4]: "keep",
+        volids[3]: "keep",
+        volids[2]: "remove",
+        volids[1]: "protected",
+        volids[0]: "remove",
+    }
     assert len(storage.list_volumes(100)) == 5
     storage.prune_backups("keep-last=2", vmid=100)
     left = [v["volid"] for v in storage.list_volumes(100)]
@@ -332,21 +369,36 @@ def test_attributes(tmp_path: Path) -> None:
 def test_volume_names_and_unsupported_operations(tmp_path: Path) -> None:
     storage = make_storage(tmp_path)
     assert storage.parse_volname("backup/100/qemu-1700000000") == (
-        "backup", "100/qemu-1700000000", 100)
-    for bad in ["backup/100/../../etc/passwd", "backup/../100/qemu-1", "/etc/passwd",
-                "backup/100/qemu-1/../../x", "backup/100/qemu-1\0", "backup/1e3/qemu-1",
-                "backup/100/qemu-99999999999999999999", "backup/0100/qemu-1",
-                "backup/100/vzdump-qemu-1.vma", "backup/100/qemu-", "backup/100/lxc-1/x",
-                "", "backup//qemu-1"]:
+        "backup",
+        "100/qemu-1700000000",
+        100,
+    )
+    for bad in [
+        "backup/100/../../etc/passwd",
+        "backup/../100/qemu-1",
+        "/etc/passwd",
+        "backup/100/qemu-1/../../x",
+        "backup/100/qemu-1\0",
+        "backup/1e3/qemu-1",
+        "backup/100/qemu-99999999999999999999",
+        "backup/0100/qemu-1",
+        "backup/100/vzdump-qemu-1.vma",
+        "backup/100/qemu-",
+        "backup/100/lxc-1/x",
+        "",
+        "backup//qemu-1",
+    ]:
         with pytest.raises(VolumeNameError):
             storage.parse_volname(bad)
     with pytest.raises(StoreError, match="belongs to storage"):
         storage.backup_id("other:backup/100/qemu-1")
-    for op in (lambda: storage.alloc_image(100, "raw", None, 1),
-               lambda: storage.clone_image("backup/100/qemu-1", 101),
-               lambda: storage.volume_resize("backup/100/qemu-1", 1),
-               lambda: storage.volume_snapshot("backup/100/qemu-1", "s"),
-               lambda: storage.path("backup/100/qemu-1", "snap")):
+    for op in (
+        lambda: storage.alloc_image(100, "raw", None, 1),
+        lambda: storage.clone_image("backup/100/qemu-1", 101),
+        lambda: storage.volume_resize("backup/100/qemu-1", 1),
+        lambda: storage.volume_snapshot("backup/100/qemu-1", "s"),
+        lambda: storage.path("backup/100/qemu-1", "snap"),
+    ):
         with pytest.raises(StorageOperationError):
             op()
     with pytest.raises(StoreError, match="does not exist"):
@@ -362,8 +414,9 @@ def test_hostile_chain_is_never_served(tmp_path: Path) -> None:
     qemu.img_create(outside, 16 * MiB)
     qemu.io(outside, "write -P 0x99 0 16M")
     img = storage.store.backup_dir(storage.backup_id(volids[1])) / "drive-scsi0.qcow2"
-    qemu.run(["qemu-img", "rebase", "-u", "-f", "qcow2", "-b", str(outside), "-F", "qcow2",
-              str(img)])
+    qemu.run(
+        ["qemu-img", "rebase", "-u", "-f", "qcow2", "-b", str(outside), "-F", "qcow2", str(img)]
+    )
     provider = storage.new_backup_provider()
     volname = volids[1].split(":")[1]
     with pytest.raises(ImageError, match="outside the allowed directory"):
@@ -403,8 +456,16 @@ def test_seed_layout_store(tmp_path: Path) -> None:
     b1.mkdir(parents=True)
     b2.mkdir()
     guest = Guest(tmp_path, {"drive-scsi0": 8 * MiB})
-    qemu.run(["qemu-img", "convert", "-O", "qcow2", str(guest.disks[0].path),
-              str(b1 / "drive-scsi0.qcow2")])
+    qemu.run(
+        [
+            "qemu-img",
+            "convert",
+            "-O",
+            "qcow2",
+            str(guest.disks[0].path),
+            str(b1 / "drive-scsi0.qcow2"),
+        ]
+    )
     qemu.img_create(b2 / "drive-scsi0.qcow2", 8 * MiB, backing=str(b1 / "drive-scsi0.qcow2"))
     qemu.io(b2 / "drive-scsi0.qcow2", "write -P 0x5a 1M 1M", "write -z 3M 64k")
     guest.change("drive-scsi0", "write -P 0x5a 1M 1M", "write -z 3M 64k")
@@ -413,8 +474,10 @@ def test_seed_layout_store(tmp_path: Path) -> None:
     (gdir / "previous-info").write_text("1000 2000")
     storage = DirectoryStorage(STOREID, {"path": str(root)})
     listing = storage.list_volumes()
-    assert [v["volid"] for v in listing] == [f"{STOREID}:backup/100/qemu-1000",
-                                            f"{STOREID}:backup/100/qemu-2000"]
+    assert [v["volid"] for v in listing] == [
+        f"{STOREID}:backup/100/qemu-1000",
+        f"{STOREID}:backup/100/qemu-2000",
+    ]
     assert listing[1]["parent"] == f"{STOREID}:backup/100/qemu-1000"
     assert all(r.ok for r in storage.verify()), storage.verify()
     state = guest.snapshot()
@@ -443,4 +506,3 @@ def test_manifest_contents(tmp_path: Path) -> None:
     assert "drive-scsi0: incremental backup" in log.read_text()
     prev = PreviousInfo.parse(storage.store.previous_info_path(100).read_text())
     assert prev.devices["drive-scsi0"].backup == volids[1].split("/")[-1]
-

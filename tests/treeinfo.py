@@ -56,8 +56,7 @@ def _xattrs(path: bytes, keep: Callable[[str], bool]) -> tuple[tuple[str, bytes]
         names = os.listxattr(path, follow_symlinks=False)
     except OSError:
         return ()
-    return tuple(sorted((n, os.getxattr(path, n, follow_symlinks=False))
-                        for n in names if keep(n)))
+    return tuple(sorted((n, os.getxattr(path, n, follow_symlinks=False)) for n in names if keep(n)))
 
 
 def describe(
@@ -75,8 +74,14 @@ def describe(
         path = base + b"/" + rel if rel else base
         st = os.lstat(path)
         kind = KINDS[stat.S_IFMT(st.st_mode)]
-        entry = Entry(kind, stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid, int(st.st_mtime),
-                      xattrs=_xattrs(path, keep_xattr))
+        entry = Entry(
+            kind,
+            stat.S_IMODE(st.st_mode),
+            st.st_uid,
+            st.st_gid,
+            int(st.st_mtime),
+            xattrs=_xattrs(path, keep_xattr),
+        )
         if kind == "file":
             entry = replace(entry, size=st.st_size, sha256=_digest(path))
             inodes[rel] = (st.st_dev, st.st_ino)

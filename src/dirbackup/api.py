@@ -28,8 +28,16 @@ from typing import Any
 from dirbackup.store import VmType
 
 __all__ = [
-    "BackupInfo", "BackupProvider", "BitmapMode", "ContainerInfo", "IncrementalChoice",
-    "LogFunction", "Mechanism", "RestoreMechanism", "VmType", "VolumeInfo",
+    "BackupInfo",
+    "BackupProvider",
+    "BitmapMode",
+    "ContainerInfo",
+    "IncrementalChoice",
+    "LogFunction",
+    "Mechanism",
+    "RestoreMechanism",
+    "VmType",
+    "VolumeInfo",
 ]
 
 LogFunction = Callable[[str, str], None]

@@ -87,7 +87,10 @@ class V3Provider:
         return self._task_size.get(int(vmid), 0)
 
     def backup_vm(
-        self, vmid: int, guest_config: str, volumes: Mapping[str, Mapping[str, Any]],
+        self,
+        vmid: int,
+        guest_config: str,
+        volumes: Mapping[str, Mapping[str, Any]],
         info: Mapping[str, Any] | None,
     ) -> None:
         converted: dict[str, dict[str, Any]] = {}
@@ -105,7 +108,10 @@ class V3Provider:
             os.close(fd)
 
     def backup_container(
-        self, vmid: int, guest_config: str, exclude_patterns: Sequence[str],
+        self,
+        vmid: int,
+        guest_config: str,
+        exclude_patterns: Sequence[str],
         info: Mapping[str, Any],
     ) -> None:
         self.provider.backup_container(vmid, guest_config, exclude_patterns, info)
@@ -164,8 +170,12 @@ class FinalProvider(BackupProvider):
     """A v3 provider behind the final API names (for dirbackup.host)."""
 
     def __init__(self, v3: Any) -> None:
-        super().__init__(getattr(v3, "storage_plugin", None), getattr(v3, "scfg", None),
-                         getattr(v3, "storeid", ""), None)
+        super().__init__(
+            getattr(v3, "storage_plugin", None),
+            getattr(v3, "scfg", None),
+            getattr(v3, "storeid", ""),
+            None,
+        )
         self.v3 = v3
         self._start: dict[int, int] = {}
         self._bitmap_id: dict[int, Any] = {}

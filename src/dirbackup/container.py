@@ -376,12 +376,18 @@ def create_tar(
     _require_new_target(target, directory)
     fd = _create_new(target)
     try:
-        with Tool(argv, name="tar", log=logf, classify=_classify_tar,
-                  stdout=subprocess.PIPE) as tar:
+        with Tool(
+            argv, name="tar", log=logf, classify=_classify_tar, stdout=subprocess.PIPE
+        ) as tar:
             _widen_pipe(tar.stdout)
             try:
-                size, digest = _pump(tar.stdout, fd, bandwidth_limit=bandwidth_limit,
-                                     cancel_event=cancel_event, what=f"archiving {directory}")
+                size, digest = _pump(
+                    tar.stdout,
+                    fd,
+                    bandwidth_limit=bandwidth_limit,
+                    cancel_event=cancel_event,
+                    what=f"archiving {directory}",
+                )
             except _TargetWriteError as e:
                 raise ContainerError(f"cannot write {target}: {e.error.strerror}") from None
             returncode = tar.wait()
@@ -416,8 +422,13 @@ def squashfs_exclusions(
     logf = resolve_log(log)
     directory = Path(directory)
     _require_directory(directory)
-    argv = _tar_create_argv(directory, ["."], exclude_patterns, archive="/dev/null",
-                            extra=("--verbose", "--quoting-style=escape"))
+    argv = _tar_create_argv(
+        directory,
+        ["."],
+        exclude_patterns,
+        archive="/dev/null",
+        extra=("--verbose", "--quoting-style=escape"),
+    )
     with Tool(argv, name="tar", log=logf, stdout=subprocess.PIPE) as tar:
         excluded = excluded_entries(os.fsencode(directory), tar.stdout)
         returncode = tar.wait()
@@ -466,8 +477,7 @@ def _run_mksquashfs(
                 throttle = ProcessReadThrottle(tool.proc.pid, bandwidth_limit)
             except OSError as e:
                 if tool.proc.poll() is None:  # else it is already done: nothing to limit
-                    logf("warn", f"mksquashfs: bandwidth limit not applied: "
-                                 f"no I/O counters ({e})")
+                    logf("warn", f"mksquashfs: bandwidth limit not applied: no I/O counters ({e})")
         try:
             while tool.proc.poll() is None:
                 if throttle is not None:
@@ -629,8 +639,13 @@ def _verify_tar(path: Path, logf: LogFunc) -> None:
     GNU tar lists an archive cut at a member boundary without complaint; with
     --block-number it reports how the archive ended: '** Block of NULs **' for
     a proper end, '** End of File **' for a truncated one."""
-    argv = ["tar", "--list", "--block-number", "--quoting-style=escape",
-            f"--file={os.fspath(path)}"]
+    argv = [
+        "tar",
+        "--list",
+        "--block-number",
+        "--quoting-style=escape",
+        f"--file={os.fspath(path)}",
+    ]
     last = b""
     with Tool(argv, name="tar", log=logf, stdout=subprocess.PIPE) as tar:
         for line in tar.stdout:
@@ -662,4 +677,3 @@ def verify_archive(path: Path, *, log: LogFunc | None = None) -> None:
     path = Path(path)
     kind = _archive_kind(path)
     (_verify_tar if kind == "tar" else _verify_squashfs)(path, logf)
-

@@ -160,15 +160,35 @@ class Host:
         p = self.provider
         p.job_init(start)
         try:
-            return self._backup_vm(p, vmid, disks, config, firewall, bandwidth_limit, notes,
-                                   protected, start, began, mechanism)
+            return self._backup_vm(
+                p,
+                vmid,
+                disks,
+                config,
+                firewall,
+                bandwidth_limit,
+                notes,
+                protected,
+                start,
+                began,
+                mechanism,
+            )
         finally:
             p.job_cleanup()
 
     def _backup_vm(
-        self, p: BackupProvider, vmid: int, disks: Sequence[Disk], config: str,
-        firewall: str | None, bwlimit: int, notes: str | None, protected: bool, start: int,
-        began: float, mechanism_override: str | None,
+        self,
+        p: BackupProvider,
+        vmid: int,
+        disks: Sequence[Disk],
+        config: str,
+        firewall: str | None,
+        bwlimit: int,
+        notes: str | None,
+        protected: bool,
+        start: int,
+        began: float,
+        mechanism_override: str | None,
     ) -> BackupReport:
         archive = p.backup_init(vmid, VmType.QEMU, start)["archive-name"]
         volid = f"{self.storeid}:backup/{archive}"
@@ -255,8 +275,10 @@ class Host:
                 qemu.bitmap(d.path, "add", name)
                 modes[d.device] = BitmapMode.NEW
                 if choice == "use":
-                    self.log("info", f"{d.device}: dirty bitmap missing or inconsistent; "
-                                     "recreated, full backup")
+                    self.log(
+                        "info",
+                        f"{d.device}: dirty bitmap missing or inconsistent; recreated, full backup",
+                    )
             else:
                 modes[d.device] = BitmapMode.NONE
         return modes
@@ -271,8 +293,13 @@ class Host:
     # -- snapshot access
 
     def _snapshot_access(
-        self, stack: contextlib.ExitStack, rundir: Path, disks: Sequence[Disk],
-        modes: Mapping[str, BitmapMode], sizes: Mapping[str, Mapping[str, int]], mechanism: str,
+        self,
+        stack: contextlib.ExitStack,
+        rundir: Path,
+        disks: Sequence[Disk],
+        modes: Mapping[str, BitmapMode],
+        sizes: Mapping[str, Mapping[str, int]],
+        mechanism: str,
     ) -> dict[str, dict[str, Any]]:
         name = bitmap_name(self.storeid)
         volumes: dict[str, dict[str, Any]] = {}
@@ -281,8 +308,13 @@ class Host:
             mode = modes[d.device]
             sock = socket if mechanism == "nbd" and len(disks) == 1 else rundir / f"nbd{i}.sock"
             server = qemu.start_nbd(
-                d.path, str(sock), export=d.device, fmt=d.format, readonly=True,
-                bitmap=name if mode == BitmapMode.REUSE else None)
+                d.path,
+                str(sock),
+                export=d.device,
+                fmt=d.format,
+                readonly=True,
+                bitmap=name if mode == BitmapMode.REUSE else None,
+            )
             stack.callback(server.stop)
             vol: dict[str, Any] = {"size": sizes[d.device]["size"], "bitmap-mode": str(mode)}
             if mechanism == "nbd":
@@ -298,7 +330,8 @@ class Host:
                 stack.callback(os.close, fd)
                 vol["file-handle"] = fd
                 vol["next-dirty-region"] = _dirty_iterator(
-                    server.uri, name if mode == BitmapMode.REUSE else None, vol["size"])
+                    server.uri, name if mode == BitmapMode.REUSE else None, vol["size"]
+                )
             volumes[d.device] = vol
         return volumes
 
@@ -335,8 +368,10 @@ class Host:
                 if mechanism != "directory":
                     raise HostError(f"provider chose unknown container mechanism {mechanism!r}")
                 info: dict[str, Any] = {
-                    "directory": str(rootfs), "sources": ["."],
-                    "backup-user-id": os.geteuid(), "bandwidth-limit": bandwidth_limit,
+                    "directory": str(rootfs),
+                    "sources": ["."],
+                    "backup-user-id": os.geteuid(),
+                    "bandwidth-limit": bandwidth_limit,
                 }
                 if firewall is not None:
                     info["firewall-config"] = firewall
@@ -385,20 +420,36 @@ class Host:
         try:
             unknown = sorted(set(targets) - set(sizes))
             if unknown:
-                raise HostError(f"backup {volid} has no disk {', '.join(unknown)} "
-                                f"(it has: {', '.join(sorted(sizes)) or 'none'})")
+                raise HostError(
+                    f"backup {volid} has no disk {', '.join(unknown)} "
+                    f"(it has: {', '.join(sorted(sizes)) or 'none'})"
+                )
             for device, target in targets.items():
                 report.devices[device] = self._restore_disk(
-                    p, volname, device, int(sizes[device]["size"]), Path(target),
-                    target_format, engine, force)
+                    p,
+                    volname,
+                    device,
+                    int(sizes[device]["size"]),
+                    Path(target),
+                    target_format,
+                    engine,
+                    force,
+                )
         finally:
             p.restore_vm_cleanup(volname)
         report.seconds = time.monotonic() - began
         return report
 
     def _restore_disk(
-        self, p: BackupProvider, volname: str, device: str, size: int, target: Path,
-        target_format: str, engine: RestoreEngine, force: bool,
+        self,
+        p: BackupProvider,
+        volname: str,
+        device: str,
+        size: int,
+        target: Path,
+        target_format: str,
+        engine: RestoreEngine,
+        force: bool,
     ) -> copy.CopyStats | None:
         if target_format not in ("raw", "qcow2"):
             raise HostError(f"unknown target format {target_format!r} (raw or qcow2)")
@@ -411,30 +462,54 @@ class Host:
         if engine == RestoreEngine.OURS and open_chain is not None:
             with open_chain(volname, device) as chain:
                 return self._write_target(
-                    target, size, target_format, blockdev,
-                    lambda t: qcow2.restore(chain, t, progress=self.progress))
+                    target,
+                    size,
+                    target_format,
+                    blockdev,
+                    lambda t: qcow2.restore(chain, t, progress=self.progress),
+                )
         path = p.restore_vm_volume_init(volname, device, {})["qemu-img-path"]
         try:
             if engine == RestoreEngine.QEMU_IMG:
                 if not blockdev:
                     target.unlink(missing_ok=True)
-                qemu.run(["qemu-img", "convert", "-f", "raw", "-O", target_format,
-                          *(["-n"] if blockdev else []), path, str(target)], timeout=None)
+                qemu.run(
+                    [
+                        "qemu-img",
+                        "convert",
+                        "-f",
+                        "raw",
+                        "-O",
+                        target_format,
+                        *(["-n"] if blockdev else []),
+                        path,
+                        str(target),
+                    ],
+                    timeout=None,
+                )
                 return None
             fd = os.open(path, os.O_RDONLY)
             try:
                 source = copy.FileSource(fd, path)
                 whole = extents.from_pairs([(0, size)])
                 return self._write_target(
-                    target, size, target_format, blockdev,
-                    lambda t: copy.copy_regions(source, t, whole, progress=self.progress))
+                    target,
+                    size,
+                    target_format,
+                    blockdev,
+                    lambda t: copy.copy_regions(source, t, whole, progress=self.progress),
+                )
             finally:
                 os.close(fd)
         finally:
             p.restore_vm_volume_cleanup(volname, device, {})
 
     def _write_target(
-        self, target: Path, size: int, target_format: str, blockdev: bool,
+        self,
+        target: Path,
+        size: int,
+        target_format: str,
+        blockdev: bool,
         run: Callable[[Any], copy.CopyStats],
     ) -> copy.CopyStats:
         if target_format == "qcow2":
@@ -554,4 +629,3 @@ def _dirty_iterator(uri: str, bitmap: str | None, size: int) -> Callable[[], Any
         regions = [(int(o), int(n)) for o, n, _ in dirty]
     it = iter(regions)
     return lambda: next(it, None)
-

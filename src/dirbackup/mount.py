@@ -128,9 +128,17 @@ class SquashfsMount:
 
     def _mount_loop(self) -> None:
         run_tool(
-            ["mount", "-t", "squashfs", "-o", f"{_MOUNT_OPTIONS},loop",
-             os.path.abspath(self.image), self._real],
-            name="mount", log=self._log,
+            [
+                "mount",
+                "-t",
+                "squashfs",
+                "-o",
+                f"{_MOUNT_OPTIONS},loop",
+                os.path.abspath(self.image),
+                self._real,
+            ],
+            name="mount",
+            log=self._log,
         )
         self.method = "loop"
 
@@ -140,19 +148,25 @@ class SquashfsMount:
             program = shutil.which("squashfuse")
             if program is None:
                 raise ContainerError("squashfuse is not installed")
-            self._log("warn", "squashfuse_ll not found: hard links in the image will "
-                              "look like separate files")
+            self._log(
+                "warn",
+                "squashfuse_ll not found: hard links in the image will look like separate files",
+            )
         run_tool(
             [program, "-o", _MOUNT_OPTIONS, os.path.abspath(self.image), self._real],
-            name=os.path.basename(program), log=self._log,
+            name=os.path.basename(program),
+            log=self._log,
         )
         self.method = "fuse"
         version = fuse_version(program)
         self.xattr_namespaces_swapped = version is not None and version < (0, 2)
         if self.xattr_namespaces_swapped:
-            self._log("warn", f"{os.path.basename(program)} {'.'.join(map(str, version or ()))} "
-                              "shows security.* xattrs as trusted.* and the reverse (fixed in "
-                              "squashfuse 0.2.0): file capabilities read from this mount are wrong")
+            self._log(
+                "warn",
+                f"{os.path.basename(program)} {'.'.join(map(str, version or ()))} "
+                "shows security.* xattrs as trusted.* and the reverse (fixed in "
+                "squashfuse 0.2.0): file capabilities read from this mount are wrong",
+            )
 
     def mount(self) -> Path:
         """Mount the image; return the mount point.  ContainerError if neither way works."""

@@ -165,8 +165,9 @@ class DirectoryBackupProvider(BackupProvider):
                 self.log("info", f"removed leftover {name} of an interrupted backup")
             bid = self.store.new_backup_id(vmid, kind, int(start_time))
             if bid.epoch != int(start_time):
-                self.log("info", f"a backup of guest {vmid} exists for {start_time}; "
-                                 f"using {bid.epoch}")
+                self.log(
+                    "info", f"a backup of guest {vmid} exists for {start_time}; using {bid.epoch}"
+                )
             self.store.begin(bid)
         except BaseException:
             stack.close()
@@ -282,8 +283,7 @@ class DirectoryBackupProvider(BackupProvider):
             image = self.store.partial_dir(g.bid) / disk_file(device)
             backing = os.path.relpath(base[1], image.parent) if base else None
             mode = "incremental" if base else "full"
-            self.log("info", f"{device}: {mode} backup of {_human(size)}, "
-                             f"{_human(dirty)} to read")
+            self.log("info", f"{device}: {mode} backup of {_human(size)}, {_human(dirty)} to read")
             options = copy.CopyOptions(
                 request_size=self.copy_options.request_size,
                 workers=self.copy_options.workers,
@@ -295,18 +295,25 @@ class DirectoryBackupProvider(BackupProvider):
             )
             with qcow2.Writer(image, size, cluster, backing=backing) as writer:
                 stats = copy.copy_regions(
-                    source, writer, regions, options,
+                    source,
+                    writer,
+                    regions,
+                    options,
                     progress=self._progress_logger(device),
-                    digest_size=size, digest_zero=writer.records_zero,
+                    digest_size=size,
+                    digest_zero=writer.records_zero,
                 )
                 writer.finish()
         finally:
             nbd.close_all(handles)
         if stats.discard_note:
             self.log("info", f"{device}: {stats.discard_note}")
-        self.log("info", f"{device}: read {_human(stats.read_bytes)}, wrote "
-                         f"{_human(stats.written_bytes)} ({_human(stats.zero_bytes)} zero) in "
-                         f"{stats.seconds:.1f} s, {_human(stats.rate)}/s")
+        self.log(
+            "info",
+            f"{device}: read {_human(stats.read_bytes)}, wrote "
+            f"{_human(stats.written_bytes)} ({_human(stats.zero_bytes)} zero) in "
+            f"{stats.seconds:.1f} s, {_human(stats.rate)}/s",
+        )
         return DiskRecord(
             file=image.name,
             size=size,
@@ -337,8 +344,9 @@ class DirectoryBackupProvider(BackupProvider):
         try:
             export_size = handles[0].get_size()
             if export_size != vol.size:
-                raise DirbackupError(f"{device}: the export has {export_size} bytes, "
-                                     f"the hypervisor said {vol.size}")
+                raise DirbackupError(
+                    f"{device}: the export has {export_size} bytes, the hypervisor said {vol.size}"
+                )
             if incremental:
                 nbd.require_context(handles[0], context)
                 regions = extents.dirty(extents.block_status(handles[0], context))
@@ -356,8 +364,10 @@ class DirectoryBackupProvider(BackupProvider):
         for offset, length in vol.dirty_regions():
             offset, length = int(offset), int(length)
             if offset < 0 or length <= 0 or offset + length > vol.size:
-                raise DirbackupError(f"{device}: next-dirty-region returned ({offset}, {length}) "
-                                     f"outside the disk of {vol.size} bytes")
+                raise DirbackupError(
+                    f"{device}: next-dirty-region returned ({offset}, {length}) "
+                    f"outside the disk of {vol.size} bytes"
+                )
             pairs.append((offset, length))
         pairs.sort()
         return extents.coalesce(extents.from_pairs(pairs, 1))
@@ -366,8 +376,11 @@ class DirectoryBackupProvider(BackupProvider):
         def report(s: copy.CopyStats) -> None:
             if s.total_bytes and s.done_bytes < s.total_bytes:
                 pct = 100.0 * s.done_bytes / s.total_bytes
-                self.log("info", f"{device}: {pct:.0f}% ({_human(s.done_bytes)} of "
-                                 f"{_human(s.total_bytes)}), {_human(s.rate)}/s")
+                self.log(
+                    "info",
+                    f"{device}: {pct:.0f}% ({_human(s.done_bytes)} of "
+                    f"{_human(s.total_bytes)}), {_human(s.rate)}/s",
+                )
 
         return report
 
@@ -429,16 +442,28 @@ class DirectoryBackupProvider(BackupProvider):
         mode = str(self.storage_plugin.lxc_backup_mode())
         if mode == "squashfs":
             result = container.create_squashfs(
-                directory, part / SQUASHFS_ARCHIVE, exclude_patterns=list(exclude_patterns),
-                bandwidth_limit=cinfo.bandwidth_limit, log=self.log_function)
+                directory,
+                part / SQUASHFS_ARCHIVE,
+                exclude_patterns=list(exclude_patterns),
+                bandwidth_limit=cinfo.bandwidth_limit,
+                log=self.log_function,
+            )
         else:
             result = container.create_tar(
-                directory, part / TAR_ARCHIVE, sources=list(cinfo.sources),
+                directory,
+                part / TAR_ARCHIVE,
+                sources=list(cinfo.sources),
                 exclude_patterns=list(exclude_patterns),
-                bandwidth_limit=cinfo.bandwidth_limit, log=self.log_function)
+                bandwidth_limit=cinfo.bandwidth_limit,
+                log=self.log_function,
+            )
         g.files[result.path.name] = FileRecord(result.size, result.sha256)
-        write_atomic(part / CONTAINER_RESULT, json.dumps(
-            {name: {"size": rec.size, "sha256": rec.sha256} for name, rec in g.files.items()}))
+        write_atomic(
+            part / CONTAINER_RESULT,
+            json.dumps(
+                {name: {"size": rec.size, "sha256": rec.sha256} for name, rec in g.files.items()}
+            ),
+        )
         self.log("info", f"archive {result.path.name}: {_human(result.size)}")
 
     # ------------------------------------------------------------------ backup: end
@@ -555,8 +580,10 @@ class DirectoryBackupProvider(BackupProvider):
         check_device_name(device)
         if manifest is not None:
             if device not in manifest.disks:
-                raise StoreError(f"backup {volname} has no disk {device!r} "
-                                 f"(it has: {', '.join(sorted(manifest.disks)) or 'none'})")
+                raise StoreError(
+                    f"backup {volname} has no disk {device!r} "
+                    f"(it has: {', '.join(sorted(manifest.disks)) or 'none'})"
+                )
             image = path / manifest.disks[device].file
         else:
             image = path / disk_file(device)
@@ -576,8 +603,13 @@ class DirectoryBackupProvider(BackupProvider):
             self._restores[key] = job
             try:
                 job.server = qemu.start_nbd(
-                    None, str(rundir / "nbd.sock"), export=device_name, fmt=None,
-                    image_opts=chain.image_opts(), shared=4)
+                    None,
+                    str(rundir / "nbd.sock"),
+                    export=device_name,
+                    fmt=None,
+                    image_opts=chain.image_opts(),
+                    shared=4,
+                )
                 job.mountpoint = rundir / "fuse"
                 job.mountpoint.mkdir()
                 job.fuse = qemu.start_nbdfuse(job.mountpoint, device_name, job.server.uri)
@@ -642,9 +674,7 @@ def _cluster_size_for(regions: extents.Extents, size: int) -> int:
     if regions.shape[0]:
         bounds = np.concatenate([regions[:, 0], regions[:, 0] + regions[:, 1]])
         bounds = bounds[bounds != np.uint64(size)]
-        while cluster > MIN_CLUSTER and bounds.size and bool(
-            (bounds % np.uint64(cluster)).any()
-        ):
+        while cluster > MIN_CLUSTER and bounds.size and bool((bounds % np.uint64(cluster)).any()):
             cluster //= 2
     return cluster
 

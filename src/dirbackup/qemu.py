@@ -258,7 +258,8 @@ class FuseFile:
             self.process.kill()
             self.process.wait()
             subprocess.run(
-                ["fusermount3", "-u", "-z", str(self.mountpoint)], capture_output=True,
+                ["fusermount3", "-u", "-z", str(self.mountpoint)],
+                capture_output=True,
                 check=False,
             )
 
@@ -270,7 +271,9 @@ def start_nbdfuse(mountpoint: Path, filename: str, uri: str, timeout: float = 30
     try:
         proc = subprocess.Popen(
             ["nbdfuse", "-r", "-P", str(pidfile), f"{mountpoint}/{filename}", uri],
-            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            start_new_session=True,
         )
     except FileNotFoundError:
         raise ToolError("nbdfuse is not installed (Debian package libnbd-bin)") from None

@@ -87,8 +87,17 @@ class StorageConfig:
         """Build from a PVE-style hash (`{'path': ..., 'vm-backup-mode': ...}`),
         rejecting unknown options and values with a clear message."""
         known = {
-            "path", "vm-backup-mode", "vm-backup-mechanism", "lxc-backup-mode", "prune-backups",
-            "max-protected-backups", "disable", "nodes", "type", "content", "shared",
+            "path",
+            "vm-backup-mode",
+            "vm-backup-mechanism",
+            "lxc-backup-mode",
+            "prune-backups",
+            "max-protected-backups",
+            "disable",
+            "nodes",
+            "type",
+            "content",
+            "shared",
         }
         unknown = set(scfg) - known
         if unknown:
@@ -132,8 +141,13 @@ class PruneEntry:
     mark: Mark
 
     def as_dict(self) -> dict[str, Any]:
-        return {"volid": self.volid, "type": self.type, "ctime": self.ctime,
-                "vmid": self.vmid, "mark": str(self.mark)}
+        return {
+            "volid": self.volid,
+            "type": self.type,
+            "ctime": self.ctime,
+            "vmid": self.vmid,
+            "mark": str(self.mark),
+        }
 
 
 @dataclass(frozen=True)
@@ -186,19 +200,22 @@ class DirectoryStorage:
                 "description": "full: always full VM backups; incremental: qcow2 images backed by "
                 "the previous backup, holding what the dirty bitmap says changed (full when "
                 "there is nothing to build on).",
-                "type": "string", "enum": [m.value for m in VmBackupMode],
+                "type": "string",
+                "enum": [m.value for m in VmBackupMode],
                 "default": VmBackupMode.INCREMENTAL.value,
             },
             "vm-backup-mechanism": {
                 "description": "nbd: read disks through NBD exports; file-handle: through file "
                 "descriptors (`block-device` is accepted as the old name).",
-                "type": "string", "enum": [m.value for m in VmBackupMechanism],
+                "type": "string",
+                "enum": [m.value for m in VmBackupMechanism],
                 "default": VmBackupMechanism.NBD.value,
             },
             "lxc-backup-mode": {
                 "description": "tar: a GNU tar archive; squashfs: a squashfs image (restored "
                 "through the directory mechanism).",
-                "type": "string", "enum": [m.value for m in LxcBackupMode],
+                "type": "string",
+                "enum": [m.value for m in LxcBackupMode],
                 "default": LxcBackupMode.TAR.value,
             },
         }
@@ -227,8 +244,9 @@ class DirectoryStorage:
         """A BackupId from a volid or volume name of this storage."""
         storeid, volname = split_volid(volume)
         if storeid is not None and storeid != self.storeid:
-            raise StoreError(f"volume {volume!r} belongs to storage {storeid!r}, "
-                             f"not {self.storeid!r}")
+            raise StoreError(
+                f"volume {volume!r} belongs to storage {storeid!r}, not {self.storeid!r}"
+            )
         return BackupId.parse(volname)
 
     def path(self, volname: str, snapname: str | None = None) -> tuple[str, int, str]:
@@ -326,18 +344,20 @@ class DirectoryStorage:
             size, _used = dir_usage(entry.path)
             parent = self.parent_of(entry)
             m = entry.manifest
-            out.append({
-                "volid": entry.id.volid(self.storeid),
-                "vmid": entry.id.vmid,
-                "format": "directory",
-                "size": size,
-                "ctime": entry.id.epoch,
-                "subtype": str(entry.id.vmtype),
-                "content": "backup",
-                "notes": m.notes if m else "",
-                "protected": bool(m.protected) if m else False,
-                "parent": parent.volid(self.storeid) if parent else None,
-            })
+            out.append(
+                {
+                    "volid": entry.id.volid(self.storeid),
+                    "vmid": entry.id.vmid,
+                    "format": "directory",
+                    "size": size,
+                    "ctime": entry.id.epoch,
+                    "subtype": str(entry.id.vmtype),
+                    "content": "backup",
+                    "notes": m.notes if m else "",
+                    "protected": bool(m.protected) if m else False,
+                    "parent": parent.volid(self.storeid) if parent else None,
+                }
+            )
         return out
 
     def list_images(self, vmid: int | None = None) -> list[dict[str, Any]]:
@@ -414,8 +434,13 @@ class DirectoryStorage:
 
     def _legacy_manifest(self, entry: BackupEntry) -> Manifest:
         mode = "container" if entry.id.vmtype == VmType.LXC else "full"
-        return Manifest(vmid=entry.id.vmid, vmtype=str(entry.id.vmtype), ctime=entry.id.epoch,
-                        mode=mode, legacy=True)
+        return Manifest(
+            vmid=entry.id.vmid,
+            vmtype=str(entry.id.vmtype),
+            ctime=entry.id.epoch,
+            mode=mode,
+            legacy=True,
+        )
 
     # ---------------------------------------------------------------- removal
 
@@ -479,8 +504,11 @@ class DirectoryStorage:
                 )
         if m is not None:
             parents = [d.parent for d in m.disks.values() if d.parent]
-            m = replace(m, parent=max(parents) if parents else None,
-                        mode="incremental" if parents else m.mode)
+            m = replace(
+                m,
+                parent=max(parents) if parents else None,
+                mode="incremental" if parents else m.mode,
+            )
             self.store.write_manifest(child.id, m)
 
     def prune_backups(
@@ -512,13 +540,20 @@ class DirectoryStorage:
         result: list[PruneEntry] = []
         for (gvmid, gtype), entries in sorted(groups.items()):
             marks = mark(
-                [PruneCandidate(e.id.volname, e.id.epoch,
-                                bool(e.manifest and e.manifest.protected)) for e in entries],
+                [
+                    PruneCandidate(
+                        e.id.volname, e.id.epoch, bool(e.manifest and e.manifest.protected)
+                    )
+                    for e in entries
+                ],
                 rules,
             )
             for e in sorted(entries, key=lambda e: -e.id.epoch):
-                result.append(PruneEntry(e.id.volid(self.storeid), gtype, e.id.epoch, gvmid,
-                                         marks[e.id.volname]))
+                result.append(
+                    PruneEntry(
+                        e.id.volid(self.storeid), gtype, e.id.epoch, gvmid, marks[e.id.volname]
+                    )
+                )
         if not dryrun:
             for gvmid in sorted({e.vmid for e in result}):
                 doomed = [p for p in result if p.vmid == gvmid and p.mark == Mark.REMOVE]
@@ -562,8 +597,10 @@ class DirectoryStorage:
             try:
                 with qcow2.Chain(image, gdir) as chain:
                     if chain.virtual_size != disk.size:
-                        problems.append(f"{device}: virtual size {chain.virtual_size} differs "
-                                        f"from the manifest's {disk.size}")
+                        problems.append(
+                            f"{device}: virtual size {chain.virtual_size} differs "
+                            f"from the manifest's {disk.size}"
+                        )
                     if disk.parent:
                         want = self.store.backup_dir(BackupId.parse(disk.parent)).resolve()
                         if chain.depth < 2 or Path(chain.paths[1]).parent != want:
@@ -575,8 +612,10 @@ class DirectoryStorage:
                 if digest_map(digests) != disk.digests:
                     bad = sorted(set(digest_map(digests).items()) ^ set(disk.digests.items()))
                     first = int(bad[0][0]) * disk.digest_chunk if bad else 0
-                    problems.append(f"{device}: data does not match its digests "
-                                    f"(first difference in the chunk at offset {first})")
+                    problems.append(
+                        f"{device}: data does not match its digests "
+                        f"(first difference in the chunk at offset {first})"
+                    )
                 checked += image.stat().st_size
             except (DirbackupError, OSError) as exc:
                 problems.append(f"{device}: {exc}")

@@ -173,8 +173,11 @@ class Tool:
         The first warning that is not a generic trailer (`ignore` substrings, e.g.
         tar's "Exiting with failure status") is the cause in practice."""
         cause = next(
-            (m.text for m in self.messages
-             if m.level == "warn" and not any(s in m.text for s in ignore)),
+            (
+                m.text
+                for m in self.messages
+                if m.level == "warn" and not any(s in m.text for s in ignore)
+            ),
             None,
         )
         status = describe_status(returncode)
