@@ -122,7 +122,7 @@ class Host:
         *,
         log: LogFunction | None = None,
         provider: BackupProvider | None = None,
-        progress: copy.Progress | None = None,
+        progress: Callable[[str, copy.CopyStats], None] | None = None,
     ) -> None:
         self.storage = storage
         self.storeid = storeid
@@ -458,6 +458,13 @@ class Host:
             raise HostError(f"restore target {target} exists; use --force to overwrite it")
         if blockdev and target_format != "raw":
             raise HostError(f"{target} is a block device: only raw restores go there")
+        progress = None
+        if self.progress is not None:
+            report = self.progress
+
+            def progress(stats: copy.CopyStats) -> None:
+                report(device, stats)
+
         open_chain = getattr(p, "open_chain", None)
         if engine == RestoreEngine.OURS and open_chain is not None:
             with open_chain(volname, device) as chain:
@@ -466,7 +473,7 @@ class Host:
                     size,
                     target_format,
                     blockdev,
-                    lambda t: qcow2.restore(chain, t, progress=self.progress),
+                    lambda t: qcow2.restore(chain, t, progress=progress),
                 )
         path = p.restore_vm_volume_init(volname, device, {})["qemu-img-path"]
         try:
@@ -497,7 +504,7 @@ class Host:
                     size,
                     target_format,
                     blockdev,
-                    lambda t: copy.copy_regions(source, t, whole, progress=self.progress),
+                    lambda t: copy.copy_regions(source, t, whole, progress=progress),
                 )
             finally:
                 os.close(fd)

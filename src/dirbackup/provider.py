@@ -33,7 +33,7 @@ import os
 import shutil
 import tempfile
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -76,20 +76,14 @@ from dirbackup.store import (
     sha256_file,
     write_atomic,
 )
+from dirbackup.units import human
 
 DEFAULT_CLUSTER = 64 * 1024
 MIN_CLUSTER = 512
 DIGEST_CHUNK = 16 << 20
 CONTAINER_RESULT = ".container-result.json"
 PROGRESS_INTERVAL = 10.0
-
-
-def _human(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024 or unit == "TiB":
-            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
-        n /= 1024
-    return f"{n:.1f} TiB"
+DeviceProgress = Callable[[str, copy.CopyStats], None]
 
 
 @dataclass
@@ -127,8 +121,12 @@ class DirectoryBackupProvider(BackupProvider):
         *,
         lock_timeout: float = 60.0,
         copy_options: copy.CopyOptions | None = None,
+        progress: DeviceProgress | None = None,
     ) -> None:
+        """`progress(device, stats)` is called a few times a second while a disk
+        is copied (for progress bars); the log gets a line every 10 s."""
         super().__init__(storage_plugin, scfg, storeid, log)
+        self.progress = progress
         self.store = Store(scfg.path)
         self.lock_timeout = lock_timeout
         self.copy_options = copy_options or copy.CopyOptions()
@@ -283,7 +281,7 @@ class DirectoryBackupProvider(BackupProvider):
             image = self.store.partial_dir(g.bid) / disk_file(device)
             backing = os.path.relpath(base[1], image.parent) if base else None
             mode = "incremental" if base else "full"
-            self.log("info", f"{device}: {mode} backup of {_human(size)}, {_human(dirty)} to read")
+            self.log("info", f"{device}: {mode} backup of {human(size)}, {human(dirty)} to read")
             options = copy.CopyOptions(
                 request_size=self.copy_options.request_size,
                 workers=self.copy_options.workers,
@@ -291,7 +289,7 @@ class DirectoryBackupProvider(BackupProvider):
                 discard=True,
                 bandwidth_limit=bwlimit,
                 digest_chunk=DIGEST_CHUNK,
-                progress_interval=PROGRESS_INTERVAL,
+                progress_interval=0.25 if self.progress else PROGRESS_INTERVAL,
             )
             with qcow2.Writer(image, size, cluster, backing=backing) as writer:
                 stats = copy.copy_regions(
@@ -310,9 +308,9 @@ class DirectoryBackupProvider(BackupProvider):
             self.log("info", f"{device}: {stats.discard_note}")
         self.log(
             "info",
-            f"{device}: read {_human(stats.read_bytes)}, wrote "
-            f"{_human(stats.written_bytes)} ({_human(stats.zero_bytes)} zero) in "
-            f"{stats.seconds:.1f} s, {_human(stats.rate)}/s",
+            f"{device}: read {human(stats.read_bytes)}, wrote "
+            f"{human(stats.written_bytes)} ({human(stats.zero_bytes)} zero) in "
+            f"{stats.seconds:.1f} s, {human(stats.rate)}/s",
         )
         return DiskRecord(
             file=image.name,
@@ -378,8 +376,8 @@ class DirectoryBackupProvider(BackupProvider):
                 pct = 100.0 * s.done_bytes / s.total_bytes
                 self.log(
                     "info",
-                    f"{device}: {pct:.0f}% ({_human(s.done_bytes)} of "
-                    f"{_human(s.total_bytes)}), {_human(s.rate)}/s",
+                    f"{device}: {pct:.0f}% ({human(s.done_bytes)} of "
+                    f"{human(s.total_bytes)}), {human(s.rate)}/s",
                 )
 
         return report
@@ -464,7 +462,7 @@ class DirectoryBackupProvider(BackupProvider):
                 {name: {"size": rec.size, "sha256": rec.sha256} for name, rec in g.files.items()}
             ),
         )
-        self.log("info", f"archive {result.path.name}: {_human(result.size)}")
+        self.log("info", f"archive {result.path.name}: {human(result.size)}")
 
     # ------------------------------------------------------------------ backup: end
 

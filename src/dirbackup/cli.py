@@ -1,0 +1,550 @@
+"""The `dirbackup` command line: back up and restore disk images and
+container directories into a dirbackup store, and manage the store.
+
+Exit status: 0 on success, 1 with a one-line `error: ...` on stderr for an
+operational error (a traceback only with --debug), 2 for usage errors, 130
+when interrupted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+from dirbackup import __version__
+from dirbackup.errors import DirbackupError
+from dirbackup.host import Disk, Host, RestoreEngine
+from dirbackup.progress import ProgressBar
+from dirbackup.provider import DirectoryBackupProvider
+from dirbackup.storage import DirectoryStorage
+from dirbackup.store import BackupId, VmType, split_volid
+from dirbackup.units import human, parse_size
+
+DEFAULT_STOREID = "dirbackup"
+
+
+class UsageError(Exception):
+    """A mistake in the command line itself (exit status 2)."""
+
+
+# ---------------------------------------------------------------------- parsing
+
+
+def _pair(text: str) -> tuple[str, str]:
+    dev, sep, path = text.partition("=")
+    if not sep or not dev or not path:
+        raise argparse.ArgumentTypeError(f"expected DEV=PATH, got {text!r}")
+    return dev, path
+
+
+def _size(text: str) -> int:
+    try:
+        return parse_size(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _vmid(text: str) -> int:
+    if not text.isdigit() or not 0 < int(text) <= 999_999_999:
+        raise argparse.ArgumentTypeError(f"invalid guest id {text!r} (a positive number)")
+    return int(text)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser (also used to render --help)."""
+    p = argparse.ArgumentParser(
+        prog="dirbackup",
+        description="Back up QEMU disk images and container directories into a plain "
+        "directory (full and incremental qcow2 images, tar or squashfs archives), "
+        "and restore them.",
+        epilog="Volumes (VOLID) may be written STOREID:backup/100/qemu-1700000000, "
+        "backup/100/qemu-1700000000 or 100/qemu-1700000000.",
+    )
+    p.add_argument("--version", action="version", version=f"dirbackup {__version__}")
+    p.add_argument("--debug", action="store_true", help="show tracebacks of errors")
+    p.add_argument("-v", "--verbose", action="store_true", help="print the backup log as it goes")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    def store_args(sp: argparse.ArgumentParser) -> None:
+        sp.add_argument(
+            "--store",
+            required=True,
+            metavar="DIR",
+            type=Path,
+            help="the backup store directory (must exist)",
+        )
+        sp.add_argument(
+            "--storeid",
+            default=DEFAULT_STOREID,
+            metavar="NAME",
+            help=f"storage id used in volume ids (default: {DEFAULT_STOREID})",
+        )
+
+    b = sub.add_parser(
+        "backup",
+        help="back up a VM's disks or a container's root directory",
+        description="Back up a VM (--disk, one per disk: raw or qcow2 image files or block "
+        "devices) or a container (--rootfs).  qcow2 disks get a persistent dirty bitmap, so "
+        "the next backup only reads what changed.",
+    )
+    store_args(b)
+    b.add_argument("--vmid", required=True, type=_vmid, metavar="ID", help="guest id")
+    what = b.add_mutually_exclusive_group(required=True)
+    what.add_argument(
+        "--disk",
+        action="append",
+        type=_pair,
+        metavar="DEV=PATH",
+        help="a disk to back up, e.g. drive-scsi0=/var/lib/vm/disk.qcow2",
+    )
+    what.add_argument(
+        "--rootfs", type=Path, metavar="DIR", help="a container's root file system to back up"
+    )
+    b.add_argument("--config", type=Path, metavar="FILE", help="guest configuration to store")
+    b.add_argument("--firewall", type=Path, metavar="FILE", help="firewall config to store")
+    b.add_argument(
+        "--mode",
+        choices=["incremental", "full"],
+        default="incremental",
+        help="incremental (default; full when there is nothing to build on) or full",
+    )
+    b.add_argument(
+        "--mechanism",
+        choices=["nbd", "file-handle"],
+        default="nbd",
+        help="how disks are read: NBD exports (default) or nbdfuse file handles",
+    )
+    b.add_argument(
+        "--bwlimit",
+        type=_size,
+        default=0,
+        metavar="BYTES_PER_S",
+        help="bandwidth limit in bytes per second (suffixes K, M, G allowed)",
+    )
+    b.add_argument(
+        "--exclude",
+        action="append",
+        default=[],
+        metavar="PATTERN",
+        help="container: exclude paths matching PATTERN (leading / anchors at "
+        "the root); may be repeated",
+    )
+    b.add_argument(
+        "--lxc-mode",
+        choices=["tar", "squashfs"],
+        default="tar",
+        help="container archive format (default: tar)",
+    )
+    b.add_argument("--notes", metavar="TEXT", help="notes to attach to the backup")
+    b.add_argument("--protected", action="store_true", help="protect the backup from removal")
+
+    ls = sub.add_parser("list", help="list backups")
+    store_args(ls)
+    ls.add_argument("--vmid", type=_vmid, metavar="ID", help="only this guest")
+    ls.add_argument("--json", action="store_true", help="print JSON")
+
+    r = sub.add_parser(
+        "restore",
+        help="restore disks or a container",
+        description="Restore the disks of a VM backup into files or block devices "
+        "(missing files are created with the disk's size; existing targets need --force), "
+        "or a container backup into a directory.",
+    )
+    store_args(r)
+    r.add_argument("volid", metavar="VOLID")
+    rwhat = r.add_mutually_exclusive_group(required=True)
+    rwhat.add_argument(
+        "--disk",
+        action="append",
+        type=_pair,
+        metavar="DEV=TARGET",
+        help="restore disk DEV into TARGET",
+    )
+    rwhat.add_argument("--rootfs", type=Path, metavar="DIR", help="restore a container into DIR")
+    r.add_argument(
+        "--format",
+        choices=["raw", "qcow2"],
+        default="raw",
+        help="target format for disks (default: raw)",
+    )
+    r.add_argument("--force", action="store_true", help="overwrite existing targets")
+    r.add_argument(
+        "--engine",
+        choices=[e.value for e in RestoreEngine],
+        default=RestoreEngine.OURS.value,
+        help="copy with dirbackup's engine (default) or with qemu-img convert",
+    )
+
+    v = sub.add_parser("verify", help="re-read backups and check digests and chains")
+    store_args(v)
+    v.add_argument("volid", nargs="?", metavar="VOLID", help="one backup (default: all)")
+    v.add_argument("--vmid", type=_vmid, metavar="ID", help="only this guest's backups")
+
+    pr = sub.add_parser(
+        "prune",
+        help="remove old backups by keep rules",
+        description="Keep backups by the hypervisor's rules (newest first: keep-last, then "
+        "hourly, daily, weekly, monthly, yearly); protected backups are never removed; a "
+        "removed base of a kept incremental is merged into it first.",
+    )
+    store_args(pr)
+    pr.add_argument("--vmid", required=True, type=_vmid, metavar="ID", help="guest id")
+    for rule in ("last", "hourly", "daily", "weekly", "monthly", "yearly"):
+        pr.add_argument(f"--keep-{rule}", type=int, default=0, metavar="N", help=f"keep-{rule}=N")
+    pr.add_argument("--dry-run", action="store_true", help="only show what would be removed")
+    pr.add_argument("--json", action="store_true", help="print JSON")
+
+    rm = sub.add_parser("remove", help="remove one backup (merged into its children first)")
+    store_args(rm)
+    rm.add_argument("volid", metavar="VOLID")
+
+    n = sub.add_parser("notes", help="show or set a backup's notes")
+    store_args(n)
+    n.add_argument("volid", metavar="VOLID")
+    n.add_argument("text", nargs="?", metavar="TEXT", help="new notes ('' clears them)")
+
+    pt = sub.add_parser("protect", help="protect a backup from removal (or --off)")
+    store_args(pt)
+    pt.add_argument("volid", metavar="VOLID")
+    pt.add_argument("--off", action="store_true", help="remove the protection")
+
+    d = sub.add_parser("demo", help="run a whole backup/restore cycle on generated data")
+    d.add_argument(
+        "--workdir",
+        type=Path,
+        metavar="DIR",
+        help="where to build the demo (default: a new temporary directory)",
+    )
+    return p
+
+
+# ---------------------------------------------------------------------- helpers
+
+
+def _storage(args: argparse.Namespace, **opts: str) -> DirectoryStorage:
+    store: Path = args.store
+    if not store.is_dir():
+        raise DirbackupError(
+            f"backup store {store} does not exist or is not a directory (create it with mkdir)"
+        )
+    return DirectoryStorage(args.storeid, {"path": str(store), **opts})
+
+
+def _volid(storage: DirectoryStorage, text: str) -> BackupId:
+    storeid, volname = split_volid(text)
+    if storeid is not None and storeid != storage.storeid:
+        raise DirbackupError(
+            f"{text}: storage id {storeid!r} is not this store's "
+            f"({storage.storeid!r}; see --storeid)"
+        )
+    if not volname.startswith("backup/"):
+        volname = f"backup/{volname}"
+    bid = BackupId.parse(volname)
+    storage.store.require(bid)
+    return bid
+
+
+class _Printer:
+    """Log lines to stderr: warnings and errors always, info with --verbose."""
+
+    def __init__(self, verbose: bool, bar: ProgressBar) -> None:
+        self.verbose = verbose
+        self.bar = bar
+
+    def __call__(self, level: str, message: str) -> None:
+        if level == "info" and not self.verbose:
+            return
+        self.bar.finish()
+        print(f"{level}: {message}" if level != "info" else message, file=sys.stderr)
+
+
+# ---------------------------------------------------------------------- commands
+
+
+def cmd_backup(args: argparse.Namespace) -> int:
+    storage = _storage(
+        args,
+        **{
+            "vm-backup-mode": args.mode,
+            "vm-backup-mechanism": args.mechanism,
+            "lxc-backup-mode": args.lxc_mode,
+        },
+    )
+    storage.store.check()
+    bar = ProgressBar()
+    printer = _Printer(args.verbose, bar)
+    provider = DirectoryBackupProvider(
+        storage, storage.scfg, storage.storeid, None, progress=bar.update
+    )
+    host = Host(storage, storage.storeid, log=printer, provider=provider)
+    provider.log_function = host.log
+    config = args.config.read_text() if args.config else ""
+    firewall = args.firewall.read_text() if args.firewall else None
+    try:
+        if args.rootfs is not None:
+            if args.disk:
+                raise UsageError("--disk and --rootfs cannot be combined")
+            report = host.backup_container(
+                args.vmid,
+                args.rootfs,
+                config=config,
+                firewall=firewall,
+                exclude=args.exclude,
+                bandwidth_limit=args.bwlimit,
+                notes=args.notes,
+                protected=args.protected,
+            )
+        else:
+            if args.exclude:
+                raise UsageError("--exclude applies to container backups (--rootfs)")
+            disks = [Disk(dev, Path(path)) for dev, path in args.disk]
+            report = host.backup_vm(
+                args.vmid,
+                disks,
+                config=config,
+                firewall=firewall,
+                bandwidth_limit=args.bwlimit,
+                notes=args.notes,
+                protected=args.protected,
+            )
+    finally:
+        bar.finish()
+    bid = storage.backup_id(report.volid)
+    manifest = storage.store.read_manifest(bid)
+    if manifest is not None and manifest.disks:
+        size = sum(d.size for d in manifest.disks.values())
+        dirty = sum(d.dirty_bytes for d in manifest.disks.values())
+        written = sum(d.written_bytes for d in manifest.disks.values())
+        modes = ", ".join(f"{dev} {d.mode}" for dev, d in sorted(manifest.disks.items()))
+        print(
+            f"{report.volid}: {modes}; read {human(dirty)} of {human(size)} "
+            f"({100.0 * dirty / max(size, 1):.1f}% dirty), wrote {human(written)}, "
+            f"{report.seconds:.2f} s, {human(dirty / max(report.seconds, 1e-9))}/s"
+        )
+    else:
+        print(f"{report.volid}: archive {human(report.archive_size)}, {report.seconds:.2f} s")
+    return 0
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    storage = _storage(args)
+    rows = storage.list_volumes(args.vmid)
+    if args.json:
+        keys = (
+            "volid",
+            "vmid",
+            "subtype",
+            "ctime",
+            "size",
+            "format",
+            "parent",
+            "notes",
+            "protected",
+        )
+        print(json.dumps([{k: row[k] for k in keys} for row in rows], indent=1))
+        return 0
+    if not rows:
+        print("no backups", file=sys.stderr)
+        return 0
+    table = [("VOLID", "TYPE", "CREATED", "SIZE", "PARENT", "PROT", "NOTES")]
+    for row in rows:
+        parent = row["parent"].split("/")[-1] if row["parent"] else "-"
+        note = (row["notes"] or "").splitlines()[0] if row["notes"] else ""
+        table.append(
+            (
+                row["volid"],
+                row["subtype"],
+                time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(row["ctime"])),
+                human(row["size"]),
+                parent,
+                "yes" if row["protected"] else "",
+                note[:40],
+            )
+        )
+    widths = [max(len(r[i]) for r in table) for i in range(len(table[0]))]
+    for r in table:
+        print("  ".join(cell.ljust(w) for cell, w in zip(r, widths, strict=True)).rstrip())
+    return 0
+
+
+def cmd_restore(args: argparse.Namespace) -> int:
+    storage = _storage(args)
+    bid = _volid(storage, args.volid)
+    bar = ProgressBar()
+    host = Host(storage, storage.storeid, log=_Printer(args.verbose, bar), progress=bar.update)
+    volid = bid.volid(storage.storeid)
+    if args.rootfs is not None:
+        if bid.vmtype != VmType.LXC:
+            raise UsageError(f"{volid} is a VM backup: restore it with --disk DEV=TARGET")
+        seconds = host.restore_container(volid, args.rootfs, force=args.force)
+        print(f"{volid}: restored into {args.rootfs} in {seconds:.2f} s")
+        return 0
+    if bid.vmtype != VmType.QEMU:
+        raise UsageError(f"{volid} is a container backup: restore it with --rootfs DIR")
+    targets: dict[str, Path] = {}
+    for dev, path in args.disk:
+        if dev in targets:
+            raise UsageError(f"device {dev} given twice")
+        targets[dev] = Path(path)
+    try:
+        report = host.restore_vm(
+            volid,
+            targets,
+            target_format=args.format,
+            engine=RestoreEngine(args.engine),
+            force=args.force,
+        )
+    finally:
+        bar.finish()
+    total = sum(s.done_bytes for s in report.devices.values() if s is not None)
+    print(
+        f"{volid}: restored {', '.join(f'{d} -> {t}' for d, t in targets.items())} "
+        f"in {report.seconds:.2f} s"
+        + (f", {human(total / max(report.seconds, 1e-9))}/s" if total else "")
+    )
+    return 0
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    storage = _storage(args)
+    if args.volid:
+        bid = _volid(storage, args.volid)
+        results = storage.verify(bid.volname)
+    else:
+        entries = storage.store.backups(args.vmid)
+        results = []
+        bar = ProgressBar()
+        for i, entry in enumerate(entries, 1):
+            if bar.enabled:
+                sys.stderr.write(f"\rverifying {i}/{len(entries)} {entry.id.archive}\033[K")
+                sys.stderr.flush()
+            results += storage.verify(entry.id.volname)
+        if bar.enabled and entries:
+            sys.stderr.write("\r\033[K")
+    failed = 0
+    for r in results:
+        if r.ok:
+            print(f"{r.volid}: ok ({human(r.checked_bytes)} checked)")
+        else:
+            failed += 1
+            print(f"{r.volid}: FAILED")
+            for problem in r.problems:
+                print(f"  {problem}")
+    if not results:
+        print("no backups to verify", file=sys.stderr)
+    if failed:
+        print(f"error: {failed} of {len(results)} backups failed verification", file=sys.stderr)
+        return 1
+    return 0
+
+
+def cmd_prune(args: argparse.Namespace) -> int:
+    storage = _storage(args)
+    rules = {
+        f"keep-{r}": getattr(args, f"keep_{r}")
+        for r in ("last", "hourly", "daily", "weekly", "monthly", "yearly")
+    }
+    if any(v < 0 for v in rules.values()):
+        raise UsageError("keep counts must not be negative")
+    if not any(rules.values()):
+        raise UsageError("give at least one --keep-* option (prune keeps everything otherwise)")
+    printer = _Printer(args.verbose, ProgressBar(enabled=False))
+    entries = storage.prune_backups(
+        {k: v for k, v in rules.items() if v}, vmid=args.vmid, dryrun=args.dry_run, log=printer
+    )
+    if args.json:
+        print(json.dumps(entries, indent=1))
+        return 0
+    for e in entries:
+        print(f"{e['volid']}  {e['mark']}")
+    removed = sum(1 for e in entries if e["mark"] == "remove")
+    verb = "would remove" if args.dry_run else "removed"
+    print(f"{verb} {removed} of {len(entries)} backups", file=sys.stderr)
+    return 0
+
+
+def cmd_remove(args: argparse.Namespace) -> int:
+    storage = _storage(args)
+    bid = _volid(storage, args.volid)
+    children = storage.children_of(bid)
+    storage.free_image(bid.volname, log=_Printer(args.verbose, ProgressBar(enabled=False)))
+    merged = f" (merged into {', '.join(c.id.archive for c in children)})" if children else ""
+    print(f"removed {bid.volid(storage.storeid)}{merged}")
+    return 0
+
+
+def cmd_notes(args: argparse.Namespace) -> int:
+    storage = _storage(args)
+    bid = _volid(storage, args.volid)
+    if args.text is None:
+        print(storage.get_volume_attribute(bid.volname, "notes") or "")
+    else:
+        storage.update_volume_attribute(bid.volname, "notes", args.text)
+    return 0
+
+
+def cmd_protect(args: argparse.Namespace) -> int:
+    storage = _storage(args)
+    bid = _volid(storage, args.volid)
+    storage.update_volume_attribute(bid.volname, "protected", 0 if args.off else 1)
+    print(f"{bid.volid(storage.storeid)}: {'not ' if args.off else ''}protected")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from dirbackup.demo import run_demo
+
+    return run_demo(args.workdir)
+
+
+COMMANDS = {
+    "backup": cmd_backup,
+    "list": cmd_list,
+    "restore": cmd_restore,
+    "verify": cmd_verify,
+    "prune": cmd_prune,
+    "remove": cmd_remove,
+    "notes": cmd_notes,
+    "protect": cmd_protect,
+    "demo": cmd_demo,
+}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the `dirbackup` program."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return COMMANDS[args.command](args)
+    except UsageError as exc:
+        parser.print_usage(sys.stderr)
+        print(f"{parser.prog} {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("\nerror: interrupted", file=sys.stderr)
+        return 130
+    except (DirbackupError, OSError) as exc:
+        if args.debug:
+            raise
+        print(f"error: {_one_line(exc)}", file=sys.stderr)
+        return 1
+
+
+def _one_line(exc: BaseException) -> str:
+    text = (
+        str(exc)
+        if not isinstance(exc, OSError) or not exc.strerror
+        else (
+            f"{exc.strerror}"
+            + (
+                f": {exc.filename}"
+                if exc.filename and str(exc.filename) not in exc.strerror
+                else ""
+            )
+        )
+    )
+    return " ".join(text.split()) or type(exc).__name__

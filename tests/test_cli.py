@@ -1,0 +1,241 @@
+"""The command line, end to end, as a subprocess."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import MiB, assert_same
+
+from dirbackup import qemu
+
+
+def dirbackup(*args: str, check: int | None = 0) -> subprocess.CompletedProcess[str]:
+    proc = subprocess.run(
+        [sys.executable, "-m", "dirbackup", *args], capture_output=True, text=True, timeout=300
+    )
+    if check is not None:
+        assert proc.returncode == check, (proc.returncode, proc.stdout, proc.stderr)
+    return proc
+
+
+@pytest.fixture
+def vm(tmp_path: Path) -> dict[str, Path]:
+    disk0 = tmp_path / "disk0.qcow2"
+    qemu.img_create(disk0, 32 * MiB)
+    qemu.io(disk0, "write -P 1 0 8M", "write -P 2 20M 4M")
+    disk1 = tmp_path / "disk1.raw"
+    with open(disk1, "wb") as f:
+        f.truncate(8 * MiB)
+        f.seek(MiB)
+        f.write(os.urandom(MiB))
+    store = tmp_path / "store"
+    store.mkdir()
+    return {"disk0": disk0, "disk1": disk1, "store": store, "tmp": tmp_path}
+
+
+def snapshot(img: Path, out: Path) -> Path:
+    qemu.run(["qemu-img", "convert", "-U", "-O", "raw", str(img), str(out)])
+    return out
+
+
+def test_full_incremental_restore_cycle(vm: dict[str, Path]) -> None:
+    s = ["--store", str(vm["store"])]
+    disks = ["--disk", f"drive-scsi0={vm['disk0']}", "--disk", f"drive-scsi1={vm['disk1']}"]
+    conf = vm["tmp"] / "100.conf"
+    conf.write_text("memory: 512\n")
+    out = dirbackup(
+        "backup", *s, "--vmid", "100", *disks, "--config", str(conf), "--notes", "first"
+    ).stdout
+    assert "drive-scsi0 full, drive-scsi1 full" in out
+    t0 = snapshot(vm["disk0"], vm["tmp"] / "t0.raw")
+    qemu.io(vm["disk0"], "write -P 3 1M 64k", "write -z 20M 1M", "discard 22M 1M")
+    t1 = snapshot(vm["disk0"], vm["tmp"] / "t1.raw")
+    out = dirbackup("backup", *s, "--vmid", "100", *disks, "--bwlimit", "1G").stdout
+    assert "drive-scsi0 incremental, drive-scsi1 full" in out and "dirty" in out
+    listing = json.loads(dirbackup("list", *s, "--json").stdout)
+    assert [b["parent"] for b in listing] == [None, listing[0]["volid"]]
+    assert set(listing[0]) == {
+        "volid",
+        "vmid",
+        "subtype",
+        "ctime",
+        "size",
+        "format",
+        "parent",
+        "notes",
+        "protected",
+    }
+    assert listing[0]["notes"] == "first" and listing[0]["protected"] is False
+    plain = dirbackup("list", *s).stdout.splitlines()
+    assert plain[0].split() == ["VOLID", "TYPE", "CREATED", "SIZE", "PARENT", "PROT", "NOTES"]
+    assert "MiB" in plain[1] and plain[1].rstrip().endswith("first")
+    assert dirbackup("verify", *s).stdout.count(": ok") == 2
+    # three spellings of a volume id
+    ids = [
+        listing[0]["volid"],
+        listing[0]["volid"].split(":")[1],
+        listing[1]["volid"].split("backup/")[1],
+    ]
+    for n, (volid, state) in enumerate(zip(ids, [t0, t0, t1], strict=True)):
+        target = vm["tmp"] / f"r{n}.raw"
+        dirbackup(
+            "restore",
+            *s,
+            volid,
+            "--disk",
+            f"drive-scsi0={target}",
+            "--disk",
+            f"drive-scsi1={vm['tmp'] / f'r{n}-1.raw'}",
+        )
+        assert_same(state, target)
+        assert_same(vm["disk1"], vm["tmp"] / f"r{n}-1.raw")
+    q = vm["tmp"] / "r.qcow2"
+    dirbackup("restore", *s, ids[2], "--disk", f"drive-scsi0={q}", "--format", "qcow2")
+    assert_same(t1, q, "raw", "qcow2")
+    viaqemu = vm["tmp"] / "qemu.raw"
+    dirbackup("restore", *s, ids[2], "--disk", f"drive-scsi0={viaqemu}", "--engine", "qemu-img")
+    assert_same(t1, viaqemu)
+    assert dirbackup("notes", *s, ids[0]).stdout == "first\n"
+    dirbackup("notes", *s, ids[0], "changed")
+    assert dirbackup("notes", *s, ids[0]).stdout == "changed\n"
+    dirbackup("protect", *s, ids[0])
+    assert "protected" in dirbackup("remove", *s, ids[0], check=1).stderr
+    dirbackup("protect", *s, ids[0], "--off")
+    out = dirbackup("remove", *s, ids[0]).stdout
+    assert "merged into 100/" in out
+    restored = vm["tmp"] / "after-remove.raw"
+    dirbackup("restore", *s, ids[2], "--disk", f"drive-scsi0={restored}")
+    assert_same(t1, restored)
+
+
+def test_prune_command(vm: dict[str, Path]) -> None:
+    s = ["--store", str(vm["store"])]
+    for _ in range(3):
+        qemu.io(vm["disk0"], "write -P 9 0 64k")
+        dirbackup("backup", *s, "--vmid", "100", "--disk", f"drive-scsi0={vm['disk0']}")
+    dry = json.loads(
+        dirbackup("prune", *s, "--vmid", "100", "--keep-last", "1", "--dry-run", "--json").stdout
+    )
+    assert [e["mark"] for e in dry] == ["keep", "remove", "remove"]
+    assert len(json.loads(dirbackup("list", *s, "--json").stdout)) == 3
+    res = dirbackup("prune", *s, "--vmid", "100", "--keep-last", "1")
+    assert "removed 2 of 3 backups" in res.stderr
+    left = json.loads(dirbackup("list", *s, "--json").stdout)
+    assert len(left) == 1 and left[0]["parent"] is None
+    assert dirbackup("prune", *s, "--vmid", "100", check=2).returncode == 2
+
+
+def test_container_backup_and_restore(tmp_path: Path) -> None:
+    store = tmp_path / "store"
+    store.mkdir()
+    root = tmp_path / "ct"
+    (root / "etc").mkdir(parents=True)
+    (root / "etc" / "hostname").write_text("ct\n")
+    (root / "tmp").mkdir()
+    (root / "tmp" / "junk.tmp").write_text("x")
+    s = ["--store", str(store)]
+    for mode in ("tar", "squashfs"):
+        out = dirbackup(
+            "backup",
+            *s,
+            "--vmid",
+            "200",
+            "--rootfs",
+            str(root),
+            "--exclude",
+            "*.tmp",
+            "--lxc-mode",
+            mode,
+        ).stdout
+        volid = out.split(":", 2)[0] + ":" + out.split(":", 2)[1]
+        target = tmp_path / f"restored-{mode}"
+        dirbackup("restore", *s, volid, "--rootfs", str(target))
+        assert (target / "etc" / "hostname").read_text() == "ct\n"
+        assert not (target / "tmp" / "junk.tmp").exists()
+    assert dirbackup("verify", *s).stdout.count(": ok") == 2
+
+
+@pytest.mark.parametrize(
+    ("args", "status", "needle"),
+    [
+        (["list", "--store", "/nonexistent"], 1, "does not exist"),
+        (
+            ["restore", "--store", "{store}", "100/../../etc", "--disk", "a=b"],
+            1,
+            "invalid volume name",
+        ),
+        (["restore", "--store", "{store}", "100/qemu-1", "--disk", "a=b"], 1, "does not exist"),
+        (
+            ["restore", "--store", "{store}", "other:backup/100/qemu-1", "--disk", "a=b"],
+            1,
+            "not this store",
+        ),
+        (
+            ["backup", "--store", "{store}", "--vmid", "100", "--disk", "drive-scsi0=/nonexistent"],
+            1,
+            "does not exist",
+        ),
+        (
+            ["backup", "--store", "{store}", "--vmid", "100", "--disk", "../x=/dev/null"],
+            1,
+            "invalid device name",
+        ),
+        (["backup", "--store", "{store}", "--vmid", "abc", "--disk", "a=b"], 2, "invalid guest"),
+        (["backup", "--store", "{store}", "--vmid", "1", "--disk", "nodev"], 2, "DEV=PATH"),
+        (["backup", "--store", "{store}", "--vmid", "1"], 2, "required"),
+        (
+            ["backup", "--store", "{store}", "--vmid", "1", "--disk", "a=b", "--bwlimit", "fast"],
+            2,
+            "not a size",
+        ),
+        (["frobnicate"], 2, "invalid choice"),
+        ([], 2, "required"),
+    ],
+)
+def test_errors(vm: dict[str, Path], args: list[str], status: int, needle: str) -> None:
+    args = [a.replace("{store}", str(vm["store"])) for a in args]
+    proc = dirbackup(*args, check=status)
+    assert needle in proc.stderr
+    assert "Traceback" not in proc.stderr
+    if status == 1:
+        assert proc.stderr.startswith("error: ") and proc.stderr.count("\n") == 1
+
+
+def test_restore_errors(vm: dict[str, Path]) -> None:
+    s = ["--store", str(vm["store"])]
+    out = dirbackup("backup", *s, "--vmid", "100", "--disk", f"drive-scsi0={vm['disk0']}").stdout
+    volid = out.split(":", 2)[0] + ":" + out.split(":", 2)[1]
+    existing = vm["tmp"] / "exists.raw"
+    existing.write_bytes(b"precious")
+    proc = dirbackup("restore", *s, volid, "--disk", f"drive-scsi0={existing}", check=1)
+    assert "exists; use --force" in proc.stderr
+    assert existing.read_bytes() == b"precious"
+    proc = dirbackup("restore", *s, volid, "--disk", f"drive-nope={vm['tmp'] / 'x'}", check=1)
+    assert "has no disk drive-nope (it has: drive-scsi0)" in proc.stderr
+    proc = dirbackup("restore", *s, volid, "--rootfs", str(vm["tmp"] / "ct"), check=2)
+    assert "is a VM backup" in proc.stderr
+    proc = dirbackup("--debug", "restore", *s, "100/qemu-1", "--disk", "a=b", check=None)
+    assert proc.returncode == 1 and "Traceback" in proc.stderr
+
+
+def test_help_explains() -> None:
+    out = dirbackup("--help").stdout
+    for cmd in (
+        "backup",
+        "list",
+        "restore",
+        "verify",
+        "prune",
+        "remove",
+        "notes",
+        "protect",
+        "demo",
+    ):
+        assert cmd in out
+    out = dirbackup("backup", "--help").stdout
+    assert "--bwlimit" in out and "dirty bitmap" in out
