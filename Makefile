@@ -36,7 +36,7 @@ demo: $(STAMPS)/build
 	$(VENV)/bin/dirbackup demo
 
 lint: $(STAMPS)/build
-	$(PY) -m ruff check src tests bench
+	$(PY) -m ruff check src tests $(wildcard bench)
 	$(PY) -m mypy
 	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" cython-lint pyx
 
