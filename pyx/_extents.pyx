@@ -44,6 +44,10 @@ cdef struct ExtBuf:
     uint64_t bad_offset
 
 
+cdef inline void buf_init(ExtBuf *b) noexcept nogil:
+    memset(b, 0, sizeof(ExtBuf))
+
+
 cdef int buf_append(ExtBuf *b, uint64_t off, uint64_t length, uint64_t flags) noexcept nogil:
     """Append a row as it is."""
     cdef uint64_t *grown
@@ -401,9 +405,7 @@ def parse_map_json(data, uint64_t start=0, object size=None, bint contiguous=Tru
     c.i = 0
     c.n = view.shape[0]
     cdef ExtBuf b
-    b.rows = NULL
-    b.n = 0
-    b.cap = 0
+    buf_init(&b)
     cdef Py_ssize_t entry = 0, key_start, key_len, j
     cdef uint64_t off = 0, length = 0, typ = 0, value = 0
     cdef int have
@@ -536,9 +538,7 @@ def block_status(h, str context, uint64_t offset=0, object length=None):
         raise ProtocolError(f"the server did not agree to meta context {context!r}")
     ctx_bytes = context.encode()
     cdef ExtBuf b
-    b.rows = NULL
-    b.n = 0
-    b.cap = 0
+    buf_init(&b)
     b.context = ctx_bytes
     b.pos = offset
     b.bad = 0
@@ -582,9 +582,7 @@ def file_extents(int fd, uint64_t offset, uint64_t length):
     old file systems), the whole range is reported as data.
     """
     cdef ExtBuf b
-    b.rows = NULL
-    b.n = 0
-    b.cap = 0
+    buf_init(&b)
     cdef long long pos = offset, end = offset + length, data, hole
     cdef int err = 0
     try:
@@ -632,9 +630,7 @@ def select(ext, uint64_t mask, uint64_t value):
     """Rows whose flags satisfy (flags & mask) == value, neighbours merged."""
     cdef uint64_t[:, ::1] r = as_rows(ext)
     cdef ExtBuf b
-    b.rows = NULL
-    b.n = 0
-    b.cap = 0
+    buf_init(&b)
     cdef Py_ssize_t i
     try:
         for i in range(r.shape[0]):
@@ -653,9 +649,7 @@ def coalesce(ext, uint64_t gap=0):
     """
     cdef uint64_t[:, ::1] r = as_rows(ext)
     cdef ExtBuf b
-    b.rows = NULL
-    b.n = 0
-    b.cap = 0
+    buf_init(&b)
     cdef Py_ssize_t i
     cdef uint64_t off, end, last_end
     cdef uint64_t *last
@@ -713,9 +707,7 @@ def split(ext, uint64_t max_length, uint64_t boundary=0):
         raise ValueError("max_length must be positive")
     cdef uint64_t[:, ::1] r = as_rows(ext)
     cdef ExtBuf b
-    b.rows = NULL
-    b.n = 0
-    b.cap = 0
+    buf_init(&b)
     cdef Py_ssize_t i
     cdef uint64_t off, end, piece, limit
     try:
@@ -750,9 +742,7 @@ def clip(ext, uint64_t start, uint64_t end):
     """The parts of the rows inside [start, end)."""
     cdef uint64_t[:, ::1] r = as_rows(ext)
     cdef ExtBuf b
-    b.rows = NULL
-    b.n = 0
-    b.cap = 0
+    buf_init(&b)
     cdef Py_ssize_t i
     cdef uint64_t a, z
     try:

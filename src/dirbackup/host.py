@@ -155,28 +155,60 @@ class Host:
                 raise HostError(f"device {d.device} given twice")
             seen.add(d.device)
             _check_disk(d.path)
+        return self._run_backup(
+            vmid,
+            VmType.QEMU,
+            start_time,
+            notes,
+            protected,
+            lambda p, report: self._backup_vm_body(
+                p, vmid, disks, config, firewall, bandwidth_limit, mechanism, report
+            ),
+        )
+
+    def _run_backup(
+        self,
+        vmid: int,
+        vmtype: VmType,
+        start_time: int | None,
+        notes: str | None,
+        protected: bool,
+        body: Callable[[BackupProvider, BackupReport], Callable[[], None]],
+    ) -> BackupReport:
+        """The hypervisor's frame around one guest's backup: job and backup
+        init, the guest-type specific `body` (which returns what to do once the
+        backup is stored), attributes, cleanup with success or with the error,
+        the task log, job cleanup."""
         start = int(time.time()) if start_time is None else start_time
         began = time.monotonic()
         p = self.provider
         p.job_init(start)
         try:
-            return self._backup_vm(
-                p,
-                vmid,
-                disks,
-                config,
-                firewall,
-                bandwidth_limit,
-                notes,
-                protected,
-                start,
-                began,
-                mechanism,
-            )
+            archive = p.backup_init(vmid, vmtype, start)["archive-name"]
+            volid = f"{self.storeid}:backup/{archive}"
+            report = BackupReport(volid, archive, 0.0)
+            ok = False
+            try:
+                after_success = body(p, report)
+                self._set_attributes(volid, notes, protected)
+                stats = p.backup_cleanup(vmid, vmtype, True, {})
+                report.archive_size = int((stats or {}).get("stats", {}).get("archive-size", 0))
+                ok = True
+                after_success()
+            except BaseException as exc:
+                if not ok:
+                    with contextlib.suppress(Exception):
+                        p.backup_cleanup(vmid, vmtype, False, {"error": _describe(exc)})
+                raise
+            finally:
+                report.seconds = time.monotonic() - began
+                report.log_lines = list(self.log.lines)
+                self._hand_over_log(p, vmid)
+            return report
         finally:
             p.job_cleanup()
 
-    def _backup_vm(
+    def _backup_vm_body(
         self,
         p: BackupProvider,
         vmid: int,
@@ -184,46 +216,24 @@ class Host:
         config: str,
         firewall: str | None,
         bwlimit: int,
-        notes: str | None,
-        protected: bool,
-        start: int,
-        began: float,
         mechanism_override: str | None,
-    ) -> BackupReport:
-        archive = p.backup_init(vmid, VmType.QEMU, start)["archive-name"]
-        volid = f"{self.storeid}:backup/{archive}"
-        report = BackupReport(volid, archive, 0.0)
-        ok = False
-        try:
-            with contextlib.ExitStack() as stack:
-                mechanism = mechanism_override or p.backup_get_mechanism(vmid, VmType.QEMU)
-                if mechanism not in ("nbd", "file-handle"):
-                    raise HostError(f"provider chose unknown VM mechanism {mechanism!r}")
-                sizes = {d.device: {"size": _disk_size(d.path)} for d in disks}
-                choices = p.backup_vm_query_incremental(vmid, sizes) or {}
-                modes = self._prepare_bitmaps(disks, choices)
-                report.bitmap_modes = {dev: str(m) for dev, m in modes.items()}
-                rundir = Path(stack.enter_context(_private_dir()))
-                volumes = self._snapshot_access(stack, rundir, disks, modes, sizes, mechanism)
-                info: dict[str, Any] = {"bandwidth-limit": bwlimit}
-                if firewall is not None:
-                    info["firewall-config"] = firewall
-                p.backup_vm(vmid, config, volumes, info)
-            self._set_attributes(volid, notes, protected)
-            stats = p.backup_cleanup(vmid, VmType.QEMU, True, {})
-            report.archive_size = int((stats or {}).get("stats", {}).get("archive-size", 0))
-            ok = True
-            self._clear_bitmaps(disks, modes)
-        except BaseException as exc:
-            if not ok:
-                with contextlib.suppress(Exception):
-                    p.backup_cleanup(vmid, VmType.QEMU, False, {"error": _describe(exc)})
-            raise
-        finally:
-            report.seconds = time.monotonic() - began
-            report.log_lines = list(self.log.lines)
-            self._hand_over_log(p, vmid)
-        return report
+        report: BackupReport,
+    ) -> Callable[[], None]:
+        with contextlib.ExitStack() as stack:
+            mechanism = mechanism_override or p.backup_get_mechanism(vmid, VmType.QEMU)
+            if mechanism not in ("nbd", "file-handle"):
+                raise HostError(f"provider chose unknown VM mechanism {mechanism!r}")
+            sizes = {d.device: {"size": _disk_size(d.path)} for d in disks}
+            choices = p.backup_vm_query_incremental(vmid, sizes) or {}
+            modes = self._prepare_bitmaps(disks, choices)
+            report.bitmap_modes = {dev: str(m) for dev, m in modes.items()}
+            rundir = Path(stack.enter_context(_private_dir()))
+            volumes = self._snapshot_access(stack, rundir, disks, modes, sizes, mechanism)
+            info: dict[str, Any] = {"bandwidth-limit": bwlimit}
+            if firewall is not None:
+                info["firewall-config"] = firewall
+            p.backup_vm(vmid, config, volumes, info)
+        return lambda: self._clear_bitmaps(disks, modes)
 
     def _set_attributes(self, volid: str, notes: str | None, protected: bool) -> None:
         if notes:
@@ -354,45 +364,24 @@ class Host:
         rootfs = Path(rootfs)
         if not rootfs.is_dir():
             raise HostError(f"container root {rootfs} does not exist or is not a directory")
-        start = int(time.time()) if start_time is None else start_time
-        began = time.monotonic()
-        p = self.provider
-        p.job_init(start)
-        try:
-            archive = p.backup_init(vmid, VmType.LXC, start)["archive-name"]
-            volid = f"{self.storeid}:backup/{archive}"
-            report = BackupReport(volid, archive, 0.0)
-            ok = False
-            try:
-                mechanism = p.backup_get_mechanism(vmid, VmType.LXC)
-                if mechanism != "directory":
-                    raise HostError(f"provider chose unknown container mechanism {mechanism!r}")
-                info: dict[str, Any] = {
-                    "directory": str(rootfs),
-                    "sources": ["."],
-                    "backup-user-id": os.geteuid(),
-                    "bandwidth-limit": bandwidth_limit,
-                }
-                if firewall is not None:
-                    info["firewall-config"] = firewall
-                p.backup_container_prepare(vmid, info)
-                p.backup_container(vmid, config, list(exclude), info)
-                self._set_attributes(volid, notes, protected)
-                stats = p.backup_cleanup(vmid, VmType.LXC, True, {})
-                report.archive_size = int((stats or {}).get("stats", {}).get("archive-size", 0))
-                ok = True
-            except BaseException as exc:
-                if not ok:
-                    with contextlib.suppress(Exception):
-                        p.backup_cleanup(vmid, VmType.LXC, False, {"error": _describe(exc)})
-                raise
-            finally:
-                report.seconds = time.monotonic() - began
-                report.log_lines = list(self.log.lines)
-                self._hand_over_log(p, vmid)
-            return report
-        finally:
-            p.job_cleanup()
+
+        def body(p: BackupProvider, report: BackupReport) -> Callable[[], None]:
+            mechanism = p.backup_get_mechanism(vmid, VmType.LXC)
+            if mechanism != "directory":
+                raise HostError(f"provider chose unknown container mechanism {mechanism!r}")
+            info: dict[str, Any] = {
+                "directory": str(rootfs),
+                "sources": ["."],
+                "backup-user-id": os.geteuid(),
+                "bandwidth-limit": bandwidth_limit,
+            }
+            if firewall is not None:
+                info["firewall-config"] = firewall
+            p.backup_container_prepare(vmid, info)
+            p.backup_container(vmid, config, list(exclude), info)
+            return lambda: None
+
+        return self._run_backup(vmid, VmType.LXC, start_time, notes, protected, body)
 
     # ------------------------------------------------------------------ restore
 

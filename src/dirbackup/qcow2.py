@@ -197,6 +197,20 @@ def _parse_header(name: str, file_size: int, head: bytes, fd: int) -> Header:
     )
 
 
+def _layer(fd: int, h: Header) -> tuple[int, str, int, int, int, int, int, int]:
+    """What the Cython ChainMap needs of one validated layer."""
+    return (
+        fd,
+        h.path,
+        h.version,
+        h.cluster_bits,
+        h.virtual_size,
+        h.l1_offset,
+        h.l1_size,
+        h.file_size,
+    )
+
+
 def _inside(path: str, roots: Sequence[str]) -> bool:
     return any(path == r or path.startswith(r.rstrip("/") + "/") for r in roots)
 
