@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import random
+import shutil
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -22,9 +23,7 @@ def sock_dir(tmp_path: Path) -> Path:
     d = Path("/tmp") / f"dbt-{os.getpid()}-{random.randrange(1 << 30):x}"
     d.mkdir()
     yield d
-    for p in d.iterdir():
-        p.unlink()
-    d.rmdir()
+    shutil.rmtree(d, ignore_errors=True)
 
 
 @pytest.fixture

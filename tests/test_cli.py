@@ -239,3 +239,71 @@ def test_help_explains() -> None:
         assert cmd in out
     out = dirbackup("backup", "--help").stdout
     assert "--bwlimit" in out and "dirty bitmap" in out
+
+
+def processes_using(path: Path) -> list[str]:
+    """Command lines of running processes that name `path`."""
+    found = []
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit():
+            continue
+        try:
+            cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+        except OSError:
+            continue
+        if str(path) in cmd and "pytest" not in cmd:
+            found.append(cmd)
+    return found
+
+
+@pytest.mark.parametrize("mechanism", ["nbd", "file-handle"])
+def test_ctrl_c_stops_and_unmounts_everything(vm: dict[str, Path], mechanism: str) -> None:
+    import signal
+    import time
+
+    s = ["--store", str(vm["store"])]
+    disk = ["--disk", f"drive-scsi0={vm['disk0']}"]
+    dirbackup("backup", *s, "--vmid", "100", *disk)
+    qemu.io(vm["disk0"], "write -P 5 0 16M")
+    bitmaps_before = qemu.bitmaps(vm["disk0"])
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "dirbackup",
+            "backup",
+            *s,
+            "--vmid",
+            "100",
+            *disk,
+            "--mechanism",
+            mechanism,
+            "--bwlimit",
+            "4M",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    partial = None
+    for _ in range(200):  # wait until the copy runs
+        partial = next((p for p in (vm["store"] / "100").glob(".*.partial")), None)
+        if partial is not None and any(partial.glob("*.qcow2")):
+            break
+        time.sleep(0.05)
+    time.sleep(0.5)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=30)
+    assert proc.returncode == 130 and "interrupted" in err
+    assert processes_using(vm["disk0"]) == []
+    assert "dirbackup" not in Path("/proc/self/mountinfo").read_text()
+    assert not list((vm["store"] / "100").glob(".*.partial"))
+    assert len(json.loads(dirbackup("list", *s, "--json").stdout)) == 1
+    assert qemu.bitmaps(vm["disk0"]) == bitmaps_before  # not cleared: changes still tracked
+    state = snapshot(vm["disk0"], vm["tmp"] / "now.raw")
+    out = dirbackup("backup", *s, "--vmid", "100", *disk).stdout
+    assert "drive-scsi0 incremental" in out
+    volid = json.loads(dirbackup("list", *s, "--json").stdout)[-1]["volid"]
+    target = vm["tmp"] / "after.raw"
+    dirbackup("restore", *s, volid, "--disk", f"drive-scsi0={target}")
+    assert_same(state, target)
