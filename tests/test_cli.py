@@ -307,3 +307,37 @@ def test_ctrl_c_stops_and_unmounts_everything(vm: dict[str, Path], mechanism: st
     target = vm["tmp"] / "after.raw"
     dirbackup("restore", *s, volid, "--disk", f"drive-scsi0={target}")
     assert_same(state, target)
+
+
+def test_bitmap_made_for_a_failed_backup_is_dropped(vm: dict[str, Path]) -> None:
+    """A bitmap created for a backup that then fails only knows the changes since it
+    was made: it must not be reused on top of the older backup."""
+    import signal
+    import time
+
+    s = ["--store", str(vm["store"])]
+    disk = ["--disk", f"drive-scsi0={vm['disk0']}"]
+    dirbackup("backup", *s, "--vmid", "100", *disk)
+    name = "dirbackup-dirbackup"
+    qemu.bitmap(vm["disk0"], "remove", name)  # lost, e.g. by an image copied around
+    qemu.io(vm["disk0"], "write -P 6 2M 1M")  # a change no bitmap saw
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "dirbackup", "backup", *s, "--vmid", "100", *disk,
+         "--bwlimit", "2M"], stderr=subprocess.PIPE, text=True)
+    for _ in range(200):
+        if any((vm["store"] / "100").glob(".*.partial/*.qcow2")):
+            break
+        time.sleep(0.05)
+    time.sleep(0.3)
+    proc.send_signal(signal.SIGINT)
+    proc.communicate(timeout=30)
+    assert proc.returncode == 130
+    assert name not in {b["name"] for b in qemu.bitmaps(vm["disk0"])}
+    qemu.io(vm["disk0"], "write -P 7 10M 64k")
+    state = snapshot(vm["disk0"], vm["tmp"] / "state.raw")
+    out = dirbackup("backup", *s, "--vmid", "100", *disk).stdout
+    assert "drive-scsi0 full" in out
+    volid = json.loads(dirbackup("list", *s, "--json").stdout)[-1]["volid"]
+    target = vm["tmp"] / "r.raw"
+    dirbackup("restore", *s, volid, "--disk", f"drive-scsi0={target}")
+    assert_same(state, target)

@@ -63,6 +63,14 @@ def _image_format(path: Path) -> str:
         return "qcow2" if f.read(4) == qcow2.MAGIC else "raw"
 
 
+@dataclass
+class _Outcome:
+    """What to do to the guest once its backup is stored, or once it failed."""
+
+    stored: Callable[[], None] = lambda: None
+    failed: Callable[[], None] = lambda: None
+
+
 class RestoreEngine(StrEnum):
     OURS = "dirbackup"
     QEMU_IMG = "qemu-img"
@@ -173,7 +181,7 @@ class Host:
         start_time: int | None,
         notes: str | None,
         protected: bool,
-        body: Callable[[BackupProvider, BackupReport], Callable[[], None]],
+        body: Callable[[BackupProvider, BackupReport], _Outcome],
     ) -> BackupReport:
         """The hypervisor's frame around one guest's backup: job and backup
         init, the guest-type specific `body` (which returns what to do once the
@@ -188,17 +196,20 @@ class Host:
             volid = f"{self.storeid}:backup/{archive}"
             report = BackupReport(volid, archive, 0.0)
             ok = False
+            outcome = _Outcome()
             try:
-                after_success = body(p, report)
+                outcome = body(p, report)
                 self._set_attributes(volid, notes, protected)
                 stats = p.backup_cleanup(vmid, vmtype, True, {})
                 report.archive_size = int((stats or {}).get("stats", {}).get("archive-size", 0))
                 ok = True
-                after_success()
+                outcome.stored()
             except BaseException as exc:
                 if not ok:
                     with contextlib.suppress(Exception):
                         p.backup_cleanup(vmid, vmtype, False, {"error": _describe(exc)})
+                    with contextlib.suppress(Exception):
+                        outcome.failed()
                 raise
             finally:
                 report.seconds = time.monotonic() - began
@@ -218,22 +229,36 @@ class Host:
         bwlimit: int,
         mechanism_override: str | None,
         report: BackupReport,
-    ) -> Callable[[], None]:
+    ) -> _Outcome:
+        modes: dict[str, BitmapMode] = {}
+        outcome = _Outcome(
+            stored=lambda: self._clear_bitmaps(disks, modes),
+            failed=lambda: self._drop_new_bitmaps(disks, modes),
+        )
         with contextlib.ExitStack() as stack:
             mechanism = mechanism_override or p.backup_get_mechanism(vmid, VmType.QEMU)
             if mechanism not in ("nbd", "file-handle"):
                 raise HostError(f"provider chose unknown VM mechanism {mechanism!r}")
             sizes = {d.device: {"size": _disk_size(d.path)} for d in disks}
             choices = p.backup_vm_query_incremental(vmid, sizes) or {}
-            modes = self._prepare_bitmaps(disks, choices)
+            try:
+                modes.update(self._prepare_bitmaps(disks, choices))
+            except BaseException:
+                outcome.failed()
+                raise
             report.bitmap_modes = {dev: str(m) for dev, m in modes.items()}
             rundir = Path(stack.enter_context(_private_dir()))
             volumes = self._snapshot_access(stack, rundir, disks, modes, sizes, mechanism)
             info: dict[str, Any] = {"bandwidth-limit": bwlimit}
             if firewall is not None:
                 info["firewall-config"] = firewall
-            p.backup_vm(vmid, config, volumes, info)
-        return lambda: self._clear_bitmaps(disks, modes)
+            try:
+                p.backup_vm(vmid, config, volumes, info)
+            except BaseException:
+                stack.close()  # the exports hold the images: stop them first
+                outcome.failed()
+                raise
+        return outcome
 
     def _set_attributes(self, volid: str, notes: str | None, protected: bool) -> None:
         if notes:
@@ -292,6 +317,18 @@ class Host:
             else:
                 modes[d.device] = BitmapMode.NONE
         return modes
+
+    def _drop_new_bitmaps(self, disks: Sequence[Disk], modes: Mapping[str, BitmapMode]) -> None:
+        """After a failure, a bitmap made for this backup goes again: it only
+        tracks changes since it was made, and the failed backup does not hold
+        the changes before.  The next backup then starts over with a full one.
+        A reused bitmap stays as it was (it still holds every change since the
+        last good backup)."""
+        name = bitmap_name(self.storeid)
+        for d in disks:
+            if modes.get(d.device) == BitmapMode.NEW:
+                with contextlib.suppress(DirbackupError):
+                    qemu.bitmap(d.path, "remove", name)
 
     def _clear_bitmaps(self, disks: Sequence[Disk], modes: Mapping[str, BitmapMode]) -> None:
         """After a successful backup the bitmaps track changes from now on."""
@@ -365,7 +402,7 @@ class Host:
         if not rootfs.is_dir():
             raise HostError(f"container root {rootfs} does not exist or is not a directory")
 
-        def body(p: BackupProvider, report: BackupReport) -> Callable[[], None]:
+        def body(p: BackupProvider, report: BackupReport) -> _Outcome:
             mechanism = p.backup_get_mechanism(vmid, VmType.LXC)
             if mechanism != "directory":
                 raise HostError(f"provider chose unknown container mechanism {mechanism!r}")
@@ -379,7 +416,7 @@ class Host:
                 info["firewall-config"] = firewall
             p.backup_container_prepare(vmid, info)
             p.backup_container(vmid, config, list(exclude), info)
-            return lambda: None
+            return _Outcome()
 
         return self._run_backup(vmid, VmType.LXC, start_time, notes, protected, body)
 
