@@ -1295,6 +1295,9 @@ def write_markdown(
             cmd = cmd.replace(PY, "python")
             lines.append(f"{t.label}: {cmd}")
         lines += ["```", ""]
+    analysis = BENCH / "analysis.md"
+    if analysis.exists():
+        lines += [analysis.read_text().strip(), ""]
     lines += [
         "## How to read this",
         "",
@@ -1345,8 +1348,9 @@ def write_chart(path: Path, results: dict[str, Result], scale: Scale) -> None:
         ax.tick_params(axis="x", labelsize=7)
         title = f"{res.key}: {res.title}"
         ax.set_title(title if len(title) < 80 else title[:77] + "…", fontsize=8)
-        for yi, m in zip(y, med, strict=True):
-            ax.text(m, yi, f" {m:.3g}", va="center", fontsize=6)
+        for yi, t in zip(y, tools, strict=True):
+            ax.text(max(t.values()), yi, f"  {t.median() or 0.0:.3g} s", va="center", fontsize=6)
+        ax.margins(x=0.15)
     for ax in list(axes.flat)[len(shown) :]:
         ax.axis("off")
     label = (
