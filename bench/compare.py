@@ -26,6 +26,7 @@ import json
 import os
 import platform
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -89,7 +90,7 @@ SCALES = {
         scaling_clusters=1000,
         memory_sizes=(1 * GiB, 64 * GiB, 1 * TiB),
         memory_target_size=64 * GiB,
-        rounds=3,
+        rounds=5,
         shm_needed=10 * GiB,
     ),
     "small": Scale(
@@ -173,9 +174,16 @@ class Spawner:
             text=True,
         )
 
-    def run(self, argv: Sequence[str], stdout: Path, stderr: Path) -> dict[str, Any]:
+    def run(
+        self, argv: Sequence[str], stdout: Path, stderr: Path, timeout: float
+    ) -> dict[str, Any]:
         assert self.proc.stdin is not None and self.proc.stdout is not None
-        request = {"argv": list(argv), "stdout": str(stdout), "stderr": str(stderr)}
+        request = {
+            "argv": list(argv),
+            "stdout": str(stdout),
+            "stderr": str(stderr),
+            "timeout": timeout,
+        }
         self.proc.stdin.write(json.dumps(request) + "\n")
         self.proc.stdin.flush()
         line = self.proc.stdout.readline()
@@ -184,14 +192,21 @@ class Spawner:
         answer: dict[str, Any] = json.loads(line)
         return answer
 
-    def close(self) -> None:
+    def close(self, interrupted: bool = False) -> None:
+        """Let the spawner exit; when interrupted, make it kill the running tool."""
+        if interrupted:
+            self.proc.terminate()
         if self.proc.stdin:
-            self.proc.stdin.close()
+            with contextlib.suppress(BrokenPipeError):
+                self.proc.stdin.close()
         self.proc.wait()
 
 
 SPAWNER: Spawner | None = None
 KEEP_WRONG: Path | None = None  # --keep-wrong: where failed outputs go
+
+
+TIMEOUT = 600.0  # seconds any one tool may run before it is killed and reported
 
 
 def run_child(argv: Sequence[str], logdir: Path, name: str) -> Sample:
@@ -201,9 +216,11 @@ def run_child(argv: Sequence[str], logdir: Path, name: str) -> Sample:
     if SPAWNER is None:
         SPAWNER = Spawner()
     out_path, err_path = logdir / f"{name}.out", logdir / f"{name}.err"
-    answer = SPAWNER.run(argv, out_path, err_path)
+    answer = SPAWNER.run(argv, out_path, err_path, TIMEOUT)
     if "error" in answer:
         raise ToolFailed(answer["error"])
+    if answer["status"] == -9:
+        raise ToolFailed(f"killed after {TIMEOUT:.0f} s")
     if answer["status"] != 0:
         tail = err_path.read_text(errors="replace").strip().splitlines()[-5:]
         raise ToolFailed(f"exit status {answer['status']}: {' / '.join(tail)}")
@@ -225,7 +242,8 @@ def _remove(path: Path) -> None:
 
 def measure(tools: list[Tool], rounds: int, logdir: Path, say: Callable[[str], None]) -> None:
     """Round 0 warms up and is checked; rounds 1..N are timed.  Tools alternate,
-    the starting tool rotating each round."""
+    the starting tool rotating each round.  Each tool's outputs are removed
+    before and right after its run (outside the timed part)."""
     for r in range(rounds + 1):
         shift = r % len(tools)
         for tool in tools[shift:] + tools[:shift]:
@@ -256,10 +274,10 @@ def measure(tools: list[Tool], rounds: int, logdir: Path, say: Callable[[str], N
                         if o.exists():
                             shutil.move(o, KEEP_WRONG / o.name)
                             say(f"    kept {KEEP_WRONG / o.name}")
+            finally:
+                for o in tool.outputs:  # one output at a time: /dev/shm stays bounded
+                    _remove(o)
         say(f"    round {r}{' (warm-up, checked)' if r == 0 else ''} done")
-    for tool in tools:
-        for o in tool.outputs:
-            _remove(o)
 
 
 def _slug(label: str) -> str:
@@ -475,7 +493,7 @@ def w2_full_nbd(ctx: Ctx) -> Result:
             "ours, product path (Host.backup_vm)",
             ctx.ours("product-backup", str(store), "w2", "100", DEVICE, str(src), str(STORE_EPOCH)),
             Role.INFO,
-            [],
+            [store / "100"],
             check_output(product_image, "qcow2", src, "raw"),
             setup=_emptier(store),
         ),
@@ -631,7 +649,7 @@ def w3_incremental(ctx: Ctx) -> Result:
                 str(STORE_EPOCH + 1),
             ),
             Role.INFO,
-            [],
+            [new_dir],
             check_product,
             setup=reset_store,
             teardown=restore_bitmap,
@@ -957,7 +975,7 @@ def w6b_memory(ctx: Ctx) -> Result:
                             str(STORE_EPOCH),
                         ),
                         Role.INFO,
-                        [],
+                        [store / "102"],
                         check_output(image, "qcow2", src, "raw"),
                         setup=_emptier(store),
                         versus=f"ours, {human(size)} sparse",
@@ -1234,6 +1252,7 @@ def write_markdown(
     seconds: float,
     load: tuple[tuple[float, ...], tuple[float, ...]],
     work: Path,
+    failures: dict[str, str],
 ) -> None:
     """bench/RESULTS.md: everything needed to judge and reproduce the figures."""
     lines: list[str] = ["# Benchmark results", ""]
@@ -1247,6 +1266,8 @@ def write_markdown(
         ]
     if args.only:
         lines += [f"> Partial run: only workloads {args.only}.", ""]
+    for key, why in failures.items():
+        lines += [f"> **Workload {key} failed while setting up**: {why}", ""]
     lines += [
         f"Run {started:%Y-%m-%d %H:%M} UTC, {seconds / 60:.1f} min, scale `{scale.name}`, "
         f"{args.rounds} timed rounds after one checked warm-up, {args.workers} worker threads.",
@@ -1376,7 +1397,15 @@ def workdir(base: Path) -> Iterator[Path]:
         shutil.rmtree(path, ignore_errors=True)
 
 
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
 def main(argv: list[str]) -> int:
+    # Ctrl-C and kill both end in the cleanup below (a shell without job control
+    # starts background jobs with SIGINT ignored, so install it explicitly).
+    signal.signal(signal.SIGINT, _interrupt)
+    signal.signal(signal.SIGTERM, _interrupt)
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--scale", choices=sorted(SCALES), default="full")
     ap.add_argument("--rounds", type=int, default=None, help="timed rounds (after one warm-up)")
@@ -1411,6 +1440,7 @@ def main(argv: list[str]) -> int:
     t0 = time.monotonic()
     load0 = os.getloadavg()
     results: dict[str, Result] = {}
+    failures: dict[str, str] = {}
     global SPAWNER
     SPAWNER = Spawner()  # before anything large is allocated here
     with workdir(args.base) as work:
@@ -1423,12 +1453,21 @@ def main(argv: list[str]) -> int:
                 began = time.monotonic()
                 try:
                     results[key] = WORKLOADS[key](ctx)
+                except (ToolFailed, qemu.ToolError, subprocess.CalledProcessError, OSError) as exc:
+                    failures[key] = f"{type(exc).__name__}: {exc}"
+                    say(f"  workload {key} FAILED while setting up: {failures[key]}")
+                    continue
                 finally:
                     ctx.stop_all()
+                    for p in work.iterdir():
+                        if p != logs and p.name != "w1.raw":  # workload 2 reuses w1.raw
+                            _remove(p)
                 print_table(results[key])
                 say(f"  ({time.monotonic() - began:.0f} s)")
         except KeyboardInterrupt:
             say("interrupted; cleaning up")
+            SPAWNER.close(interrupted=True)
+            ctx.stop_all()
             return 130
         finally:
             ctx.stop_all()
@@ -1442,6 +1481,8 @@ def main(argv: list[str]) -> int:
             f"  {g.name:55s} {value:>12s}  limit {'≤' if g.lower_is_better else '≥'} "
             f"{g.limit:.3g}{g.unit}  {g.verdict()}"
         )
+    for key, why in failures.items():
+        print(f"  workload {key} FAILED: {why}")
     print(f"\nTotal {seconds / 60:.1f} min")
     if not args.no_write:
         write_markdown(
@@ -1455,6 +1496,7 @@ def main(argv: list[str]) -> int:
             seconds,
             (load0, os.getloadavg()),
             work,
+            failures,
         )
         write_chart(args.chart, results, scale)
         print(f"wrote {args.results} and {args.chart}")

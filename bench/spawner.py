@@ -9,19 +9,35 @@ children is theirs (plus a floor of about 10 MiB, this interpreter's size).
 It also keeps the fork of a large parent out of the timed region.
 
 Protocol: one JSON request per line on stdin, {"argv": [...], "stdout": path,
-"stderr": path}; one JSON answer per line on stdout, {"wall": s, "cpu": s,
+"stderr": path, "timeout": seconds}; one JSON answer per line on stdout, {"wall": s, "cpu": s,
 "maxrss": bytes, "status": exit code} or {"error": message}.
 Run as `python -I -S spawner.py`.
 """
 
+import contextlib
 import json
 import os
+import signal
 import sys
+import threading
 import time
 
+CURRENT = 0  # process group of the running child
 
-def spawn(argv: list[str], stdout: str, stderr: str) -> dict[str, object]:
-    """Run argv to completion; wall time from spawn to reaped, rusage from wait4."""
+
+def _terminate(signum: int, frame: object) -> None:
+    """The runner was interrupted: end the running tool (and what it started)."""
+    if CURRENT:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(CURRENT, signal.SIGKILL)
+    sys.exit(1)
+
+
+def spawn(argv: list[str], stdout: str, stderr: str, timeout: float) -> dict[str, object]:
+    """Run argv to completion; wall time from spawn to reaped, rusage from wait4.
+    A process still running after `timeout` seconds is killed (status -9).
+    Each tool runs in its own process group, so that an interrupted run can end
+    it with everything it started."""
     out = os.open(stdout, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
     err = os.open(stderr, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
     actions = [
@@ -33,9 +49,15 @@ def spawn(argv: list[str], stdout: str, stderr: str) -> dict[str, object]:
     ]
     try:
         start = time.perf_counter()
-        pid = os.posix_spawnp(argv[0], argv, os.environ, file_actions=actions)
+        pid = os.posix_spawnp(argv[0], argv, os.environ, file_actions=actions, setpgroup=0)
+        global CURRENT
+        CURRENT = pid
+        timer = threading.Timer(timeout, os.killpg, (pid, signal.SIGKILL))
+        timer.start()
         _, status, usage = os.wait4(pid, 0)
         wall = time.perf_counter() - start
+        timer.cancel()
+        CURRENT = 0
     finally:
         os.close(out)
         os.close(err)
@@ -48,10 +70,14 @@ def spawn(argv: list[str], stdout: str, stderr: str) -> dict[str, object]:
 
 
 def main() -> int:
+    signal.signal(signal.SIGTERM, _terminate)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the runner decides
     for line in sys.stdin:
         request = json.loads(line)
         try:
-            answer = spawn(request["argv"], request["stdout"], request["stderr"])
+            answer = spawn(
+                request["argv"], request["stdout"], request["stderr"], request["timeout"]
+            )
         except OSError as exc:
             answer = {"error": f"{request['argv'][0]}: {exc.strerror}"}
         sys.stdout.write(json.dumps(answer) + "\n")
