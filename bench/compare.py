@@ -1188,6 +1188,9 @@ def print_table(res: Result) -> None:
         print(f"  {k}: {v:.4g}" if isinstance(v, float) else f"  {k}: {v}")
 
 
+OWN_FILES = ("--", ".", ":!bench/RESULTS.md", ":!bench/results.png")  # written by this run
+
+
 def machine() -> dict[str, str]:
     """What the figures were measured on."""
 
@@ -1219,8 +1222,8 @@ def machine() -> dict[str, str]:
     import numpy
 
     commit = first_line(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"])
-    dirty = subprocess.run(
-        ["git", "-C", str(REPO), "status", "--porcelain", "--untracked-files=no"],
+    dirty = subprocess.run(  # this run's own outputs do not count
+        ["git", "-C", str(REPO), "status", "--porcelain", "--untracked-files=no", *OWN_FILES],
         capture_output=True,
         text=True,
         check=False,
