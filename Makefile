@@ -11,8 +11,9 @@ PIP_PACKAGES  := "cython>=3.0" numpy "scikit-build-core>=0.8" pytest pytest-benc
                  hypothesis xxhash ruff mypy cython-lint matplotlib
 SOURCES       := $(wildcard pyx/*.pyx pyx/*.pxd) CMakeLists.txt pyproject.toml
 PYTEST_ARGS   ?=
+BENCH_ARGS    ?=
 
-.PHONY: all setup build demo test test-long lint bench clean distclean
+.PHONY: all setup build demo test test-long lint bench bench-small bench-micro clean distclean
 
 all: build
 
@@ -46,8 +47,17 @@ test: lint
 test-long: $(STAMPS)/build
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
+# The side-by-side comparison (full scale, about 10 minutes, several GiB of
+# /dev/shm); `make bench-small` checks the suite in a minute; see bench/README.md.
 bench: $(STAMPS)/build
-	$(PY) bench/compare.py
+	$(PY) bench/compare.py $(BENCH_ARGS)
+
+bench-small: $(STAMPS)/build
+	$(PY) bench/compare.py --scale small --no-write $(BENCH_ARGS)
+
+# Micro-benchmarks of the core (pytest-benchmark); not part of `make test`.
+bench-micro: $(STAMPS)/build
+	$(PY) -m pytest -q -p no:cacheprovider bench/test_micro.py $(PYTEST_ARGS)
 
 clean:
 	rm -rf build $(STAMPS)/build
