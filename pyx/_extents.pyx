@@ -8,14 +8,14 @@ Extents are numpy arrays of shape (N, 3), dtype uint64, one row per extent:
 from libc.errno cimport EINVAL, ENXIO, EOPNOTSUPP, errno
 from libc.stdint cimport UINT64_MAX, uint32_t, uint64_t
 from libc.stdlib cimport free, malloc, realloc
-from libc.string cimport memcpy, memset, strcmp
+from libc.string cimport memchr, memcpy, memset, strcmp
 from posix.mman cimport MADV_HUGEPAGE, madvise
 from posix.unistd cimport lseek
 
 from _capsule cimport handle_of
 from _errors cimport check_nbd, os_error
 from libnbd cimport nbd_block_status, nbd_extent_callback, nbd_get_errno, nbd_get_error, nbd_handle
-from sysdeps cimport SEEK_DATA, SEEK_HOLE
+from sysdeps cimport SEEK_DATA, SEEK_HOLE, pthread_create, pthread_join, pthread_t
 
 import numpy as np
 
@@ -23,6 +23,8 @@ from dirbackup.errors import MapFormatError, ProtocolError
 
 # Block status requests stay below 4 GiB: the NBD protocol carries 32-bit lengths.
 cdef uint64_t MAX_STATUS_REQUEST = 1 << 31
+# map texts from this size on are scanned by two threads
+cdef Py_ssize_t PARALLEL_TEXT = 4 << 20
 
 OFFSET = 0
 LENGTH = 1
@@ -65,6 +67,19 @@ cdef int buf_append(ExtBuf *b, uint64_t off, uint64_t length, uint64_t flags) no
     row[1] = length
     row[2] = flags
     b.n += 1
+    return 0
+
+
+cdef int buf_reserve(ExtBuf *b, size_t more) noexcept nogil:
+    """Make room for `more` rows."""
+    cdef uint64_t *grown
+    if b.n + more <= b.cap:
+        return 0
+    grown = <uint64_t *>realloc(b.rows, (b.n + more) * 3 * sizeof(uint64_t))
+    if grown == NULL:
+        return -1
+    b.rows = grown
+    b.cap = b.n + more
     return 0
 
 
@@ -156,26 +171,90 @@ cdef inline bint is_space(unsigned char c) noexcept nogil:
     return c == c' ' or c == c'\t' or c == c'\r'
 
 
-cdef inline Py_ssize_t parse_uint(const unsigned char *s, Py_ssize_t i, Py_ssize_t end,
-                                  uint64_t *out) noexcept nogil:
-    """Parse decimal digits at s[i:]; return the index after them, -1 if none, -2 on overflow."""
-    cdef uint64_t v = 0
-    cdef uint64_t d
-    cdef Py_ssize_t start = i
-    # 19 digits always fit in 64 bits; only longer numbers need the overflow check
-    while i < end and i - start < 19 and <unsigned char>(s[i] - c'0') < 10:
-        v = v * 10 + (s[i] - c'0')
-        i += 1
-    while i < end and <unsigned char>(s[i] - c'0') < 10:
-        d = s[i] - c'0'
-        if v > (UINT64_MAX - d) // 10:
-            return -2
-        v = v * 10 + d
-        i += 1
-    if i == start:
-        return -1
-    out[0] = v
-    return i
+cdef extern from *:
+    """
+    /* Word-at-a-time (SWAR) helpers for the map scanner, little-endian hosts.
+     * Each looks at 8 bytes with one load instead of branching per byte. */
+    #include <Python.h>
+    #include <stdint.h>
+    #include <string.h>
+    #define DB_ONES  0x0101010101010101ULL
+    #define DB_HIGHS 0x8080808080808080ULL
+    static const uint64_t db_pow10[9] = {1ULL, 10ULL, 100ULL, 1000ULL, 10000ULL, 100000ULL,
+                                         1000000ULL, 10000000ULL, 100000000ULL};
+
+    static inline uint64_t db_load8(const unsigned char *p) {
+        uint64_t w; memcpy(&w, p, 8); return w;
+    }
+    /* Index (0..8) of the first byte of w that is not an ASCII digit. */
+    static inline int db_digit_run(uint64_t w) {
+        uint64_t hi = (w & 0xF0F0F0F0F0F0F0F0ULL) ^ 0x3030303030303030ULL;
+        uint64_t over = ((w + 0x0606060606060606ULL) & 0xF0F0F0F0F0F0F0F0ULL)
+                        ^ 0x3030303030303030ULL;
+        uint64_t bad = hi | over;   /* a byte that is not a digit has a high-nibble bit */
+        return bad ? __builtin_ctzll(bad) >> 3 : 8;
+    }
+    /* The value of the first n (1..8) digits of w. */
+    static inline uint64_t db_digits_value(uint64_t w, int n) {
+        uint64_t d = (w - 0x3030303030303030ULL) << (8 * (8 - n)); /* zeros lead */
+        d = (d * 10 + (d >> 8)) & 0x00FF00FF00FF00FFULL;              /* 2-digit lanes */
+        d = (d * 100 + (d >> 16)) & 0x0000FFFF0000FFFFULL;            /* 4-digit lanes */
+        return (d * 10000 + (d >> 32)) & 0xFFFFFFFFULL;               /* 8 digits */
+    }
+    /* Index (0..8) of the first byte of w that is not a space. */
+    static inline int db_space_run(uint64_t w) {
+        uint64_t x = w ^ 0x2020202020202020ULL;
+        return x ? __builtin_ctzll(x) >> 3 : 8;
+    }
+    /* Parse decimal digits at s[i:end]: the index after them, -1 if there are
+     * none, -2 if the number does not fit in 64 bits.  Eight digits per step
+     * while a whole word can be loaded. */
+    static inline __attribute__((always_inline)) Py_ssize_t
+    db_parse_uint(const unsigned char *s, Py_ssize_t i, Py_ssize_t end, uint64_t *out) {
+        uint64_t v = 0;
+        Py_ssize_t start = i;
+        while (i + 8 <= end && i - start <= 8) {
+            uint64_t w = db_load8(s + i);
+            int k = db_digit_run(w);
+            if (k == 0)
+                break;
+            v = v * db_pow10[k] + db_digits_value(w, k);
+            i += k;
+            if (k < 8) {
+                *out = v;
+                return i;
+            }
+        }
+        /* the rest byte by byte: 19 digits always fit, longer numbers are checked */
+        while (i < end && i - start < 19 && (unsigned char)(s[i] - '0') < 10)
+            v = v * 10 + (s[i++] - '0');
+        while (i < end && (unsigned char)(s[i] - '0') < 10) {
+            uint64_t d = s[i] - '0';
+            if (v > (UINT64_MAX - d) / 10)
+                return -2;
+            v = v * 10 + d;
+            i++;
+        }
+        if (i == start)
+            return -1;
+        *out = v;
+        return i;
+    }
+    /* Index (0..8) of the first newline in w. */
+    static inline int db_newline_at(uint64_t w) {
+        uint64_t x = w ^ 0x0A0A0A0A0A0A0A0AULL;
+        uint64_t z = (x - DB_ONES) & ~x & DB_HIGHS;
+        return z ? __builtin_ctzll(z) >> 3 : 8;
+    }
+    """
+    const uint64_t *POW10 "db_pow10"
+    uint64_t load8 "db_load8"(const unsigned char *p) noexcept nogil
+    int digit_run "db_digit_run"(uint64_t w) noexcept nogil
+    uint64_t digits_value "db_digits_value"(uint64_t w, int n) noexcept nogil
+    int space_run "db_space_run"(uint64_t w) noexcept nogil
+    int newline_at "db_newline_at"(uint64_t w) noexcept nogil
+    Py_ssize_t parse_uint "db_parse_uint"(const unsigned char *s, Py_ssize_t i,
+                                          Py_ssize_t end, uint64_t *out) noexcept nogil
 
 
 cdef object line_text(const unsigned char *s, Py_ssize_t a, Py_ssize_t b):
@@ -198,23 +277,58 @@ cdef struct TextState:
     uint64_t off
     uint64_t length
     uint64_t expect
+    # a part of a text split between threads: its first extent starts anywhere,
+    # and is remembered so the caller can check where the parts meet
+    int free_start
+    int seen
+    uint64_t first_off
+    Py_ssize_t first_lineno
+    Py_ssize_t first_start
+    Py_ssize_t first_end
+
+
+cdef struct TextPart:
+    const unsigned char *s
+    Py_ssize_t n
+    int contiguous
+    uint64_t mask
+    uint64_t value
+    uint64_t keep
+    int rc
+    ExtBuf b
+    TextState st
 
 
 cdef inline Py_ssize_t skip_blank(const unsigned char *s, Py_ssize_t j,
                                   Py_ssize_t end) noexcept nogil:
-    cdef uint64_t word
-    # nbdinfo pads numbers to a fixed width: skip runs of spaces eight at a time
+    cdef int k
+    # nbdinfo pads numbers to a fixed width with spaces: skip them a word at a time
     while j + 8 <= end:
-        memcpy(&word, s + j, 8)
-        if word != 0x2020202020202020ULL:
+        k = space_run(load8(s + j))
+        j += k
+        if k < 8:
             break
-        j += 8
     while j < end and is_space(s[j]):
         j += 1
     return j
 
 
+cdef inline Py_ssize_t line_end(const unsigned char *s, Py_ssize_t j,
+                                Py_ssize_t end) noexcept nogil:
+    """Index of the newline ending the line at j (or `end`)."""
+    cdef int k
+    while j + 8 <= end:
+        k = newline_at(load8(s + j))
+        j += k
+        if k < 8:
+            return j
+    while j < end and s[j] != c'\n':
+        j += 1
+    return j
+
+
 cdef int scan_text(const unsigned char *s, Py_ssize_t n, ExtBuf *b, bint contiguous,
+                   uint64_t mask, uint64_t value, uint64_t keep,
                    TextState *st) noexcept nogil:
     """One pass over map text; on a bad line return its error code, with the
     line's number and bounds in `st`."""
@@ -243,25 +357,33 @@ cdef int scan_text(const unsigned char *s, Py_ssize_t n, ExtBuf *b, bint contigu
                     rc = TEXT_RANGE if j == -2 else TEXT_MALFORMED
                 elif typ > <uint64_t>0xFFFFFFFFU:
                     rc = TEXT_RANGE
+            if rc == TEXT_OK and st.free_start and not st.seen:
+                st.expect = st.off
             if rc == TEXT_OK and not extent_ok(st.off, st.length, st.expect, contiguous):
                 rc = TEXT_EXTENT
         if j < 0:
             j = st.line_start
         # the description, up to the end of the line
-        while j < n and s[j] != c'\n':
-            j += 1
+        j = line_end(s, j, n)
         st.line_end = j
         if rc != TEXT_OK:
             return rc
         i = j + 1
         if not blank:
+            if not st.seen:
+                st.seen = 1
+                st.first_off = st.off
+                st.first_lineno = st.lineno
+                st.first_start = st.line_start
+                st.first_end = st.line_end
             st.expect = st.off + st.length
-            if buf_push(b, st.off, st.length, typ) < 0:
+            if typ & mask == value and buf_push(b, st.off, st.length, typ & keep) < 0:
                 return TEXT_NOMEM
     return TEXT_OK
 
 
-def parse_map_text(data, uint64_t start=0, object size=None, bint contiguous=True):
+def parse_map_text(data, uint64_t start=0, object size=None, bint contiguous=True,
+                   uint64_t mask=UINT64_MAX, uint64_t value=UINT64_MAX):
     """Parse the text printed by `nbdinfo --map[=CONTEXT]` into extents.
 
     Each line is `offset length type [description]`, separated by any amount of
@@ -270,6 +392,10 @@ def parse_map_text(data, uint64_t start=0, object size=None, bint contiguous=Tru
     is ever dropped.  With `contiguous` (the default) the extents must start at
     `start`, follow each other without gap or overlap and, when `size` is given,
     end exactly at `size` -- a truncated or reordered map is an error.
+
+    With `mask` and `value`, every line is still checked but only the rows
+    whose (flags & mask) == value are returned, with flags & mask (like
+    `select`, without a second pass).
     """
     cdef const unsigned char[::1] view
     if isinstance(data, str):
@@ -277,30 +403,100 @@ def parse_map_text(data, uint64_t start=0, object size=None, bint contiguous=Tru
     view = data
     cdef const unsigned char *s = &view[0] if view.shape[0] else <const unsigned char *>b""
     cdef Py_ssize_t n = view.shape[0]
-    cdef TextState st
-    memset(&st, 0, sizeof(st))
-    st.expect = start
-    cdef ExtBuf b
-    b.n = 0
-    cdef int rc
-    with nogil:
-        b.cap = n // 6 + 1      # "0 1 0\n" is the shortest line: never regrown
-        b.rows = <uint64_t *>malloc(b.cap * 3 * sizeof(uint64_t))
-        advise_huge(b.rows, b.cap * 3 * sizeof(uint64_t))
-        rc = scan_text(s, n, &b, contiguous, &st) if b.rows != NULL else TEXT_NOMEM
+    cdef TextPart a, z
+    cdef uint64_t keep = mask
+    if mask == UINT64_MAX and value == UINT64_MAX:
+        mask = value = 0        # every row, flags as they are
+        keep = UINT64_MAX
+    cdef pthread_t tid
+    cdef Py_ssize_t mid = n
+    cdef int started = 0
+    cdef const unsigned char *nl
+    cdef uint64_t *row
+    cdef size_t k
+    memset(&a, 0, sizeof(a))
+    memset(&z, 0, sizeof(z))
+    a.st.expect = start
+    a.contiguous = z.contiguous = contiguous
+    a.mask = z.mask = mask
+    a.value = z.value = value
+    a.keep = z.keep = keep
+    z.st.free_start = 1
     try:
-        if rc == TEXT_NOMEM:
+        with nogil:
+            if n >= PARALLEL_TEXT:     # big maps: two halves on two threads
+                nl = <const unsigned char *>memchr(s + n // 2, c'\n', n - n // 2)
+                if nl != NULL:
+                    mid = nl - s + 1
+            a.s, a.n = s, mid
+            z.s, z.n = s + mid, n - mid
+            if text_part_alloc(&a) < 0 or text_part_alloc(&z) < 0:
+                a.rc = TEXT_NOMEM
+            else:
+                if z.n and pthread_create(&tid, NULL, scan_part, &z) == 0:
+                    started = 1
+                elif z.n:
+                    scan_part(&z)
+                scan_part(&a)
+                if started:
+                    pthread_join(tid, NULL)
+        if a.rc == TEXT_NOMEM or z.rc == TEXT_NOMEM:
             raise MemoryError()
-        if rc != TEXT_OK:
-            text = line_text(s, st.line_start, st.line_end)
-            if rc == TEXT_EXTENT:
-                check_extent(st.off, st.length, st.expect, contiguous, f"line {st.lineno}", text)
-            what = "number out of range" if rc == TEXT_RANGE else "malformed map entry"
-            raise MapFormatError(f"line {st.lineno}: {what}: {text!r}")
-        check_end(b.n, st.expect, start, size, contiguous)
-        return buf_to_array(&b)
+        if a.rc != TEXT_OK:
+            text_error(s, &a.st, a.rc, contiguous, 0)
+        if z.rc != TEXT_OK:
+            text_error(z.s, &z.st, z.rc, contiguous, a.st.lineno)
+        if z.st.seen:
+            if a.st.seen or contiguous:
+                if contiguous and z.st.first_off != a.st.expect:
+                    z.st.off = z.st.first_off
+                    z.st.lineno = z.st.first_lineno
+                    z.st.line_start, z.st.line_end = z.st.first_start, z.st.first_end
+                    z.st.expect = a.st.expect
+                    text_error(z.s, &z.st, TEXT_EXTENT, contiguous, a.st.lineno)
+            # append the second half's rows, merging where the halves meet
+            if buf_reserve(&a.b, z.b.n) < 0:
+                raise MemoryError()
+            k = 0
+            if a.b.n:
+                row = a.b.rows + 3 * (a.b.n - 1)
+                if row[2] == z.b.rows[2] and row[0] + row[1] == z.b.rows[0]:
+                    row[1] += z.b.rows[1]
+                    k = 1
+            memcpy(a.b.rows + 3 * a.b.n, z.b.rows + 3 * k, (z.b.n - k) * 3 * sizeof(uint64_t))
+            a.b.n += z.b.n - k
+            a.st.expect = z.st.expect
+        check_end(a.b.n, a.st.expect, start, size, contiguous)
+        return buf_to_array(&a.b)
     finally:
-        free(b.rows)
+        free(a.b.rows)
+        free(z.b.rows)
+
+
+cdef int text_part_alloc(TextPart *p) noexcept nogil:
+    p.b.cap = p.n // 6 + 1      # "0 1 0\n" is the shortest line: never regrown
+    p.b.rows = <uint64_t *>malloc(p.b.cap * 3 * sizeof(uint64_t))
+    if p.b.rows == NULL:
+        return -1
+    advise_huge(p.b.rows, p.b.cap * 3 * sizeof(uint64_t))
+    return 0
+
+
+cdef void *scan_part(void *arg) noexcept nogil:
+    cdef TextPart *p = <TextPart *>arg
+    p.rc = scan_text(p.s, p.n, &p.b, p.contiguous, p.mask, p.value, p.keep, &p.st)
+    return NULL
+
+
+cdef int text_error(const unsigned char *s, TextState *st, int rc, bint contiguous,
+                    Py_ssize_t line_base) except -1:
+    """Raise the MapFormatError for a bad line found by scan_text."""
+    text = line_text(s, st.line_start, st.line_end)
+    where = f"line {line_base + st.lineno}"
+    if rc == TEXT_EXTENT:
+        check_extent(st.off, st.length, st.expect, contiguous, where, text)
+    what = "number out of range" if rc == TEXT_RANGE else "malformed map entry"
+    raise MapFormatError(f"{where}: {what}: {text!r}")
 
 
 cdef inline bint extent_ok(uint64_t off, uint64_t length, uint64_t expect,
@@ -311,13 +507,13 @@ cdef inline bint extent_ok(uint64_t off, uint64_t length, uint64_t expect,
 cdef int check_extent(uint64_t off, uint64_t length, uint64_t expect, bint contiguous,
                       str where, object text) except -1:
     if length == 0:
-        raise MapFormatError(f"line {where}: zero-length extent: {text!r}")
+        raise MapFormatError(f"{where}: zero-length extent: {text!r}")
     if off > UINT64_MAX - length:
-        raise MapFormatError(f"line {where}: extent runs past 2^64: {text!r}")
+        raise MapFormatError(f"{where}: extent runs past 2^64: {text!r}")
     if contiguous and off != expect:
         how = "overlaps the previous one" if off < expect else "leaves a gap"
         raise MapFormatError(
-            f"line {where}: extent at offset {off} {how} (expected offset {expect}): {text!r}")
+            f"{where}: extent at offset {off} {how} (expected offset {expect}): {text!r}")
     return 0
 
 

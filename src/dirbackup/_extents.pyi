@@ -12,7 +12,12 @@ FLAGS: int
 
 def empty() -> _Rows: ...
 def parse_map_text(
-    data: bytes | str, start: int = ..., size: int | None = ..., contiguous: bool = ...
+    data: bytes | str,
+    start: int = ...,
+    size: int | None = ...,
+    contiguous: bool = ...,
+    mask: int = ...,
+    value: int = ...,
 ) -> _Rows: ...
 def parse_map_json(
     data: bytes | str, start: int = ..., size: int | None = ..., contiguous: bool = ...

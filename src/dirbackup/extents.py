@@ -49,16 +49,25 @@ def from_pairs(pairs: Any, flags: int = 0) -> Extents:
 
 
 def parse_map_text(
-    data: bytes | str, start: int = 0, size: int | None = None, contiguous: bool = True
+    data: bytes | str,
+    start: int = 0,
+    size: int | None = None,
+    contiguous: bool = True,
+    select: tuple[int, int] | None = None,
 ) -> Extents:
     """Parse `nbdinfo --map[=CONTEXT]` text output.
 
     Every non-blank line must be `offset length type [description]`; a line
     of any other shape raises MapFormatError naming its number and content.
     With `contiguous`, extents must start at `start`, follow each other
-    without gap or overlap, and end at `size` when it is given.
+    without gap or overlap, and end at `size` when it is given.  With
+    `select=(mask, value)` only rows with (flags & mask) == value are
+    returned (every line is still checked): `select=(DIRTY, DIRTY)` gives the
+    dirty regions of a bitmap map in one pass.
     """
-    return _extents.parse_map_text(data, start, size, contiguous)
+    if select is None:
+        return _extents.parse_map_text(data, start, size, contiguous)
+    return _extents.parse_map_text(data, start, size, contiguous, select[0], select[1])
 
 
 def parse_map_json(
