@@ -300,13 +300,13 @@ def test_big_map_errors_name_the_right_line(where: float) -> None:
     text, rows = big_map(200_000)
     lines = text.split(b"\n")
     k = int(len(rows) * where)
-    bad = lines[:k] + [b"   12345 zork 0"] + lines[k + 1 :]
+    bad = [*lines[:k], b"   12345 zork 0", *lines[k + 1 :]]
     with pytest.raises(MapFormatError, match=rf"^line {k + 1}: malformed map entry"):
         extents.parse_map_text(b"\n".join(bad))
     gap = lines[:k] + lines[k + 1 :]  # a missing line: the next one leaves a gap
     with pytest.raises(MapFormatError, match=rf"^line {k + 1}: extent at offset \d+ leaves a gap"):
         extents.parse_map_text(b"\n".join(gap))
-    swapped = lines[:k] + [lines[k + 1], lines[k]] + lines[k + 2 :]
+    swapped = [*lines[:k], lines[k + 1], lines[k], *lines[k + 2 :]]
     with pytest.raises(MapFormatError, match=rf"^line {k + 1}: extent at offset \d+ leaves"):
         extents.parse_map_text(b"\n".join(swapped))
     size = rows[-1][0] + rows[-1][1]
