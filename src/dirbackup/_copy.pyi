@@ -42,6 +42,7 @@ class CopyJob:
         digest_chunk: int = ...,
         digest_size: int = ...,
         digest_zero: bool = ...,
+        serialize_writes: bool = ...,
         source_name: str = ...,
         target_name: str = ...,
     ) -> None: ...

@@ -221,10 +221,12 @@ def requests_from_regions(regions: ext.Extents, request_size: int) -> npt.NDArra
 
 def _target_args(target: Target, options: CopyOptions) -> dict[str, Any]:
     if isinstance(target, FileTarget):
+        blockdev = _is_blockdev(target.fd)
         return {
             "target_kind": _copy.TGT_FD,
             "tgt_fd": target.fd,
-            "tgt_blockdev": _is_blockdev(target.fd),
+            "tgt_blockdev": blockdev,
+            "serialize_writes": not blockdev,
             "tgt_fresh": target.fresh,
             "target_name": target.name,
             "cluster_size": options.cluster_size,
@@ -239,6 +241,7 @@ def _target_args(target: Target, options: CopyOptions) -> dict[str, Any]:
         }
     return {
         "target_kind": _copy.TGT_SINK,
+        "serialize_writes": True,
         "sink": target.sink_capsule(),
         "target_name": target.name,
         "cluster_size": target.cluster_size,
