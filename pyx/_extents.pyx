@@ -21,8 +21,9 @@ import numpy as np
 
 from dirbackup.errors import MapFormatError, ProtocolError
 
-# Block status requests stay below 4 GiB: the NBD protocol carries 32-bit lengths.
-cdef uint64_t MAX_STATUS_REQUEST = 1 << 31
+# Block status requests stay below 4 GiB: the NBD protocol carries 32-bit lengths
+# (this is the largest 64 KiB-aligned length that fits).
+cdef uint64_t MAX_STATUS_REQUEST = 0xFFFF0000
 # map texts from this size on are scanned by two threads
 cdef Py_ssize_t PARALLEL_TEXT = 4 << 20
 
