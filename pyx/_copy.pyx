@@ -87,6 +87,7 @@ cdef enum:
     OP_EOF = 5
     OP_READ_LAYER = 6
     MAX_DEPTH = 64
+    IN_FLIGHT = 4 << 20
     ALIGN = 4096
     ZERO_BUF = 1 << 20
     CANCEL_GRACE_NS = 5000000000
@@ -775,6 +776,7 @@ cdef class CopyJob:
         cdef uint64_t[:, ::1] rows
         cdef int i, k
         cdef void *mem
+        cdef uint64_t nbd_slot
         cdef Worker *w
         self._requests = np.ascontiguousarray(requests, dtype=np.uint64)
         if self._requests.ndim != 2 or self._requests.shape[1] != 5:
@@ -835,6 +837,18 @@ cdef class CopyJob:
         if j.slice > request_size:
             j.slice = request_size
         j.depth = depth if j.src_nbd else 1
+        # NBD slots only need to hold the longest request; when requests are
+        # small (scattered dirty clusters), keep more of them in flight so that
+        # about IN_FLIGHT bytes travel per connection
+        cdef uint64_t longest = 0
+        for i in range(rows.shape[0]):
+            if rows[i, 2] != K_ZERO and rows[i, 1] > longest:
+                longest = rows[i, 1]
+        if j.src_nbd and longest:
+            nbd_slot = (min(longest, request_size) + ALIGN - 1) // ALIGN * ALIGN
+            j.depth = max(depth, min(<int>(IN_FLIGHT // nbd_slot), MAX_DEPTH))
+        else:
+            nbd_slot = request_size
         j.discard = discard
         j.bw_limit = bandwidth_limit
         j.bw_burst = request_size if bandwidth_limit > request_size else bandwidth_limit
@@ -864,7 +878,7 @@ cdef class CopyJob:
             w = &self.workers[i]
             w.job = j
             # NBD slots hold whole requests; file reads go slice by slice
-            w.slot_size = (request_size if j.src_nbd else j.slice) + ALIGN
+            w.slot_size = (nbd_slot if j.src_nbd else j.slice) + ALIGN
             if posix_memalign(&mem, ALIGN, w.slot_size * j.depth) != 0:
                 raise MemoryError()
             w.buf = <char *>mem
