@@ -36,6 +36,7 @@ class CopyJob:
         tgt_fresh: bool = ...,
         cluster_size: int = ...,
         request_size: int = ...,
+        slice_size: int = ...,
         depth: int = ...,
         discard: bool = ...,
         bandwidth_limit: int = ...,

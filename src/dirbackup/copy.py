@@ -41,6 +41,7 @@ from dirbackup import extents as ext
 MiB = 1 << 20
 DEFAULT_REQUEST_SIZE = 4 * MiB
 DEFAULT_CLUSTER_SIZE = 64 * 1024
+DEFAULT_SLICE_SIZE = 1 * MiB
 DIRECT_ALIGNMENT = 4096
 
 REQ_COPY, REQ_DATA, REQ_ZERO = _copy.REQ_COPY, _copy.REQ_DATA, _copy.REQ_ZERO
@@ -137,7 +138,11 @@ Target = FileTarget | NBDTarget | Sink
 class CopyOptions:
     """How to copy.
 
-    request_size: bytes per read (default 4 MiB).
+    request_size: bytes per request (default 4 MiB): the unit of work handed to a
+        thread, and the size of NBD reads.
+    slice_size: file sources are read and written in slices of this size (default
+        1 MiB), so that each slice is still in the CPU cache when it is checked,
+        hashed and written.
     cluster_size: unit of zero detection and of the digests (64 KiB); a sink's own
         cluster size wins.
     workers: threads (0: min(4, CPUs)); with NBD, at most one per handle.
@@ -149,6 +154,7 @@ class CopyOptions:
     """
 
     request_size: int = DEFAULT_REQUEST_SIZE
+    slice_size: int = DEFAULT_SLICE_SIZE
     cluster_size: int = DEFAULT_CLUSTER_SIZE
     workers: int = 0
     depth: int = 4
@@ -260,6 +266,7 @@ def _run(
         requests,
         workers=options.workers or default_workers(),
         request_size=options.request_size,
+        slice_size=options.slice_size,
         depth=options.depth,
         discard=options.discard,
         bandwidth_limit=options.bandwidth_limit,
