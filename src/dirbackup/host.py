@@ -606,11 +606,9 @@ def _disk_size(path: Path) -> int:
 
 @contextlib.contextmanager
 def _private_dir() -> Iterator[str]:
-    base = "/run/dirbackup" if os.geteuid() == 0 else tempfile.gettempdir()
-    os.makedirs(base, mode=0o700, exist_ok=True)
-    path = tempfile.mkdtemp(prefix="host-", dir=base)
+    path = qemu.make_rundir("host-")
     try:
-        yield path
+        yield str(path)
     finally:
         shutil.rmtree(path, ignore_errors=True)
 

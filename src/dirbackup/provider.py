@@ -31,7 +31,6 @@ import contextlib
 import json
 import os
 import shutil
-import tempfile
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -596,7 +595,7 @@ class DirectoryBackupProvider(BackupProvider):
         if key in self._restores:
             raise StoreError(f"{device_name} of {volname} is already being restored")
         with self.open_chain(volname, device_name) as chain:
-            rundir = Path(tempfile.mkdtemp(prefix="dirbackup-", dir=_run_base()))
+            rundir = qemu.make_rundir("dirbackup-")
             job = _VolumeRestore(rundir)
             self._restores[key] = job
             try:
@@ -642,7 +641,7 @@ class DirectoryBackupProvider(BackupProvider):
             return {"tar-path": str(path / TAR_ARCHIVE)}
         if volname in self._mounts:
             raise StoreError(f"{volname} is already mounted for restore")
-        rundir = Path(tempfile.mkdtemp(prefix="dirbackup-", dir=_run_base()))
+        rundir = qemu.make_rundir("dirbackup-")
         mountpoint = rundir / "root"
         mountpoint.mkdir()
         try:
@@ -675,12 +674,3 @@ def _cluster_size_for(regions: extents.Extents, size: int) -> int:
         while cluster > MIN_CLUSTER and bounds.size and bool((bounds % np.uint64(cluster)).any()):
             cluster //= 2
     return cluster
-
-
-def _run_base() -> str:
-    """Where private sockets and mount points go: /run/dirbackup as root."""
-    if os.geteuid() == 0 and os.path.isdir("/run"):
-        base = "/run/dirbackup"
-        os.makedirs(base, mode=0o700, exist_ok=True)
-        return base
-    return tempfile.gettempdir()

@@ -281,6 +281,20 @@ def _own_start_time() -> str:
         return f.read().rsplit(")", 1)[1].split()[19]
 
 
+def owner_line() -> str:
+    """`<pid> <start time>`: names this process, even after its pid is reused."""
+    return f"{os.getpid()} {_own_start_time()}\n"
+
+
+def owner_alive(line: str) -> bool:
+    """Whether the process an owner_line() names still runs."""
+    try:
+        pid_s, start = line.split()
+        return _process_alive(int(pid_s), start)
+    except ValueError:
+        return False
+
+
 # ----------------------------------------------------------------------------
 # The store
 
@@ -388,7 +402,7 @@ class Store:
             part.mkdir(mode=0o755)
         except FileExistsError:
             raise StoreError(f"backup {bid.archive} is already being written") from None
-        (part / OWNER_FILE).write_text(f"{os.getpid()} {_own_start_time()}\n")
+        (part / OWNER_FILE).write_text(owner_line())
         return part
 
     def publish(self, bid: BackupId, manifest: Manifest) -> Path:
@@ -425,9 +439,8 @@ class Store:
         for p in gdir.iterdir():
             if p.name.startswith(".") and p.name.endswith(".partial") and p.is_dir():
                 try:
-                    pid_s, start = (p / OWNER_FILE).read_text().split()
-                    alive = _process_alive(int(pid_s), start)
-                except (OSError, ValueError):
+                    alive = owner_alive((p / OWNER_FILE).read_text())
+                except OSError:
                     alive = False
                 if not alive:
                     shutil.rmtree(p, ignore_errors=True)
