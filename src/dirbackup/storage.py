@@ -462,6 +462,7 @@ class DirectoryStorage:
         base of others is first merged into each of them, so they stay whole."""
         bid = self.backup_id(volname)
         with self.store.lock(bid.vmid, what="removal"):
+            self.store.clean_stale(bid.vmid)
             self._remove(bid, log)
 
     def _remove(self, bid: BackupId, log: LogFunction | None) -> None:
@@ -560,6 +561,7 @@ class DirectoryStorage:
                 if not doomed:
                     continue
                 with self.store.lock(gvmid, what="prune"):
+                    self.store.clean_stale(gvmid)
                     for p in sorted(doomed, key=lambda p: -p.ctime):
                         self._remove(self.backup_id(p.volid), log)
         return [e.as_dict() for e in result]

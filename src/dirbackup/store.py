@@ -281,6 +281,14 @@ def _own_start_time() -> str:
         return f.read().rsplit(")", 1)[1].split()[19]
 
 
+def _stale_temporary(name: str, mark: str) -> bool:
+    """`.<name><mark><pid>` made by a process that is gone."""
+    if not name.startswith(".") or mark not in name:
+        return False
+    pid = name.rsplit(mark, 1)[1]
+    return pid.isdigit() and not os.path.exists(f"/proc/{pid}")
+
+
 def owner_line() -> str:
     """`<pid> <start time>`: names this process, even after its pid is reused."""
     return f"{os.getpid()} {_own_start_time()}\n"
@@ -431,12 +439,17 @@ class Store:
         shutil.rmtree(part, ignore_errors=True)
 
     def clean_stale(self, vmid: int) -> list[str]:
-        """Remove partial backups and temporary files left by processes that are gone."""
+        """Remove what interrupted writers of a guest left behind, once they are
+        gone: partial backups, directories being removed, and the temporary
+        files of an atomic write or a merge (in the guest's directory and in
+        its published and failed backups)."""
         removed: list[str] = []
         gdir = self.guest_dir(vmid)
         if not gdir.is_dir():
             return removed
         for p in gdir.iterdir():
+            if p.is_symlink():
+                continue
             if p.name.startswith(".") and p.name.endswith(".partial") and p.is_dir():
                 try:
                     alive = owner_alive((p / OWNER_FILE).read_text())
@@ -445,16 +458,17 @@ class Store:
                 if not alive:
                     shutil.rmtree(p, ignore_errors=True)
                     removed.append(p.name)
-            elif ".removing-" in p.name and p.name.startswith(".") and p.is_dir():
-                pid_s = p.name.rsplit("-", 1)[1]
-                if pid_s.isdigit() and not os.path.exists(f"/proc/{pid_s}"):
-                    shutil.rmtree(p, ignore_errors=True)
-                    removed.append(p.name)
-            elif ".tmp-" in p.name and p.name.startswith("."):
-                pid_s = p.name.rsplit("-", 1)[1]
-                if pid_s.isdigit() and not os.path.exists(f"/proc/{pid_s}"):
-                    p.unlink(missing_ok=True)
-                    removed.append(p.name)
+            elif _stale_temporary(p.name, ".removing-") and p.is_dir():
+                shutil.rmtree(p, ignore_errors=True)
+                removed.append(p.name)
+            elif _stale_temporary(p.name, ".tmp-"):
+                p.unlink(missing_ok=True)
+                removed.append(p.name)
+            elif p.is_dir() and (_NAME_RE.fullmatch(p.name) or p.name.endswith(".failed")):
+                for q in p.iterdir():
+                    if _stale_temporary(q.name, ".tmp-") or _stale_temporary(q.name, ".merge-"):
+                        q.unlink(missing_ok=True)
+                        removed.append(f"{p.name}/{q.name}")
         return removed
 
     # -- reading
