@@ -12,9 +12,11 @@ first), attributes are stored, and `verify` checks what was written.
 
 from __future__ import annotations
 
+import errno
 import json
 import multiprocessing
 import os
+import shutil
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from enum import StrEnum
@@ -26,6 +28,7 @@ from dirbackup.errors import DirbackupError, ImageError, StoreError
 from dirbackup.prune import KeepRules, Mark, PruneCandidate, mark
 from dirbackup.store import (
     GUEST_CONFIG,
+    MANIFEST,
     PENDING_ATTRIBUTES,
     SQUASHFS_ARCHIVE,
     TAR_ARCHIVE,
@@ -36,6 +39,8 @@ from dirbackup.store import (
     VmType,
     digest_map,
     dir_usage,
+    exchange,
+    fsync_path,
     read_json,
     sha256_file,
     split_volid,
@@ -158,6 +163,22 @@ class VerifyResult:
     ok: bool
     problems: tuple[str, ...] = ()
     checked_bytes: int = 0
+
+
+def _link_rest(source: Path, staging: Path) -> bool:
+    """Hard-link the files of `source` that `staging` does not have yet into it;
+    False where the file system has no hard links."""
+    for p in source.iterdir():
+        if (staging / p.name).exists() or p.name.startswith("."):
+            continue
+        try:
+            os.link(p, staging / p.name, follow_symlinks=False)
+        except OSError as exc:
+            if exc.errno in (errno.EPERM, errno.EOPNOTSUPP, errno.EXDEV, errno.EMLINK):
+                return False
+            raise
+    fsync_path(staging)
+    return True
 
 
 def _activate_probe(path: str) -> bool:
@@ -478,12 +499,19 @@ class DirectoryStorage:
     def _merge_into(
         self, bid: BackupId, entry: BackupEntry, child: BackupEntry, log: LogFunction | None
     ) -> None:
+        """Fold `bid`'s images into the child's that build on them.
+
+        The merged images and the updated manifest are made in a sibling
+        staging directory (the child's other files hard-linked), which then
+        takes the child's place in one atomic exchange: a crash at any point
+        leaves either the old child or the new one, never a merged image with
+        the old manifest.  Where the file system cannot exchange directories,
+        the images are replaced one by one and the manifest last."""
         gdir = self.store.guest_dir(bid.vmid)
-        if log:
-            log("info", f"merging {bid.volname} into {child.id.volname} before removal")
         m = child.manifest
         parent_manifest = entry.manifest
         disks = m.disks if m is not None else {p.stem: None for p in child.path.glob("*.qcow2")}
+        todo = []
         for device, record in disks.items():
             if record is not None and record.parent != bid.volname:
                 continue
@@ -491,26 +519,48 @@ class DirectoryStorage:
             with qcow2.Chain(image, gdir) as chain:
                 if chain.depth < 2 or Path(chain.paths[1]).parent != entry.path.resolve():
                     continue
-            qcow2.merge_into_child(image, gdir)
-            if m is not None and record is not None:
-                grand = None
-                if parent_manifest is not None and device in parent_manifest.disks:
-                    grand = parent_manifest.disks[device].parent
-                digests = qcow2.image_digests(image, record.digest_chunk, record.size)
-                m.disks[device] = replace(
-                    record,
-                    parent=grand,
-                    mode="incremental" if grand else "full",
-                    digests=digest_map(digests),
+            todo.append((device, record, image))
+        if not todo:
+            return
+        if log:
+            log("info", f"merging {bid.volname} into {child.id.volname} before removal")
+        staging = gdir / f".{child.id.name}.merge-{os.getpid()}"
+        shutil.rmtree(staging, ignore_errors=True)  # left over by a crashed merge of ours
+        staging.mkdir()
+        try:
+            for device, record, image in todo:
+                merged = staging / image.name
+                qcow2.merge_into_child(image, gdir, output=merged)
+                if m is not None and record is not None:
+                    grand = None
+                    if parent_manifest is not None and device in parent_manifest.disks:
+                        grand = parent_manifest.disks[device].parent
+                    digests = qcow2.image_digests(merged, record.digest_chunk, record.size)
+                    m.disks[device] = replace(
+                        record,
+                        parent=grand,
+                        mode="incremental" if grand else "full",
+                        digests=digest_map(digests),
+                    )
+            if m is not None:
+                parents = [d.parent for d in m.disks.values() if d.parent]
+                m = replace(
+                    m,
+                    parent=max(parents) if parents else None,
+                    mode="incremental" if parents else "full",
                 )
-        if m is not None:
-            parents = [d.parent for d in m.disks.values() if d.parent]
-            m = replace(
-                m,
-                parent=max(parents) if parents else None,
-                mode="incremental" if parents else m.mode,
-            )
-            self.store.write_manifest(child.id, m)
+                write_atomic(staging / MANIFEST, m.to_json())
+            if _link_rest(child.path, staging) and exchange(staging, child.path):
+                fsync_path(gdir)
+                return
+            # no atomic exchange here: images first, the manifest last
+            for _device, _record, image in todo:
+                os.replace(staging / image.name, image)
+            fsync_path(child.path)
+            if m is not None:
+                self.store.write_manifest(child.id, m)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
 
     def prune_backups(
         self,

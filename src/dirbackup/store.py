@@ -23,6 +23,7 @@ path outside the store.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import errno
 import fcntl
 import hashlib
@@ -267,6 +268,26 @@ def write_atomic(path: Path, data: str | bytes, mode: int = 0o644) -> None:
     fsync_path(path.parent)
 
 
+_libc = ctypes.CDLL(None, use_errno=True)
+_AT_FDCWD = -100
+_RENAME_EXCHANGE = 2
+
+
+def exchange(a: Path, b: Path) -> bool:
+    """Swap two directories atomically (renameat2 with RENAME_EXCHANGE).
+    False where the C library, kernel or file system cannot."""
+    renameat2 = getattr(_libc, "renameat2", None)
+    if renameat2 is None:
+        return False
+    rc = renameat2(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE)
+    if rc == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
+        return False
+    raise OSError(err, f"exchanging {a} and {b}: {os.strerror(err)}", str(b))
+
+
 def _process_alive(pid: int, start: str) -> bool:
     try:
         with open(f"/proc/{pid}/stat") as f:
@@ -458,7 +479,9 @@ class Store:
                 if not alive:
                     shutil.rmtree(p, ignore_errors=True)
                     removed.append(p.name)
-            elif _stale_temporary(p.name, ".removing-") and p.is_dir():
+            elif (
+                _stale_temporary(p.name, ".removing-") or _stale_temporary(p.name, ".merge-")
+            ) and p.is_dir():
                 shutil.rmtree(p, ignore_errors=True)
                 removed.append(p.name)
             elif _stale_temporary(p.name, ".tmp-"):
