@@ -411,8 +411,18 @@ class Store:
     # -- writing a backup
 
     def new_backup_id(self, vmid: int, vmtype: VmType, epoch: int) -> BackupId:
-        """The first free id at or after `epoch`: two backups of a guest within
-        the same second never share (and so never overwrite) a directory."""
+        """The first free id at or after `epoch` and after the guest's newest
+        backup: two backups of a guest within the same second never share (and
+        so never overwrite) a directory, and a new backup never sorts before
+        the one it builds on -- not after a clock step back, nor when a backup
+        whose time was moved up has been removed -- so that `keep-last` and
+        listings keep the newest."""
+        gdir = self.guest_dir(vmid)
+        if gdir.is_dir():
+            for p in gdir.iterdir():
+                m = _NAME_RE.fullmatch(p.name)
+                if m and int(m.group(2)) >= epoch:
+                    epoch = int(m.group(2)) + 1
         while True:
             bid = BackupId(vmid, vmtype, epoch)
             if not (
