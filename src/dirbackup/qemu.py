@@ -300,6 +300,8 @@ def start_nbd(
         cmd.append(os.fspath(image or ""))
     # Not --fork: a daemon would outlive us if we were killed, keeping the
     # guest's image open and locked.  Ready when it has written its pid file.
+    # A read-only server is killed outright when we die: qemu-nbd loses a
+    # SIGTERM that comes while it starts up, and has nothing to write back.
     with tempfile.TemporaryFile() as err:
         try:
             proc = subprocess.Popen(
@@ -307,7 +309,7 @@ def start_nbd(
                 stdin=subprocess.DEVNULL,
                 stdout=subprocess.DEVNULL,
                 stderr=err,
-                preexec_fn=_die_with_parent(),
+                preexec_fn=_die_with_parent(signal.SIGKILL if readonly else signal.SIGTERM),
             )
         except FileNotFoundError:
             os.unlink(pidfile)
