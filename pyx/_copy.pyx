@@ -637,8 +637,8 @@ cdef void nbd_worker(Worker *w) noexcept nogil:
     cdef int64_t cookie[MAX_DEPTH]
     cdef uint64_t *rows[MAX_DEPTH]
     cdef int busy[MAX_DEPTH]
-    cdef int k, inflight = 0, r, exhausted = 0, failed = 0
-    cdef uint64_t i
+    cdef int k, inflight = 0, r, exhausted = 0, failed = 0, poll_failed
+    cdef uint64_t i, poll_off = 0
     cdef uint64_t *row
     cdef char *buf
     for k in range(j.depth):
@@ -674,10 +674,13 @@ cdef void nbd_worker(Worker *w) noexcept nogil:
             w.leak = 1          # the server does not answer: keep the buffers
             break
         r = nbd_poll(w.src_h, 1000)
-        if r < 0:
-            if not failed:
-                fail_nbd(j, OP_READ, rows[0][4] if busy[0] else 0)
-                failed = 1
+        poll_failed = r < 0 and not failed
+        if poll_failed:
+            # recorded after the completions: when the server is gone, the
+            # commands in flight carry the real error (ENOTCONN), the poll
+            # only "nothing to poll for in state DEAD" (EINVAL)
+            poll_off = rows[0][4] if busy[0] else 0
+            failed = 1
         for k in range(j.depth):
             if not busy[k]:
                 continue
@@ -697,6 +700,8 @@ cdef void nbd_worker(Worker *w) noexcept nogil:
                 continue
             discard_source(w, rows[k][4], rows[k][1])
             account(&j.done_bytes, rows[k][1])
+        if poll_failed:
+            fail_nbd(j, OP_READ, poll_off)
         if failed and inflight:
             # a dead connection fails everything in flight; do not spin
             if nbd_aio_in_flight(w.src_h) <= 0:
