@@ -92,9 +92,11 @@ class _GuestBackup:
     bid: BackupId
     lock: contextlib.ExitStack
     published: bool = False
+    returned: bool = False  # backup_vm returned: the hypervisor advances its bitmap
     disks: dict[str, DiskRecord] = field(default_factory=dict)
     files: dict[str, FileRecord] = field(default_factory=dict)
     old_previous: PreviousInfo | None = None
+    old_previous_raw: bytes | None = None
     started: float = field(default_factory=time.monotonic)
 
 
@@ -243,6 +245,7 @@ class DirectoryBackupProvider(BackupProvider):
                 g, device, VolumeInfo.coerce(volumes[device]), binfo.bandwidth_limit
             )
         self._publish(g, "incremental" if any(d.parent for d in g.disks.values()) else "full")
+        g.returned = True
 
     def _write_configs(
         self, g: _GuestBackup, part: Path, guest_config: str, firewall: str | None
@@ -402,6 +405,8 @@ class DirectoryBackupProvider(BackupProvider):
         self.store.publish(g.bid, manifest)
         g.published = True
         if g.bid.vmtype == VmType.QEMU:
+            path = self.store.previous_info_path(g.bid.vmid)
+            g.old_previous_raw = path.read_bytes() if path.exists() else None
             old = self.store.read_previous(g.bid.vmid, VmType.QEMU)
             g.old_previous = old
             new = PreviousInfo(devices=dict(old.devices), backup=g.bid.name)
@@ -501,6 +506,19 @@ class DirectoryBackupProvider(BackupProvider):
     def _abort(self, g: _GuestBackup) -> None:
         if not g.published:
             self.store.discard(g.bid)
+            return
+        if not g.returned:
+            # Published, but backup_vm itself failed after that (previous-info
+            # could not be written, say): the hypervisor keeps its bitmap as it
+            # was, so the old record is still right.  Put it back as it was.
+            self.store.remove_backup(g.bid)
+            path = self.store.previous_info_path(g.bid.vmid)
+            now = path.read_bytes() if path.exists() else None
+            if now != g.old_previous_raw:
+                if g.old_previous_raw is None:
+                    path.unlink()
+                else:
+                    write_atomic(path, g.old_previous_raw)
             return
         # Published, but the hypervisor failed the backup afterwards: remove it.
         # Its dirty bitmap may already have advanced past this backup, so the
