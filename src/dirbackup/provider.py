@@ -482,7 +482,11 @@ class DirectoryBackupProvider(BackupProvider):
         try:
             if success:
                 if not g.published:
-                    self._publish_container(g)
+                    try:
+                        self._publish_container(g)
+                    except BaseException:
+                        self._abort(g)  # e.g. ENOSPC writing the manifest
+                        raise
                 size, _used = dir_usage(self.store.backup_dir(g.bid))
                 self._finished[vmid] = (g.bid, True)
                 return {"stats": {"archive-size": size}}
