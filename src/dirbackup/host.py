@@ -213,7 +213,7 @@ class Host:
             stats = p.backup_cleanup(vmid, VmType.QEMU, True, {})
             report.archive_size = int((stats or {}).get("stats", {}).get("archive-size", 0))
             ok = True
-            self._clear_bitmaps(disks, modes)
+            self._advance_bitmaps(disks, modes)
         except BaseException as exc:
             if not ok:
                 with contextlib.suppress(Exception):
@@ -252,8 +252,15 @@ class Host:
         self, disks: Sequence[Disk], choices: Mapping[str, str]
     ) -> dict[str, BitmapMode]:
         """The hypervisor's bitmap lifecycle, with qcow2 persistent bitmaps:
-        use + present and consistent -> reuse; use + missing -> created -> new;
-        new -> recreated; not asked -> removed -> none; raw disks -> none."""
+        use + present and consistent -> reuse; use + missing or inconsistent,
+        or new -> new; not asked -> none; raw disks -> none.
+
+        For `new` and `none` the old bitmap is removed now and, for `new`, a
+        fresh one is only added once the backup is in (_advance_bitmaps; the
+        export keeps the disk from being written meanwhile).  A backup that
+        fails or is killed so leaves no bitmap behind that began with it: the
+        provider's last good backup of the disk is older, and a bitmap younger
+        than that base would make the next incremental miss changes."""
         name = bitmap_name(self.storeid)
         modes: dict[str, BitmapMode] = {}
         for d in disks:
@@ -272,23 +279,26 @@ class Host:
             if bm is not None:
                 qemu.bitmap(d.path, "remove", name)
             if choice in ("use", "new"):
-                qemu.bitmap(d.path, "add", name)
                 modes[d.device] = BitmapMode.NEW
                 if choice == "use":
                     self.log(
                         "info",
-                        f"{d.device}: dirty bitmap missing or inconsistent; recreated, full backup",
+                        f"{d.device}: dirty bitmap missing or inconsistent; full backup, "
+                        "a new bitmap starts with it",
                     )
             else:
                 modes[d.device] = BitmapMode.NONE
         return modes
 
-    def _clear_bitmaps(self, disks: Sequence[Disk], modes: Mapping[str, BitmapMode]) -> None:
-        """After a successful backup the bitmaps track changes from now on."""
+    def _advance_bitmaps(self, disks: Sequence[Disk], modes: Mapping[str, BitmapMode]) -> None:
+        """After backup_vm returned, the bitmaps track changes from now on:
+        cleared where one was used, added where a new one starts."""
         name = bitmap_name(self.storeid)
         for d in disks:
-            if modes.get(d.device) in (BitmapMode.NEW, BitmapMode.REUSE):
+            if modes.get(d.device) == BitmapMode.REUSE:
                 qemu.bitmap(d.path, "clear", name)
+            elif modes.get(d.device) == BitmapMode.NEW:
+                qemu.bitmap(d.path, "add", name)
 
     # -- snapshot access
 
