@@ -209,11 +209,14 @@ class Host:
                 if firewall is not None:
                     info["firewall-config"] = firewall
                 p.backup_vm(vmid, config, volumes, info)
+            # backup_vm returned: the bitmaps advance now, while the provider
+            # still holds the guest's lock (a second backup waiting for it then
+            # finds them advanced), and before the job can still fail
+            self._advance_bitmaps(disks, modes)
             self._set_attributes(volid, notes, protected)
             stats = p.backup_cleanup(vmid, VmType.QEMU, True, {})
             report.archive_size = int((stats or {}).get("stats", {}).get("archive-size", 0))
             ok = True
-            self._advance_bitmaps(disks, modes)
         except BaseException as exc:
             if not ok:
                 with contextlib.suppress(Exception):
