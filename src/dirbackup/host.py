@@ -243,7 +243,7 @@ class Host:
         try:
             self.log.write(Path(name))
             p.backup_handle_log_file(vmid, name)
-        except DirbackupError as exc:
+        except (DirbackupError, OSError) as exc:  # the backup stands or falls without it
             if self.log.forward:
                 self.log.forward("warn", f"could not store the task log: {exc}")
         finally:
