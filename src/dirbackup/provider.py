@@ -205,12 +205,14 @@ class DirectoryBackupProvider(BackupProvider):
             bid = BackupId.parse(f"{vmid}/{name}")
         except DirbackupError:
             return None
+        if file != disk_file(device) or not self.store.exists(bid):
+            return None  # a record naming anything else is no base
         image = self.store.backup_dir(bid) / file
-        try:
-            header = qcow2.read_header(image)
-        except DirbackupError:
-            return None
-        if header.virtual_size != size:
+        try:  # a base is a valid chain inside the guest's directory
+            with qcow2.Chain(image, self.store.guest_dir(vmid)) as chain:
+                if chain.virtual_size != size:
+                    return None
+        except (DirbackupError, OSError):
             return None
         return bid, image
 
