@@ -599,18 +599,29 @@ class DirectoryBackupProvider(BackupProvider):
         bid, path = self._backup(volname)
         manifest = self.store.read_manifest(bid)
         check_device_name(device)
+        size = None
         if manifest is not None:
             if device not in manifest.disks:
                 raise StoreError(
                     f"backup {volname} has no disk {device!r} "
                     f"(it has: {', '.join(sorted(manifest.disks)) or 'none'})"
                 )
-            image = path / manifest.disks[device].file
+            record = manifest.disks[device]
+            if Path(record.file).name != record.file or record.file in ("", ".", ".."):
+                raise StoreError(f"backup {volname}: its manifest names {record.file!r}; refused")
+            image, size = path / record.file, record.size
         else:
             image = path / disk_file(device)
             if not image.exists():
                 raise StoreError(f"backup {volname} has no disk {device!r}")
-        return qcow2.Chain(image, self.store.guest_dir(bid.vmid))
+        chain = qcow2.Chain(image, self.store.guest_dir(bid.vmid))
+        if size is not None and chain.virtual_size != size:
+            chain.close()
+            raise StoreError(
+                f"{image}: virtual size {chain.virtual_size} differs from the "
+                f"{size} bytes the backup's manifest records; refused"
+            )
+        return chain
 
     def restore_vm_volume_init(
         self, volname: str, device_name: str, info: Mapping[str, Any] | None = None
@@ -619,6 +630,7 @@ class DirectoryBackupProvider(BackupProvider):
         if key in self._restores:
             raise StoreError(f"{device_name} of {volname} is already being restored")
         with self.open_chain(volname, device_name) as chain:
+            chain.map()  # every table checked: QEMU would read what lies as zeros
             rundir = qemu.make_rundir("dirbackup-")
             job = _VolumeRestore(rundir)
             self._restores[key] = job
