@@ -31,6 +31,7 @@ import contextlib
 import json
 import os
 import shutil
+import stat
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -72,6 +73,7 @@ from dirbackup.store import (
     dir_usage,
     disk_file,
     read_json,
+    read_regular,
     sha256_file,
     write_atomic,
 )
@@ -572,14 +574,14 @@ class DirectoryBackupProvider(BackupProvider):
     def archive_get_guest_config(self, volname: str, *storeid: str) -> str:
         _bid, path = self._backup(volname)
         try:
-            return (path / GUEST_CONFIG).read_text()
+            return read_regular(path / GUEST_CONFIG).decode("utf-8", "replace")
         except FileNotFoundError:
             raise StoreError(f"backup {volname} has no guest configuration") from None
 
     def archive_get_firewall_config(self, volname: str, *storeid: str) -> str | None:
         _bid, path = self._backup(volname)
         try:
-            return (path / FIREWALL_CONFIG).read_text()
+            return read_regular(path / FIREWALL_CONFIG).decode("utf-8", "replace")
         except FileNotFoundError:
             return None
 
@@ -673,8 +675,13 @@ class DirectoryBackupProvider(BackupProvider):
 
         mechanism, _ = self.restore_get_mechanism(volname)
         _bid, path = self._backup(volname)
+        if mechanism not in (RestoreMechanism.TAR, RestoreMechanism.DIRECTORY):
+            raise StoreError(f"backup {volname} is not a container backup")
+        archive = path / (TAR_ARCHIVE if mechanism == RestoreMechanism.TAR else SQUASHFS_ARCHIVE)
+        if not stat.S_ISREG(os.lstat(archive).st_mode):
+            raise StoreError(f"{archive} is not a regular file (a symlink?); refused")
         if mechanism == RestoreMechanism.TAR:
-            return {"tar-path": str(path / TAR_ARCHIVE)}
+            return {"tar-path": str(archive)}
         if volname in self._mounts:
             raise StoreError(f"{volname} is already mounted for restore")
         rundir = qemu.make_rundir("dirbackup-")

@@ -17,6 +17,7 @@ import json
 import multiprocessing
 import os
 import shutil
+import stat
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from enum import StrEnum
@@ -674,9 +675,12 @@ class DirectoryStorage:
         for name, rec in m.files.items():
             path = entry.path / name
             try:
-                st = path.stat()
+                st = path.lstat()
             except FileNotFoundError:
                 problems.append(f"{name} is missing")
+                continue
+            if not stat.S_ISREG(st.st_mode):
+                problems.append(f"{name} is not a regular file (a symlink?); refused")
                 continue
             if st.st_size != rec.size:
                 problems.append(f"{name}: size {st.st_size} differs from the manifest's {rec.size}")

@@ -31,6 +31,7 @@ import json
 import os
 import re
 import shutil
+import stat
 import time
 from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass, field
@@ -344,6 +345,32 @@ class BackupEntry:
     manifest: Manifest | None
 
 
+def real_dir(path: Path) -> bool:
+    """A directory, and not through a symlink: what the store is made of.  A
+    symlink placed in the store never leads a listing or a restore outside."""
+    return path.is_dir() and not path.is_symlink()
+
+
+def read_regular(path: Path) -> bytes:
+    """The content of a regular file of the store; a symlink or anything else
+    is refused (StoreError), FileNotFoundError passes."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise StoreError(f"{path} is a symbolic link; refused") from None
+        raise
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise StoreError(f"{path} is not a regular file; refused")
+        chunks = []
+        while chunk := os.read(fd, 1 << 20):
+            chunks.append(chunk)
+        return b"".join(chunks)
+    finally:
+        os.close(fd)
+
+
 class Store:
     """A backup store rooted at a directory."""
 
@@ -514,12 +541,12 @@ class Store:
     # -- reading
 
     def exists(self, bid: BackupId) -> bool:
-        return self.backup_dir(bid).is_dir()
+        return real_dir(self.guest_dir(bid.vmid)) and real_dir(self.backup_dir(bid))
 
     def require(self, bid: BackupId) -> Path:
         """The directory of a published backup, or StoreError."""
         path = self.backup_dir(bid)
-        if not path.is_dir():
+        if not self.exists(bid):
             raise StoreError(f"backup {bid.volname} does not exist in {self.root}")
         return path
 
@@ -527,7 +554,7 @@ class Store:
         """The manifest, or None for a backup in the seed's layout (no manifest)."""
         path = self.backup_dir(bid) / MANIFEST
         try:
-            text = path.read_text()
+            text = read_regular(path).decode("utf-8", "replace")
         except FileNotFoundError:
             return None
         return Manifest.from_json(text, str(path))
@@ -540,7 +567,7 @@ class Store:
         self.check()
         out = []
         for p in self.root.iterdir():
-            if p.is_dir() and p.name.isdigit() and str(int(p.name)) == p.name:
+            if real_dir(p) and p.name.isdigit() and str(int(p.name)) == p.name:
                 out.append(int(p.name))
         return sorted(out)
 
@@ -551,11 +578,11 @@ class Store:
         entries = []
         for v in vmids:
             gdir = self.guest_dir(v)
-            if not gdir.is_dir():
+            if not real_dir(gdir):
                 continue
             for p in gdir.iterdir():
                 m = _NAME_RE.fullmatch(p.name)
-                if not m or not p.is_dir():
+                if not m or not real_dir(p):
                     continue
                 bid = BackupId(v, VmType(m.group(1)), int(m.group(2)))
                 entries.append(BackupEntry(bid, p, self.read_manifest(bid)))
@@ -564,9 +591,9 @@ class Store:
 
     def read_previous(self, vmid: int, vmtype: VmType) -> PreviousInfo:
         try:
-            text = self.previous_info_path(vmid).read_text()
-        except FileNotFoundError:
-            return PreviousInfo()
+            text = read_regular(self.previous_info_path(vmid)).decode("utf-8", "replace")
+        except (FileNotFoundError, StoreError):
+            return PreviousInfo()  # no record: the next backup is full
         return PreviousInfo.parse(text, vmtype)
 
     def write_previous(self, vmid: int, info: PreviousInfo) -> None:
