@@ -327,13 +327,24 @@ class DirectoryStorage:
         path = self.store.require(bid)
         return BackupEntry(bid, path, self.store.read_manifest(bid))
 
+    def _entry_or_problem(self, volname: str) -> BackupEntry:
+        """_entry(), but a damaged manifest becomes the entry's problem."""
+        try:
+            return self._entry(volname)
+        except StoreError as exc:
+            bid = self.backup_id(volname)
+            return BackupEntry(bid, self.store.require(bid), None, str(exc))
+
     def parent_of(self, entry: BackupEntry) -> BackupId | None:
         """The backup an incremental builds on (the newest one its disks name)."""
         if entry.manifest is not None:
             parents = [d.parent for d in entry.manifest.disks.values() if d.parent]
             if not parents:
                 return None
-            return max(BackupId.parse(p) for p in parents)
+            try:
+                return max(BackupId.parse(p) for p in parents)
+            except DirbackupError:
+                return None  # a damaged manifest (verify reports it)
         return self._legacy_parent(entry)
 
     def _legacy_parent(self, entry: BackupEntry) -> BackupId | None:
@@ -594,7 +605,10 @@ class DirectoryStorage:
             marks = mark(
                 [
                     PruneCandidate(
-                        e.id.volname, e.id.epoch, bool(e.manifest and e.manifest.protected)
+                        e.id.volname,
+                        e.id.epoch,
+                        # an unreadable manifest may hide the protection: kept
+                        bool(e.problem or (e.manifest and e.manifest.protected)),
                     )
                     for e in entries
                 ],
@@ -624,7 +638,10 @@ class DirectoryStorage:
 
         Backups without a manifest (the seed's layout) are checked as far as
         possible: their chains are validated and their tables walked."""
-        entries = [self._entry(volname)] if volname is not None else self.store.backups(vmid)
+        if volname is not None:
+            entries = [self._entry_or_problem(volname)]
+        else:
+            entries = self.store.backups(vmid)
         return [self._verify_one(e) for e in entries]
 
     def _verify_one(self, entry: BackupEntry) -> VerifyResult:
@@ -632,6 +649,8 @@ class DirectoryStorage:
         checked = 0
         gdir = self.store.guest_dir(entry.id.vmid)
         m = entry.manifest
+        if entry.problem is not None:
+            return VerifyResult(entry.id.volid(self.storeid), False, (entry.problem,))
         if m is None:
             images = sorted(entry.path.glob("*.qcow2"))
             for img in images:
@@ -646,14 +665,12 @@ class DirectoryStorage:
                 problems.append(f"{GUEST_CONFIG} is missing")
             return VerifyResult(entry.id.volid(self.storeid), not problems, tuple(problems))
         for device, disk in m.disks.items():
+            if Path(disk.file).name != disk.file or disk.file in ("", ".", ".."):
+                problems.append(f"{device}: the manifest names {disk.file!r}, not a file here")
+                continue
             image = entry.path / disk.file
             try:
                 with qcow2.Chain(image, gdir) as chain:
-                    if chain.virtual_size != disk.size:
-                        problems.append(
-                            f"{device}: virtual size {chain.virtual_size} differs "
-                            f"from the manifest's {disk.size}"
-                        )
                     if disk.parent:
                         want = self.store.backup_dir(BackupId.parse(disk.parent)).resolve()
                         if chain.depth < 2 or Path(chain.paths[1]).parent != want:
@@ -661,6 +678,16 @@ class DirectoryStorage:
                     elif chain.depth != 1:
                         problems.append(f"{device}: a full backup image has a backing file")
                     chain.map()
+                    if chain.virtual_size != disk.size:
+                        problems.append(
+                            f"{device}: virtual size {chain.virtual_size} differs "
+                            f"from the manifest's {disk.size}"
+                        )
+                        continue
+                    cluster = chain.headers[0].cluster_size
+                if disk.digest_chunk <= 0 or disk.digest_chunk % cluster:
+                    problems.append(f"{device}: invalid digest chunk {disk.digest_chunk}")
+                    continue
                 digests = qcow2.image_digests(image, disk.digest_chunk, disk.size)
                 if digest_map(digests) != disk.digests:
                     bad = sorted(set(digest_map(digests).items()) ^ set(disk.digests.items()))
@@ -674,6 +701,9 @@ class DirectoryStorage:
                 problems.append(f"{device}: {exc}")
         for name, rec in m.files.items():
             path = entry.path / name
+            if Path(name).name != name or name in ("", ".", ".."):
+                problems.append(f"the manifest names {name!r}, not a file here")
+                continue
             try:
                 st = path.lstat()
             except FileNotFoundError:

@@ -338,11 +338,13 @@ def owner_alive(line: str) -> bool:
 
 @dataclass(frozen=True)
 class BackupEntry:
-    """A published backup as listing sees it."""
+    """A published backup as listing sees it.  `problem` says why its
+    manifest could not be read (the backup is then listed, and fails verify)."""
 
     id: BackupId
     path: Path
     manifest: Manifest | None
+    problem: str | None = None
 
 
 def real_dir(path: Path) -> bool:
@@ -585,7 +587,10 @@ class Store:
                 if not m or not real_dir(p):
                     continue
                 bid = BackupId(v, VmType(m.group(1)), int(m.group(2)))
-                entries.append(BackupEntry(bid, p, self.read_manifest(bid)))
+                try:
+                    entries.append(BackupEntry(bid, p, self.read_manifest(bid)))
+                except StoreError as exc:  # one damaged backup hides no other
+                    entries.append(BackupEntry(bid, p, None, str(exc)))
         entries.sort(key=lambda e: (e.id.vmid, e.id.epoch, e.id.vmtype))
         return entries
 
