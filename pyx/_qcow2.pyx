@@ -622,7 +622,12 @@ cdef class ChainMap:
                 cend = end
             l1i = cluster // L.l2_entries
             entry = 0
-            if l1i < L.l1_size and (L.l1[l1i] & L1E_OFFSET_MASK):
+            if l1i >= L.l1_size or not (L.l1[l1i] & L1E_OFFSET_MASK):
+                # no L2 table: the whole range it would map is unallocated here
+                cend = (l1i + 1) * L.l2_entries << L.bits
+                if cend > end:
+                    cend = end
+            else:
                 self.load_l2(li, l1i)
                 entry = L.l2[cluster % L.l2_entries]
             if entry & OFLAG_COMPRESSED:
