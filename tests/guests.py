@@ -31,6 +31,15 @@ class Guest:
             self.disks.append(Disk(dev, img))
         self.states: list[dict[str, Path]] = []
 
+    @classmethod
+    def existing(cls, root: Path, devices: list[str]) -> Guest:
+        """The guest whose disks already are in `root` (a copied scene)."""
+        guest = cls.__new__(cls)
+        guest.root = root
+        guest.disks = [Disk(dev, root / f"{dev}.qcow2") for dev in devices]
+        guest.states = []
+        return guest
+
     def change(self, dev: str, *cmds: str) -> None:
         qemu.io(self.root / f"{dev}.qcow2", *cmds)
 
