@@ -595,6 +595,24 @@ class DirectoryStorage:
             rules = KeepRules.parse(keep)
         else:
             rules = KeepRules.from_mapping(keep)
+        result = self._prune_marks(rules, vmid, vmtype)
+        if not dryrun:
+            for gvmid in sorted({e.vmid for e in result if e.mark == Mark.REMOVE}):
+                with self.store.lock(gvmid, what="prune"):
+                    # marked again under the lock: a backup or removal that ran
+                    # while we waited for it changes what keep-last means
+                    fresh = self._prune_marks(rules, gvmid, vmtype)
+                    result = [e for e in result if e.vmid != gvmid] + fresh
+                    self.store.clean_stale(gvmid)
+                    doomed = [p for p in fresh if p.mark == Mark.REMOVE]
+                    for p in sorted(doomed, key=lambda p: -p.ctime):
+                        self._remove(self.backup_id(p.volid), log)
+        result.sort(key=lambda e: (e.vmid, e.type, -e.ctime))
+        return [e.as_dict() for e in result]
+
+    def _prune_marks(
+        self, rules: KeepRules, vmid: int | None, vmtype: str | None
+    ) -> list[PruneEntry]:
         groups: dict[tuple[int, str], list[BackupEntry]] = {}
         for entry in self.store.backups(vmid):
             if vmtype and str(entry.id.vmtype) != vmtype:
@@ -620,16 +638,7 @@ class DirectoryStorage:
                         e.id.volid(self.storeid), gtype, e.id.epoch, gvmid, marks[e.id.volname]
                     )
                 )
-        if not dryrun:
-            for gvmid in sorted({e.vmid for e in result}):
-                doomed = [p for p in result if p.vmid == gvmid and p.mark == Mark.REMOVE]
-                if not doomed:
-                    continue
-                with self.store.lock(gvmid, what="prune"):
-                    self.store.clean_stale(gvmid)
-                    for p in sorted(doomed, key=lambda p: -p.ctime):
-                        self._remove(self.backup_id(p.volid), log)
-        return [e.as_dict() for e in result]
+        return result
 
     # ---------------------------------------------------------------- verify
 
