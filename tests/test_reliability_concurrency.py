@@ -175,16 +175,39 @@ def test_prune_while_a_backup_runs(tmp_path: Path) -> None:
     assert prune.poll() is None
     out = finish(backup)
     assert prune.wait(60) == 0, prune.communicate()
-    newest = volids(storage)[-1]
+    # prune waited for the backup and then kept the newest backup: that one
+    [newest] = volids(storage)
     assert out.startswith(newest)
     states[newest] = state
-    kept = [v for v in states if v.endswith("-1002")]
-    assert volids(storage) == [*kept, newest]
-    assert storage.list_volumes(100)[-1]["parent"] == kept[0]
+    assert storage.list_volumes(100)[-1]["parent"] is None  # its bases merged into it
     assert_store_sound(storage)
     assert not leftovers(Path(store))
     for volid in volids(storage):
         restore_and_compare(storage, volid, {DEV: states[volid]}, tmp_path)
+
+
+def test_two_prunes_at_once(tmp_path: Path) -> None:
+    """Two prunes mark the same backups, then wait for the guest's lock: the
+    one that runs second must mark again, not remove what is gone already."""
+    storage = make_storage(tmp_path)
+    guest = Guest(tmp_path, {DEV: 8 * MiB})
+    host = Host(storage, STOREID)
+    states = {}
+    for i in range(4):
+        guest.change(DEV, f"write -P 0x{0x70 + i:02x} {i}M 1M")
+        states[host.backup_vm(100, guest.disks, start_time=1000 + i).volid] = guest.snapshot()[DEV]
+    store = ["--store", storage.scfg.path, "--storeid", STOREID, "--vmid", 100]
+    with storage.store.lock(100):  # both start, mark, and wait
+        prunes = [cli_popen("prune", *store, "--keep-last", n) for n in (2, 1)]
+        time.sleep(1.0)
+        assert all(p.poll() is None for p in prunes)
+    for p in prunes:
+        finish(p)
+    newest = max(states, key=lambda v: int(v.rsplit("-", 1)[1]))
+    assert volids(storage) == [newest]
+    assert_store_sound(storage)
+    assert not leftovers(Path(storage.scfg.path))
+    restore_and_compare(storage, newest, {DEV: states[newest]}, tmp_path)
 
 
 def test_backup_times_stay_in_creation_order(tmp_path: Path) -> None:
