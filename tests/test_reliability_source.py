@@ -291,3 +291,21 @@ def test_file_handle_truncated_after_the_size_query(scene: Scene) -> None:
     assert size - 3 * MiB - 4 * MiB <= int(m.group(1)) <= size - 3 * MiB, str(err)
     scene.assert_untouched()
     scene.next_incremental_is_exact()
+
+
+def test_slow_source_is_still_exact(scene: Scene, sock_dir: Path) -> None:
+    """nbdkit's delay filter on every read and block status: slower, not different."""
+    if not has_nbdkit_filter("delay"):
+        pytest.skip("nbdkit delay filter missing")
+    source = scene.fleecing()
+    with NbdKit(
+        sock_dir / "kit.sock",
+        ["file", str(source), "rdelay=40ms", "delay-extents=40ms"],
+        ["delay"],
+    ) as kit:
+        volumes = {DEV: {"size": SIZE, "bitmap-mode": "new", "nbd-path": str(kit.socket)}}
+        assert provider_backup(scene.storage, 100, volumes, 2000, request_size=MiB) is None
+    volid = volids(scene.storage)[-1]
+    assert volid.endswith("qemu-2000")
+    restore_and_compare(scene.storage, volid, {DEV: scene.state}, scene.tmp)
+    assert_store_sound(scene.storage)
