@@ -190,3 +190,25 @@ def test_cli_run_after_a_resize(tmp_path: Path) -> None:
     volid = out.split(":")[0] + ":" + out.split(":")[1]
     state = {S0: s.snap(S0), S1: raw}
     restore_and_compare(s.storage, volid, state, tmp_path)
+
+
+@pytest.mark.parametrize("first", ["full", "incremental"])
+def test_write_right_after_the_export_stops(tmp_path: Path, first: str) -> None:
+    """A VM that writes its disk in the moment between the end of the
+    snapshot access (the export stops, the image is unlocked) and the bitmap
+    being advanced: that write must be in the next incremental."""
+    s = Scene(tmp_path, {S0: 16 * MiB})
+    if first == "incremental":
+        s.backup()
+        s.guest.change(S0, "write -P 0xc1 1M 64k")
+    state = s.snap(S0)
+
+    class WriteInTheGap(Host):
+        def _advance_bitmaps(self, disks, modes):  # type: ignore[no-untyped-def]
+            s.guest.change(S0, "write -P 0xc2 6M 64k")  # the VM, in the gap
+            super()._advance_bitmaps(disks, modes)
+
+    report = WriteInTheGap(s.storage, STOREID).backup_vm(100, s.guest.disks)
+    s.points.append((report.volid, {S0: state}))
+    s.backup()  # must carry the write made in the gap
+    s.every_restore_point_is_exact()

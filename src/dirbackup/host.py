@@ -46,6 +46,12 @@ def bitmap_name(storeid: str) -> str:
     return f"dirbackup-{storeid}"
 
 
+def next_bitmap_name(storeid: str) -> str:
+    """The bitmap that records writes from the snapshot point of a running
+    backup on; it becomes the store's bitmap when the backup is in."""
+    return f"{bitmap_name(storeid)}.next"
+
+
 @dataclass(frozen=True)
 class Disk:
     """A guest disk to back up: a raw or qcow2 image file, or a block device."""
@@ -193,7 +199,8 @@ class Host:
         archive = p.backup_init(vmid, VmType.QEMU, start)["archive-name"]
         volid = f"{self.storeid}:backup/{archive}"
         report = BackupReport(volid, archive, 0.0)
-        ok = False
+        ok = advanced = False
+        modes: dict[str, BitmapMode] = {}
         try:
             with contextlib.ExitStack() as stack:
                 mechanism = mechanism_override or p.backup_get_mechanism(vmid, VmType.QEMU)
@@ -213,11 +220,14 @@ class Host:
             # still holds the guest's lock (a second backup waiting for it then
             # finds them advanced), and before the job can still fail
             self._advance_bitmaps(disks, modes)
+            advanced = True
             self._set_attributes(volid, notes, protected)
             stats = p.backup_cleanup(vmid, VmType.QEMU, True, {})
             report.archive_size = int((stats or {}).get("stats", {}).get("archive-size", 0))
             ok = True
         except BaseException as exc:
+            if not advanced:
+                self._drop_next_bitmaps(disks, modes)
             if not ok:
                 with contextlib.suppress(Exception):
                     p.backup_cleanup(vmid, VmType.QEMU, False, {"error": _describe(exc)})
@@ -258,13 +268,16 @@ class Host:
         use + present and consistent -> reuse; use + missing or inconsistent,
         or new -> new; not asked -> none; raw disks -> none.
 
-        For `new` and `none` the old bitmap is removed now and, for `new`, a
-        fresh one is only added once the backup is in (_advance_bitmaps; the
-        export keeps the disk from being written meanwhile).  A backup that
-        fails or is killed so leaves no bitmap behind that began with it: the
-        provider's last good backup of the disk is older, and a bitmap younger
-        than that base would make the next incremental miss changes."""
+        For `new` and `none` the old bitmap is removed now.  For `reuse` and
+        `new`, a second bitmap (`<name>.next`) starts now, before the export:
+        it records every write after the snapshot point, also those made
+        between the end of the export and _advance_bitmaps, which turns it
+        into the bitmap once the backup is in.  A backup that fails or is
+        killed so leaves no bitmap behind that began with it (the provider's
+        last good backup of the disk is older: a younger bitmap would make the
+        next incremental miss changes), and a leftover .next is dropped here."""
         name = bitmap_name(self.storeid)
+        following = next_bitmap_name(self.storeid)
         modes: dict[str, BitmapMode] = {}
         for d in disks:
             choice = choices.get(d.device)
@@ -272,36 +285,54 @@ class Host:
                 modes[d.device] = BitmapMode.NONE
                 continue
             present = {b["name"]: b for b in qemu.bitmaps(d.path)}
+            if following in present:  # left by a killed backup
+                qemu.bitmap(d.path, "remove", following)
             bm = present.get(name)
             flags = bm.get("flags", []) if bm is not None else []
             # enabled ("auto") and consistent (not left "in-use" by a crash)
             usable = bm is not None and "auto" in flags and "in-use" not in flags
             if choice == "use" and usable:
                 modes[d.device] = BitmapMode.REUSE
-                continue
-            if bm is not None:
-                qemu.bitmap(d.path, "remove", name)
-            if choice in ("use", "new"):
-                modes[d.device] = BitmapMode.NEW
-                if choice == "use":
-                    self.log(
-                        "info",
-                        f"{d.device}: dirty bitmap missing or inconsistent; full backup, "
-                        "a new bitmap starts with it",
-                    )
             else:
-                modes[d.device] = BitmapMode.NONE
+                if bm is not None:
+                    qemu.bitmap(d.path, "remove", name)
+                if choice in ("use", "new"):
+                    modes[d.device] = BitmapMode.NEW
+                    if choice == "use":
+                        self.log(
+                            "info",
+                            f"{d.device}: dirty bitmap missing or inconsistent; full backup, "
+                            "a new bitmap starts with it",
+                        )
+                else:
+                    modes[d.device] = BitmapMode.NONE
+            if modes[d.device] != BitmapMode.NONE:
+                qemu.bitmap(d.path, "add", following)
         return modes
 
     def _advance_bitmaps(self, disks: Sequence[Disk], modes: Mapping[str, BitmapMode]) -> None:
-        """After backup_vm returned, the bitmaps track changes from now on:
-        cleared where one was used, added where a new one starts."""
+        """After backup_vm returned, the bitmap holds what changed since the
+        snapshot point: exactly the .next bitmap, which then goes."""
         name = bitmap_name(self.storeid)
+        following = next_bitmap_name(self.storeid)
         for d in disks:
-            if modes.get(d.device) == BitmapMode.REUSE:
-                qemu.bitmap(d.path, "clear", name)
-            elif modes.get(d.device) == BitmapMode.NEW:
-                qemu.bitmap(d.path, "add", name)
+            mode = modes.get(d.device)
+            if mode == BitmapMode.REUSE:
+                ops = ["--clear", "--merge", following]
+            elif mode == BitmapMode.NEW:
+                ops = ["--add", "--enable", "--merge", following]
+            else:
+                continue
+            qemu.run(["qemu-img", "bitmap", *ops, "-f", "qcow2", str(d.path), name])
+            qemu.bitmap(d.path, "remove", following)
+
+    def _drop_next_bitmaps(self, disks: Sequence[Disk], modes: Mapping[str, BitmapMode]) -> None:
+        """After a failure: the bitmap stays as it was (reuse) or absent (new)."""
+        following = next_bitmap_name(self.storeid)
+        for d in disks:
+            if modes.get(d.device) in (BitmapMode.REUSE, BitmapMode.NEW):
+                with contextlib.suppress(DirbackupError):
+                    qemu.bitmap(d.path, "remove", following)
 
     # -- snapshot access
 
