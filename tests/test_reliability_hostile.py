@@ -578,3 +578,13 @@ def test_map_json_hostile(real_map: tuple[str, str, int]) -> None:
         with pytest.raises(MapFormatError):
             extents.parse_map_json(text, size=size)
             pytest.fail(f"accepted: {name}")
+
+
+def test_planted_directory_with_an_absurd_time(hs: HostileStore) -> None:
+    """A directory named like a backup from beyond the valid range does not
+    drag the next backup's time out of it (its id would be unusable)."""
+    (hs.root / "100" / "qemu-9999999999999").mkdir()
+    report = Host(hs.storage, STOREID).backup_vm(100, hs.guest.disks, start_time=3000)
+    assert report.volid.endswith("/qemu-3000")
+    hs.storage.parse_volname(report.volid.split(":")[1])
+    restore_and_compare(hs.storage, report.volid, {DEV: hs.guest.snapshot()[DEV]}, hs.tmp)

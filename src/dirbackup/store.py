@@ -457,7 +457,8 @@ class Store:
         if gdir.is_dir():
             for p in gdir.iterdir():
                 m = _NAME_RE.fullmatch(p.name)
-                if m and int(m.group(2)) >= epoch:
+                # (names beyond the valid range are no backup of ours)
+                if m and epoch <= int(m.group(2)) < MAX_EPOCH:
                     epoch = int(m.group(2)) + 1
         while True:
             bid = BackupId(vmid, vmtype, epoch)
