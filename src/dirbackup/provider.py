@@ -409,8 +409,7 @@ class DirectoryBackupProvider(BackupProvider):
         self.store.publish(g.bid, manifest)
         g.published = True
         if g.bid.vmtype == VmType.QEMU:
-            path = self.store.previous_info_path(g.bid.vmid)
-            g.old_previous_raw = path.read_bytes() if path.exists() else None
+            g.old_previous_raw = self._previous_raw(g.bid.vmid)
             old = self.store.read_previous(g.bid.vmid, VmType.QEMU)
             g.old_previous = old
             new = PreviousInfo(devices=dict(old.devices), backup=g.bid.name)
@@ -521,8 +520,7 @@ class DirectoryBackupProvider(BackupProvider):
             # was, so the old record is still right.  Put it back as it was.
             self.store.remove_backup(g.bid)
             path = self.store.previous_info_path(g.bid.vmid)
-            now = path.read_bytes() if path.exists() else None
-            if now != g.old_previous_raw:
+            if self._previous_raw(g.bid.vmid) != g.old_previous_raw:
                 if g.old_previous_raw is None:
                     path.unlink()
                 else:
@@ -539,6 +537,13 @@ class DirectoryBackupProvider(BackupProvider):
             )
             self.store.write_previous(g.bid.vmid, prev)
             self.log("warn", "the next backup of the removed backup's disks will be full")
+
+    def _previous_raw(self, vmid: int) -> bytes | None:
+        """previous-info as it is on disk (None: none, or not a regular file)."""
+        try:
+            return read_regular(self.store.previous_info_path(vmid))
+        except (FileNotFoundError, StoreError):
+            return None
 
     def backup_handle_log_file(self, vmid: int, filename: str) -> None:
         vmid = int(vmid)
