@@ -45,7 +45,8 @@ SIZE = 16 * MiB
 BITMAP = bitmap_name(STOREID)
 NBD_ERROR = re.compile(
     rf"reading nbd\+unix:///{DEV}\?socket=\S+ at offset (\d+): .*"
-    r"(Input/output error|Transport endpoint is not connected|Connection reset|Broken pipe)",
+    r"(Input/output error|Transport endpoint is not connected|closed the connection"
+    r"|Connection reset|Broken pipe)",
     re.IGNORECASE,
 )
 
@@ -309,3 +310,32 @@ def test_slow_source_is_still_exact(scene: Scene, sock_dir: Path) -> None:
     assert volid.endswith("qemu-2000")
     restore_and_compare(scene.storage, volid, {DEV: scene.state}, scene.tmp)
     assert_store_sound(scene.storage)
+
+
+def test_connection_already_dead_is_reported_as_such(tmp_path: Path, sock_dir: Path) -> None:
+    """A copy that starts on a connection the server has dropped: ENOTCONN
+    naming the source and offset, not libnbd's EINVAL for a dead handle."""
+    import errno
+
+    import nbd as libnbd
+
+    from dirbackup import copy, extents, nbd
+
+    raw = tmp_path / "src.raw"
+    raw.write_bytes(os.urandom(MiB))
+    kit = NbdKit(sock_dir / "kit.sock", ["file", str(raw)])
+    uri = nbd.unix_uri(str(kit.socket), DEV)
+    h = nbd.connect(uri)
+    kit.stop()
+    with pytest.raises(libnbd.Error):  # libnbd notices: the handle goes DEAD
+        h.pread(4096, 0)
+    out = os.open(tmp_path / "out.raw", os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        with pytest.raises(OSError) as exc:
+            copy.copy_regions(
+                copy.NBDSource([h], uri), copy.FileTarget(out), extents.from_pairs([(0, MiB)])
+            )
+    finally:
+        os.close(out)
+    assert exc.value.errno == errno.ENOTCONN, exc.value
+    expect_nbd_error(exc.value, 4096)
