@@ -195,6 +195,7 @@ def chain_scene(tmp_path: Path) -> CrashScene:
         pytest.param("fdatasync", 1, id="merged-image-metadata"),
         pytest.param(RENAME, 1, id="staged-manifest-rename"),
         pytest.param(EXCHANGE, 1, id="exchange"),
+        pytest.param("unlinkat", 1, id="old-child-removal"),
         pytest.param(RENAME, 2, id="removing-rename"),
         pytest.param(EXCHANGE, 2, id="second-exchange"),
         pytest.param(RENAME, 4, id="second-removing-rename"),
@@ -220,6 +221,20 @@ def test_kill_while_prune_merges(tmp_path: Path, syscall: str, when: int) -> Non
     assert_store_sound(scene.storage)
     restore_and_compare(scene.storage, before[-1], {DEV: scene.states[before[-1]]}, tmp_path)
     scene.next_run_heals()
+
+
+def test_kill_while_a_backup_is_removed(crash: CrashScene) -> None:
+    """Killed after the removed backup was renamed away, with half its files
+    deleted: it is gone from the list, the next run removes the rest and,
+    its base being gone, makes a full backup."""
+    store = ["--store", crash.root, "--storeid", STOREID]
+    proc = cli_killed_at("unlinkat", 2, "remove", *store, crash.first)
+    assert proc.returncode in (137, -9), proc.stderr
+    assert volids(crash.storage) == []
+    assert any(".removing-" in name for name in leftovers(crash.root))
+    del crash.states[crash.first]
+    crash.next_run_heals()
+    assert crash.storage.list_volumes(100)[0]["parent"] is None
 
 
 def test_kill_while_notes_are_written(crash: CrashScene) -> None:
