@@ -216,6 +216,7 @@ class Host:
                 if firewall is not None:
                     info["firewall-config"] = firewall
                 p.backup_vm(vmid, config, volumes, info)
+            _check_sizes(disks, sizes)
             # backup_vm returned: the bitmaps advance now, while the provider
             # still holds the guest's lock (a second backup waiting for it then
             # finds them advanced), and before the job can still fail
@@ -636,6 +637,18 @@ def _check_disk(path: Path) -> None:
         raise HostError(f"disk image {path} does not exist") from None
     if not (stat.S_ISREG(st.st_mode) or stat.S_ISBLK(st.st_mode)):
         raise HostError(f"{path} is neither an image file nor a block device")
+
+
+def _check_sizes(disks: Sequence[Disk], sizes: Mapping[str, Mapping[str, int]]) -> None:
+    """A disk whose size changed while it was read was being written: QEMU
+    reads a raw file cut short as zeros.  Such a backup is void."""
+    for d in disks:
+        now = _disk_size(d.path)
+        if now != sizes[d.device]["size"]:
+            raise HostError(
+                f"{d.device}: {d.path} changed size during the backup "
+                f"({sizes[d.device]['size']} -> {now} bytes); the backup is void"
+            )
 
 
 def _disk_size(path: Path) -> int:
