@@ -24,6 +24,7 @@ from faultlib import (
     NbdKit,
     assert_store_sound,
     bitmap_state,
+    cli,
     cli_popen,
     has_nbdkit_filter,
     leftovers,
@@ -339,3 +340,29 @@ def test_connection_already_dead_is_reported_as_such(tmp_path: Path, sock_dir: P
         os.close(out)
     assert exc.value.errno == errno.ENOTCONN, exc.value
     expect_nbd_error(exc.value, 4096)
+
+
+def test_raw_disk_truncated_during_the_backup(tmp_path: Path) -> None:
+    """A raw disk cut short while the CLI copies it (qemu-nbd then reads the
+    missing tail as zeros): the backup must fail, not keep those zeros."""
+    storage = make_storage(tmp_path)
+    raw = tmp_path / "disk.raw"
+    raw.write_bytes(os.urandom(8 * MiB))
+    store = ["--store", storage.scfg.path, "--storeid", STOREID]
+    disk = ["--vmid", "100", "--disk", f"{DEV}={raw}"]
+    proc = cli_popen("backup", *store, *disk, "--bwlimit", "2M")
+    try:
+        wait_for(lambda: [p for p in partial_dirs(storage, 100) if (p / f"{DEV}.qcow2").exists()])
+        os.truncate(raw, 4 * MiB)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 1, (out, err)
+    assert "changed size" in err and DEV in err, err
+    assert volids(storage) == [] and not leftovers(Path(storage.scfg.path))
+    assert not servers_for(str(tmp_path))
+    cli("backup", *store, *disk)
+    [volid] = assert_store_sound(storage)
+    restore_and_compare(storage, volid, {DEV: raw}, tmp_path)
