@@ -115,7 +115,7 @@ def test_same_guest_second_gives_up_after_its_timeout(tmp_path: Path) -> None:
     guest = Guest(tmp_path, {DEV: 16 * MiB})
     state = guest.snapshot()[DEV]
     store = storage.scfg.path
-    first = cli_popen(*backup_args(store, 100, guest.disks[0].path, "--bwlimit", "4M"))
+    first = cli_popen(*backup_args(store, 100, guest.disks[0].path, "--bwlimit", "2M"))
     try:
         wait_for(lambda: partial_dirs(storage, 100))
         provider = DirectoryBackupProvider(storage, storage.scfg, STOREID, lock_timeout=1)

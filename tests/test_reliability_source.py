@@ -236,7 +236,7 @@ def test_snapshot_access_killed_under_the_command_line(scene: Scene) -> None:
         "--disk",
         f"{DEV}={scene.image}",
         "--bwlimit",
-        "4M",
+        "2M",
     )
     try:
         # once the copy runs (the image exists in the partial backup)
