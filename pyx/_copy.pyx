@@ -22,8 +22,8 @@ stop everyone; the Python thread that called run() raises it.  Progress
 counters are atomics that Python reads without stopping the copy.
 """
 from cpython.pycapsule cimport PyCapsule_GetPointer
-from libc.errno cimport (EBADF, EINTR, EINVAL, EIO, ENOSPC, ENOSYS, ENOTTY, EOPNOTSUPP, EXDEV,
-                         errno)
+from libc.errno cimport (EBADF, EINTR, EINVAL, EIO, ENOSPC, ENOSYS, ENOTCONN, ENOTTY, EOPNOTSUPP,
+                         EXDEV, errno)
 from libc.stdint cimport int64_t, uint64_t
 from libc.stdlib cimport calloc, free
 from libc.string cimport memcmp, memset, strncpy
@@ -37,8 +37,8 @@ from posix.unistd cimport pread, pwrite
 from _capsule cimport handle_of
 from _hash cimport data_unit_digest, zero_unit_digest
 from libnbd cimport (NBD_NULL_COMPLETION, nbd_aio_command_completed, nbd_aio_in_flight,
-                     nbd_aio_pread, nbd_can_trim, nbd_can_zero, nbd_get_errno, nbd_get_error,
-                     nbd_handle, nbd_poll, nbd_pwrite, nbd_trim, nbd_zero)
+                     nbd_aio_is_dead, nbd_aio_pread, nbd_can_trim, nbd_can_zero, nbd_get_errno,
+                     nbd_get_error, nbd_handle, nbd_poll, nbd_pwrite, nbd_trim, nbd_zero)
 from sink cimport sink_ops
 from sysdeps cimport (BLKDISCARD, BLKZEROOUT, FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE,
                       FALLOC_FL_ZERO_RANGE, IOV_MAX, __ATOMIC_RELAXED, __ATOMIC_SEQ_CST,
@@ -212,6 +212,15 @@ cdef void fail(Job *j, int err, int op, uint64_t offset, const char *msg) noexce
 
 cdef inline void fail_nbd(Job *j, int op, uint64_t offset) noexcept nogil:
     fail(j, nbd_get_errno(), op, offset, nbd_get_error())
+
+
+cdef inline void fail_nbd_on(Job *j, nbd_handle *h, int op, uint64_t offset) noexcept nogil:
+    """fail_nbd for a call on `h`; a connection that died is ENOTCONN, not the
+    EINVAL ("invalid state: DEAD") libnbd gives calls on a dead handle."""
+    if nbd_aio_is_dead(h) > 0:
+        fail(j, ENOTCONN, op, offset, b"the NBD server closed the connection")
+    else:
+        fail_nbd(j, op, offset)
 
 
 cdef inline bint is_zero(const char *p, uint64_t n) noexcept nogil:
@@ -660,8 +669,8 @@ cdef void nbd_worker(Worker *w) noexcept nogil:
     cdef int64_t cookie[MAX_DEPTH]
     cdef uint64_t *rows[MAX_DEPTH]
     cdef int busy[MAX_DEPTH]
-    cdef int k, inflight = 0, r, exhausted = 0, failed = 0
-    cdef uint64_t i
+    cdef int k, inflight = 0, r, exhausted = 0, failed = 0, poll_failed
+    cdef uint64_t i, poll_off = 0
     cdef uint64_t *row
     cdef char *buf
     for k in range(j.depth):
@@ -686,7 +695,7 @@ cdef void nbd_worker(Worker *w) noexcept nogil:
             buf = w.buf + <uint64_t>k * w.slot_size
             cookie[k] = nbd_aio_pread(w.src_h, buf, row[1], row[4], NBD_NULL_COMPLETION, 0)
             if cookie[k] < 0:
-                fail_nbd(j, OP_READ, row[4])
+                fail_nbd_on(j, w.src_h, OP_READ, row[4])
                 break
             rows[k] = row
             busy[k] = 1
@@ -697,10 +706,13 @@ cdef void nbd_worker(Worker *w) noexcept nogil:
             w.leak = 1          # the server does not answer: keep the buffers
             break
         r = nbd_poll(w.src_h, 1000)
-        if r < 0:
-            if not failed:
-                fail_nbd(j, OP_READ, rows[0][4] if busy[0] else 0)
-                failed = 1
+        poll_failed = r < 0 and not failed
+        if poll_failed:
+            # recorded after the completions: when the server is gone, the
+            # commands in flight carry the real error (ENOTCONN), the poll
+            # only "nothing to poll for in state DEAD" (EINVAL)
+            poll_off = rows[0][4] if busy[0] else 0
+            failed = 1
         for k in range(j.depth):
             if not busy[k]:
                 continue
@@ -720,6 +732,8 @@ cdef void nbd_worker(Worker *w) noexcept nogil:
                 continue
             discard_source(w, rows[k][4], rows[k][1])
             account(&j.done_bytes, rows[k][1])
+        if poll_failed:
+            fail_nbd_on(j, w.src_h, OP_READ, poll_off)
         if failed and inflight:
             # a dead connection fails everything in flight; do not spin
             if nbd_aio_in_flight(w.src_h) <= 0:

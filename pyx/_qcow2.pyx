@@ -506,6 +506,39 @@ cdef extern from "<stdlib.h>" nogil:
     void *realloc_ "realloc"(void *p, size_t n)
 
 
+cdef extern from "<stdlib.h>" nogil:
+    void qsort(void *base, size_t nmemb, size_t size,
+               int (*compar)(const void *, const void *) noexcept nogil)
+
+
+cdef int cmp_u64(const void *a, const void *b) noexcept nogil:
+    cdef uint64_t x = (<const uint64_t *>a)[0], y = (<const uint64_t *>b)[0]
+    return (x > y) - (x < y)
+
+
+cdef int check_distinct_tables(Layer *L, object name) except -1:
+    """Refuse L1 entries that share an L2 table: QEMU never writes that, and a
+    few shared tables would make a tiny file map to more rows than memory
+    holds.  With distinct tables the work is bounded by the file's size."""
+    cdef uint64_t *tables = <uint64_t *>malloc((L.l1_size if L.l1_size else 1) * 8)
+    cdef uint64_t i, n = 0
+    if tables == NULL:
+        raise MemoryError()
+    try:
+        for i in range(L.l1_size):
+            if L.l1[i] & L1E_OFFSET_MASK:
+                tables[n] = L.l1[i] & L1E_OFFSET_MASK
+                n += 1
+        qsort(tables, n, 8, cmp_u64)
+        for i in range(1, n):
+            if tables[i] == tables[i - 1]:
+                raise ImageError(f"{name}: several L1 entries point to the L2 table at offset "
+                                 f"{tables[i]} (corrupt)")
+    finally:
+        free(tables)
+    return 0
+
+
 cdef class ChainMap:
     """The L1/L2 tables of a validated chain, top image first.
 
@@ -571,6 +604,7 @@ cdef class ChainMap:
                         or (L.l1[i] & L1E_OFFSET_MASK) + L.cs > file_size):
                     raise ImageError(f"{name}: L1 entry {i} points to an invalid L2 table offset "
                                      f"{L.l1[i] & L1E_OFFSET_MASK}")
+            check_distinct_tables(L, name)
 
     def __dealloc__(self):
         cdef int i

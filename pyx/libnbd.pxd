@@ -57,3 +57,4 @@ cdef extern from "libnbd.h" nogil:
     int nbd_poll(nbd_handle *h, int timeout)
     int nbd_aio_command_completed(nbd_handle *h, uint64_t cookie)
     int nbd_aio_in_flight(nbd_handle *h)
+    int nbd_aio_is_dead(nbd_handle *h)

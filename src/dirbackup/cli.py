@@ -411,7 +411,7 @@ def cmd_restore(args: argparse.Namespace) -> int:
 
 def cmd_verify(args: argparse.Namespace) -> int:
     storage = _storage(args)
-    if args.volid:
+    if args.volid is not None:
         bid = _volid(storage, args.volid)
         results = storage.verify(bid.volname)
     else:

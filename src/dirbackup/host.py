@@ -46,6 +46,12 @@ def bitmap_name(storeid: str) -> str:
     return f"dirbackup-{storeid}"
 
 
+def next_bitmap_name(storeid: str) -> str:
+    """The bitmap that records writes from the snapshot point of a running
+    backup on; it becomes the store's bitmap when the backup is in."""
+    return f"{bitmap_name(storeid)}.next"
+
+
 @dataclass(frozen=True)
 class Disk:
     """A guest disk to back up: a raw or qcow2 image file, or a block device."""
@@ -65,7 +71,8 @@ def _image_format(path: Path) -> str:
 
 @dataclass
 class _Outcome:
-    """What to do to the guest once its backup is stored, or once it failed."""
+    """What to do to the guest once its backup's data is stored, or once the
+    backup failed before that."""
 
     stored: Callable[[], None] = lambda: None
     failed: Callable[[], None] = lambda: None
@@ -169,8 +176,8 @@ class Host:
             start_time,
             notes,
             protected,
-            lambda p, report: self._backup_vm_body(
-                p, vmid, disks, config, firewall, bandwidth_limit, mechanism, report
+            lambda p, report, outcome: self._backup_vm_body(
+                p, vmid, disks, config, firewall, bandwidth_limit, mechanism, report, outcome
             ),
         )
 
@@ -181,11 +188,12 @@ class Host:
         start_time: int | None,
         notes: str | None,
         protected: bool,
-        body: Callable[[BackupProvider, BackupReport], _Outcome],
+        body: Callable[[BackupProvider, BackupReport, _Outcome], None],
     ) -> BackupReport:
-        """The hypervisor's frame around one guest's backup: job and backup
-        init, the guest-type specific `body` (which returns what to do once the
-        backup is stored), attributes, cleanup with success or with the error,
+        """The hypervisor's frame around one guest's backup: job and backup init,
+        the guest-type specific `body`, then -- still under the provider's
+        guest lock -- what the guest needs once its data is stored (the VM's
+        bitmaps advance), attributes, cleanup with success or with the error,
         the task log, job cleanup."""
         start = int(time.time()) if start_time is None else start_time
         began = time.monotonic()
@@ -195,21 +203,22 @@ class Host:
             archive = p.backup_init(vmid, vmtype, start)["archive-name"]
             volid = f"{self.storeid}:backup/{archive}"
             report = BackupReport(volid, archive, 0.0)
-            ok = False
             outcome = _Outcome()
+            ok = stored = False
             try:
-                outcome = body(p, report)
+                body(p, report, outcome)
+                outcome.stored()
+                stored = True
                 self._set_attributes(volid, notes, protected)
                 stats = p.backup_cleanup(vmid, vmtype, True, {})
                 report.archive_size = int((stats or {}).get("stats", {}).get("archive-size", 0))
                 ok = True
-                outcome.stored()
             except BaseException as exc:
+                if not stored:
+                    outcome.failed()
                 if not ok:
                     with contextlib.suppress(Exception):
                         p.backup_cleanup(vmid, vmtype, False, {"error": _describe(exc)})
-                    with contextlib.suppress(Exception):
-                        outcome.failed()
                 raise
             finally:
                 report.seconds = time.monotonic() - began
@@ -229,36 +238,29 @@ class Host:
         bwlimit: int,
         mechanism_override: str | None,
         report: BackupReport,
-    ) -> _Outcome:
+        outcome: _Outcome,
+    ) -> None:
         modes: dict[str, BitmapMode] = {}
-        outcome = _Outcome(
-            stored=lambda: self._clear_bitmaps(disks, modes),
-            failed=lambda: self._drop_new_bitmaps(disks, modes),
-        )
+        # backup_vm returned: the bitmaps advance (while the provider still
+        # holds the guest's lock, so a second backup waiting for it finds them
+        # advanced); before that, a failure drops the bitmaps made for this one
+        outcome.stored = lambda: self._advance_bitmaps(disks, modes)
+        outcome.failed = lambda: self._drop_next_bitmaps(disks, modes)
         with contextlib.ExitStack() as stack:
             mechanism = mechanism_override or p.backup_get_mechanism(vmid, VmType.QEMU)
             if mechanism not in ("nbd", "file-handle"):
                 raise HostError(f"provider chose unknown VM mechanism {mechanism!r}")
             sizes = {d.device: {"size": _disk_size(d.path)} for d in disks}
             choices = p.backup_vm_query_incremental(vmid, sizes) or {}
-            try:
-                modes.update(self._prepare_bitmaps(disks, choices))
-            except BaseException:
-                outcome.failed()
-                raise
+            modes.update(self._prepare_bitmaps(disks, choices))
             report.bitmap_modes = {dev: str(m) for dev, m in modes.items()}
             rundir = Path(stack.enter_context(_private_dir()))
             volumes = self._snapshot_access(stack, rundir, disks, modes, sizes, mechanism)
             info: dict[str, Any] = {"bandwidth-limit": bwlimit}
             if firewall is not None:
                 info["firewall-config"] = firewall
-            try:
-                p.backup_vm(vmid, config, volumes, info)
-            except BaseException:
-                stack.close()  # the exports hold the images: stop them first
-                outcome.failed()
-                raise
-        return outcome
+            p.backup_vm(vmid, config, volumes, info)
+        _check_sizes(disks, sizes)
 
     def _set_attributes(self, volid: str, notes: str | None, protected: bool) -> None:
         if notes:
@@ -275,7 +277,7 @@ class Host:
         try:
             self.log.write(Path(name))
             p.backup_handle_log_file(vmid, name)
-        except DirbackupError as exc:
+        except (DirbackupError, OSError) as exc:  # the backup stands or falls without it
             if self.log.forward:
                 self.log.forward("warn", f"could not store the task log: {exc}")
         finally:
@@ -287,9 +289,19 @@ class Host:
         self, disks: Sequence[Disk], choices: Mapping[str, str]
     ) -> dict[str, BitmapMode]:
         """The hypervisor's bitmap lifecycle, with qcow2 persistent bitmaps:
-        use + present and consistent -> reuse; use + missing -> created -> new;
-        new -> recreated; not asked -> removed -> none; raw disks -> none."""
+        use + present and consistent -> reuse; use + missing or inconsistent,
+        or new -> new; not asked -> none; raw disks -> none.
+
+        For `new` and `none` the old bitmap is removed now.  For `reuse` and
+        `new`, a second bitmap (`<name>.next`) starts now, before the export:
+        it records every write after the snapshot point, also those made
+        between the end of the export and _advance_bitmaps, which turns it
+        into the bitmap once the backup is in.  A backup that fails or is
+        killed so leaves no bitmap behind that began with it (the provider's
+        last good backup of the disk is older: a younger bitmap would make the
+        next incremental miss changes), and a leftover .next is dropped here."""
         name = bitmap_name(self.storeid)
+        following = next_bitmap_name(self.storeid)
         modes: dict[str, BitmapMode] = {}
         for d in disks:
             choice = choices.get(d.device)
@@ -297,45 +309,54 @@ class Host:
                 modes[d.device] = BitmapMode.NONE
                 continue
             present = {b["name"]: b for b in qemu.bitmaps(d.path)}
+            if following in present:  # left by a killed backup
+                qemu.bitmap(d.path, "remove", following)
             bm = present.get(name)
             flags = bm.get("flags", []) if bm is not None else []
             # enabled ("auto") and consistent (not left "in-use" by a crash)
             usable = bm is not None and "auto" in flags and "in-use" not in flags
             if choice == "use" and usable:
                 modes[d.device] = BitmapMode.REUSE
-                continue
-            if bm is not None:
-                qemu.bitmap(d.path, "remove", name)
-            if choice in ("use", "new"):
-                qemu.bitmap(d.path, "add", name)
-                modes[d.device] = BitmapMode.NEW
-                if choice == "use":
-                    self.log(
-                        "info",
-                        f"{d.device}: dirty bitmap missing or inconsistent; recreated, full backup",
-                    )
             else:
-                modes[d.device] = BitmapMode.NONE
+                if bm is not None:
+                    qemu.bitmap(d.path, "remove", name)
+                if choice in ("use", "new"):
+                    modes[d.device] = BitmapMode.NEW
+                    if choice == "use":
+                        self.log(
+                            "info",
+                            f"{d.device}: dirty bitmap missing or inconsistent; full backup, "
+                            "a new bitmap starts with it",
+                        )
+                else:
+                    modes[d.device] = BitmapMode.NONE
+            if modes[d.device] != BitmapMode.NONE:
+                qemu.bitmap(d.path, "add", following)
         return modes
 
-    def _drop_new_bitmaps(self, disks: Sequence[Disk], modes: Mapping[str, BitmapMode]) -> None:
-        """After a failure, a bitmap made for this backup goes again: it only
-        tracks changes since it was made, and the failed backup does not hold
-        the changes before.  The next backup then starts over with a full one.
-        A reused bitmap stays as it was (it still holds every change since the
-        last good backup)."""
+    def _advance_bitmaps(self, disks: Sequence[Disk], modes: Mapping[str, BitmapMode]) -> None:
+        """After backup_vm returned, the bitmap holds what changed since the
+        snapshot point: exactly the .next bitmap, which then goes."""
         name = bitmap_name(self.storeid)
+        following = next_bitmap_name(self.storeid)
         for d in disks:
-            if modes.get(d.device) == BitmapMode.NEW:
-                with contextlib.suppress(DirbackupError):
-                    qemu.bitmap(d.path, "remove", name)
+            mode = modes.get(d.device)
+            if mode == BitmapMode.REUSE:
+                ops = ["--clear", "--merge", following]
+            elif mode == BitmapMode.NEW:
+                ops = ["--add", "--enable", "--merge", following]
+            else:
+                continue
+            qemu.run(["qemu-img", "bitmap", *ops, "-f", "qcow2", str(d.path), name])
+            qemu.bitmap(d.path, "remove", following)
 
-    def _clear_bitmaps(self, disks: Sequence[Disk], modes: Mapping[str, BitmapMode]) -> None:
-        """After a successful backup the bitmaps track changes from now on."""
-        name = bitmap_name(self.storeid)
+    def _drop_next_bitmaps(self, disks: Sequence[Disk], modes: Mapping[str, BitmapMode]) -> None:
+        """After a failure: the bitmap stays as it was (reuse) or absent (new)."""
+        following = next_bitmap_name(self.storeid)
         for d in disks:
-            if modes.get(d.device) in (BitmapMode.NEW, BitmapMode.REUSE):
-                qemu.bitmap(d.path, "clear", name)
+            if modes.get(d.device) in (BitmapMode.REUSE, BitmapMode.NEW):
+                with contextlib.suppress(DirbackupError):
+                    qemu.bitmap(d.path, "remove", following)
 
     # -- snapshot access
 
@@ -402,7 +423,7 @@ class Host:
         if not rootfs.is_dir():
             raise HostError(f"container root {rootfs} does not exist or is not a directory")
 
-        def body(p: BackupProvider, report: BackupReport) -> _Outcome:
+        def body(p: BackupProvider, report: BackupReport, outcome: _Outcome) -> None:
             mechanism = p.backup_get_mechanism(vmid, VmType.LXC)
             if mechanism != "directory":
                 raise HostError(f"provider chose unknown container mechanism {mechanism!r}")
@@ -416,7 +437,6 @@ class Host:
                 info["firewall-config"] = firewall
             p.backup_container_prepare(vmid, info)
             p.backup_container(vmid, config, list(exclude), info)
-            return _Outcome()
 
         return self._run_backup(vmid, VmType.LXC, start_time, notes, protected, body)
 
@@ -620,6 +640,18 @@ def _check_disk(path: Path) -> None:
         raise HostError(f"{path} is neither an image file nor a block device")
 
 
+def _check_sizes(disks: Sequence[Disk], sizes: Mapping[str, Mapping[str, int]]) -> None:
+    """A disk whose size changed while it was read was being written: QEMU
+    reads a raw file cut short as zeros.  Such a backup is void."""
+    for d in disks:
+        now = _disk_size(d.path)
+        if now != sizes[d.device]["size"]:
+            raise HostError(
+                f"{d.device}: {d.path} changed size during the backup "
+                f"({sizes[d.device]['size']} -> {now} bytes); the backup is void"
+            )
+
+
 def _disk_size(path: Path) -> int:
     if _image_format(path) == "qcow2":
         return int(qemu.img_info(path, fmt="qcow2")["virtual-size"])
@@ -632,11 +664,9 @@ def _disk_size(path: Path) -> int:
 
 @contextlib.contextmanager
 def _private_dir() -> Iterator[str]:
-    base = "/run/dirbackup" if os.geteuid() == 0 else tempfile.gettempdir()
-    os.makedirs(base, mode=0o700, exist_ok=True)
-    path = tempfile.mkdtemp(prefix="host-", dir=base)
+    path = qemu.make_rundir("host-")
     try:
-        yield path
+        yield str(path)
     finally:
         shutil.rmtree(path, ignore_errors=True)
 

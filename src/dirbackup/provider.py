@@ -31,7 +31,7 @@ import contextlib
 import json
 import os
 import shutil
-import tempfile
+import stat
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -73,6 +73,7 @@ from dirbackup.store import (
     dir_usage,
     disk_file,
     read_json,
+    read_regular,
     sha256_file,
     write_atomic,
 )
@@ -93,9 +94,11 @@ class _GuestBackup:
     bid: BackupId
     lock: contextlib.ExitStack
     published: bool = False
+    returned: bool = False  # backup_vm returned: the hypervisor advances its bitmap
     disks: dict[str, DiskRecord] = field(default_factory=dict)
     files: dict[str, FileRecord] = field(default_factory=dict)
     old_previous: PreviousInfo | None = None
+    old_previous_raw: bytes | None = None
     started: float = field(default_factory=time.monotonic)
 
 
@@ -204,12 +207,14 @@ class DirectoryBackupProvider(BackupProvider):
             bid = BackupId.parse(f"{vmid}/{name}")
         except DirbackupError:
             return None
+        if file != disk_file(device) or not self.store.exists(bid):
+            return None  # a record naming anything else is no base
         image = self.store.backup_dir(bid) / file
-        try:
-            header = qcow2.read_header(image)
-        except DirbackupError:
-            return None
-        if header.virtual_size != size:
+        try:  # a base is a valid chain inside the guest's directory
+            with qcow2.Chain(image, self.store.guest_dir(vmid)) as chain:
+                if chain.virtual_size != size:
+                    return None
+        except (DirbackupError, OSError):
             return None
         return bid, image
 
@@ -244,6 +249,7 @@ class DirectoryBackupProvider(BackupProvider):
                 g, device, VolumeInfo.coerce(volumes[device]), binfo.bandwidth_limit
             )
         self._publish(g, "incremental" if any(d.parent for d in g.disks.values()) else "full")
+        g.returned = True
 
     def _write_configs(
         self, g: _GuestBackup, part: Path, guest_config: str, firewall: str | None
@@ -403,6 +409,7 @@ class DirectoryBackupProvider(BackupProvider):
         self.store.publish(g.bid, manifest)
         g.published = True
         if g.bid.vmtype == VmType.QEMU:
+            g.old_previous_raw = self._previous_raw(g.bid.vmid)
             old = self.store.read_previous(g.bid.vmid, VmType.QEMU)
             g.old_previous = old
             new = PreviousInfo(devices=dict(old.devices), backup=g.bid.name)
@@ -478,7 +485,11 @@ class DirectoryBackupProvider(BackupProvider):
         try:
             if success:
                 if not g.published:
-                    self._publish_container(g)
+                    try:
+                        self._publish_container(g)
+                    except BaseException:
+                        self._abort(g)  # e.g. ENOSPC writing the manifest
+                        raise
                 size, _used = dir_usage(self.store.backup_dir(g.bid))
                 self._finished[vmid] = (g.bid, True)
                 return {"stats": {"archive-size": size}}
@@ -503,6 +514,18 @@ class DirectoryBackupProvider(BackupProvider):
         if not g.published:
             self.store.discard(g.bid)
             return
+        if not g.returned:
+            # Published, but backup_vm itself failed after that (previous-info
+            # could not be written, say): the hypervisor keeps its bitmap as it
+            # was, so the old record is still right.  Put it back as it was.
+            self.store.remove_backup(g.bid)
+            path = self.store.previous_info_path(g.bid.vmid)
+            if self._previous_raw(g.bid.vmid) != g.old_previous_raw:
+                if g.old_previous_raw is None:
+                    path.unlink()
+                else:
+                    write_atomic(path, g.old_previous_raw)
+            return
         # Published, but the hypervisor failed the backup afterwards: remove it.
         # Its dirty bitmap may already have advanced past this backup, so the
         # disks it held get no incremental base until the next full backup.
@@ -514,6 +537,13 @@ class DirectoryBackupProvider(BackupProvider):
             )
             self.store.write_previous(g.bid.vmid, prev)
             self.log("warn", "the next backup of the removed backup's disks will be full")
+
+    def _previous_raw(self, vmid: int) -> bytes | None:
+        """previous-info as it is on disk (None: none, or not a regular file)."""
+        try:
+            return read_regular(self.store.previous_info_path(vmid))
+        except (FileNotFoundError, StoreError):
+            return None
 
     def backup_handle_log_file(self, vmid: int, filename: str) -> None:
         vmid = int(vmid)
@@ -549,14 +579,14 @@ class DirectoryBackupProvider(BackupProvider):
     def archive_get_guest_config(self, volname: str, *storeid: str) -> str:
         _bid, path = self._backup(volname)
         try:
-            return (path / GUEST_CONFIG).read_text()
+            return read_regular(path / GUEST_CONFIG).decode("utf-8", "replace")
         except FileNotFoundError:
             raise StoreError(f"backup {volname} has no guest configuration") from None
 
     def archive_get_firewall_config(self, volname: str, *storeid: str) -> str | None:
         _bid, path = self._backup(volname)
         try:
-            return (path / FIREWALL_CONFIG).read_text()
+            return read_regular(path / FIREWALL_CONFIG).decode("utf-8", "replace")
         except FileNotFoundError:
             return None
 
@@ -576,18 +606,29 @@ class DirectoryBackupProvider(BackupProvider):
         bid, path = self._backup(volname)
         manifest = self.store.read_manifest(bid)
         check_device_name(device)
+        size = None
         if manifest is not None:
             if device not in manifest.disks:
                 raise StoreError(
                     f"backup {volname} has no disk {device!r} "
                     f"(it has: {', '.join(sorted(manifest.disks)) or 'none'})"
                 )
-            image = path / manifest.disks[device].file
+            record = manifest.disks[device]
+            if Path(record.file).name != record.file or record.file in ("", ".", ".."):
+                raise StoreError(f"backup {volname}: its manifest names {record.file!r}; refused")
+            image, size = path / record.file, record.size
         else:
             image = path / disk_file(device)
             if not image.exists():
                 raise StoreError(f"backup {volname} has no disk {device!r}")
-        return qcow2.Chain(image, self.store.guest_dir(bid.vmid))
+        chain = qcow2.Chain(image, self.store.guest_dir(bid.vmid))
+        if size is not None and chain.virtual_size != size:
+            chain.close()
+            raise StoreError(
+                f"{image}: virtual size {chain.virtual_size} differs from the "
+                f"{size} bytes the backup's manifest records; refused"
+            )
+        return chain
 
     def restore_vm_volume_init(
         self, volname: str, device_name: str, info: Mapping[str, Any] | None = None
@@ -596,7 +637,8 @@ class DirectoryBackupProvider(BackupProvider):
         if key in self._restores:
             raise StoreError(f"{device_name} of {volname} is already being restored")
         with self.open_chain(volname, device_name) as chain:
-            rundir = Path(tempfile.mkdtemp(prefix="dirbackup-", dir=_run_base()))
+            chain.map()  # every table checked: QEMU would read what lies as zeros
+            rundir = qemu.make_rundir("dirbackup-")
             job = _VolumeRestore(rundir)
             self._restores[key] = job
             try:
@@ -638,11 +680,16 @@ class DirectoryBackupProvider(BackupProvider):
 
         mechanism, _ = self.restore_get_mechanism(volname)
         _bid, path = self._backup(volname)
+        if mechanism not in (RestoreMechanism.TAR, RestoreMechanism.DIRECTORY):
+            raise StoreError(f"backup {volname} is not a container backup")
+        archive = path / (TAR_ARCHIVE if mechanism == RestoreMechanism.TAR else SQUASHFS_ARCHIVE)
+        if not stat.S_ISREG(os.lstat(archive).st_mode):
+            raise StoreError(f"{archive} is not a regular file (a symlink?); refused")
         if mechanism == RestoreMechanism.TAR:
-            return {"tar-path": str(path / TAR_ARCHIVE)}
+            return {"tar-path": str(archive)}
         if volname in self._mounts:
             raise StoreError(f"{volname} is already mounted for restore")
-        rundir = Path(tempfile.mkdtemp(prefix="dirbackup-", dir=_run_base()))
+        rundir = qemu.make_rundir("dirbackup-")
         mountpoint = rundir / "root"
         mountpoint.mkdir()
         try:
@@ -675,12 +722,3 @@ def _cluster_size_for(regions: extents.Extents, size: int) -> int:
         while cluster > MIN_CLUSTER and bounds.size and bool((bounds % np.uint64(cluster)).any()):
             cluster //= 2
     return cluster
-
-
-def _run_base() -> str:
-    """Where private sockets and mount points go: /run/dirbackup as root."""
-    if os.geteuid() == 0 and os.path.isdir("/run"):
-        base = "/run/dirbackup"
-        os.makedirs(base, mode=0o700, exist_ok=True)
-        return base
-    return tempfile.gettempdir()

@@ -407,11 +407,14 @@ def merge_into_child(
     child: str | os.PathLike[str],
     allowed: str | os.PathLike[str],
     options: copyengine.CopyOptions = copyengine.CopyOptions(),
+    output: str | os.PathLike[str] | None = None,
 ) -> None:
     """Fold the child's backing image into the child, so that the backing image
     can be removed: the new child holds every cluster that either held, keeps
     reading exactly as before, and backs onto the grandparent (or nothing).
-    The child is replaced atomically by rename."""
+    The child is replaced atomically by rename; with `output`, the merged image
+    is written there instead (a new file in a directory next to the child's:
+    its backing name stays relative to the child's directory)."""
     child_path = os.path.realpath(os.fspath(child))
     with Chain(child_path, allowed) as chain:
         if chain.depth < 2:
@@ -422,8 +425,11 @@ def merge_into_child(
             backing = None
         rows = chain.map(depth=2)
         plan = rows[rows[:, 2] != MAP_UNALLOCATED]
-        tmp = Path(child_path).with_name(f".{Path(child_path).name}.merge-{os.getpid()}")
-        tmp.unlink(missing_ok=True)  # left over by a crashed merge
+        if output is not None:
+            tmp = Path(output)
+        else:
+            tmp = Path(child_path).with_name(f".{Path(child_path).name}.merge-{os.getpid()}")
+            tmp.unlink(missing_ok=True)  # left over by a crashed merge
         writer = Writer(
             tmp,
             chain.virtual_size,
@@ -433,6 +439,8 @@ def merge_into_child(
         with writer:
             copyengine.copy_mapped(chain.fds[:2], plan, writer, options)
             writer.finish()
+        if output is not None:
+            return
         os.replace(tmp, child_path)
         _fsync_dir(os.path.dirname(child_path))
 

@@ -7,18 +7,21 @@ libnbd-bin; errors carry the program's own message.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import json
 import os
+import shutil
 import signal
 import subprocess
 import tempfile
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from dirbackup.errors import DirbackupError
+from dirbackup.store import owner_alive, owner_line
 
 
 class ToolError(DirbackupError):
@@ -135,17 +138,93 @@ def io(path: str | os.PathLike[str], *commands: str, fmt: str = "qcow2") -> str:
 
 
 # ----------------------------------------------------------------------------
+# Helper processes die with us
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent(sig: int = signal.SIGTERM) -> Callable[[], None]:
+    """A preexec_fn: the child gets `sig` when the thread that started it dies,
+    even by SIGKILL, so that no server is left holding a guest's disk (and its
+    image lock) or a mount point after a crash.  Start such children from a
+    thread that outlives them."""
+    parent = os.getpid()
+
+    def preexec() -> None:
+        _libc.prctl(_PR_SET_PDEATHSIG, int(sig), 0, 0, 0)
+        if os.getppid() != parent:  # the parent died before prctl
+            os._exit(1)
+
+    return preexec
+
+
+# ----------------------------------------------------------------------------
+# Private run directories (sockets, pid files, mount points)
+
+RUN_BASE = "/run/dirbackup"
+OWNER = ".owner"
+
+
+def run_base() -> str:
+    """Where private sockets and mount points go: /run/dirbackup as root."""
+    if os.geteuid() == 0 and os.path.isdir("/run"):
+        os.makedirs(RUN_BASE, mode=0o700, exist_ok=True)
+        return RUN_BASE
+    return tempfile.gettempdir()
+
+
+def make_rundir(prefix: str) -> Path:
+    """A new private directory owned by this process; the ones left by dead
+    processes are removed first."""
+    base = run_base()
+    clean_stale_rundirs(base)
+    path = Path(tempfile.mkdtemp(prefix=prefix, dir=base))
+    (path / OWNER).write_text(owner_line())
+    return path
+
+
+def clean_stale_rundirs(base: str | None = None) -> list[str]:
+    """Remove private directories whose owner is gone (killed, say), after
+    unmounting what is still mounted in them."""
+    base = base or run_base()
+    removed = []
+    with contextlib.suppress(OSError):
+        for entry in os.scandir(base):
+            if not entry.is_dir(follow_symlinks=False):
+                continue
+            try:
+                owner = Path(entry.path, OWNER).read_text()
+            except OSError:
+                continue  # not one of ours, or not ours to judge
+            if owner_alive(owner):
+                continue
+            with contextlib.suppress(OSError):
+                for sub in os.scandir(entry.path):
+                    if os.path.ismount(sub.path):
+                        for cmd in (["fusermount3", "-u", "-z"], ["umount", "-l"]):
+                            done = subprocess.run([*cmd, sub.path], capture_output=True)
+                            if done.returncode == 0:
+                                break
+            shutil.rmtree(entry.path, ignore_errors=True)
+            removed.append(entry.path)
+    return removed
+
+
+# ----------------------------------------------------------------------------
 # qemu-nbd
 
 
 @dataclass
 class NbdServer:
-    """A qemu-nbd process serving one image on a Unix socket."""
+    """A qemu-nbd process serving one image on a Unix socket (a child of ours
+    that dies with us)."""
 
     socket: str
     export: str
     pid: int
     pidfile: str = field(repr=False)
+    process: subprocess.Popen[bytes] | None = field(default=None, repr=False)
 
     @property
     def uri(self) -> str:
@@ -159,11 +238,18 @@ class NbdServer:
         """Terminate the server and wait until it is gone."""
         self.kill(signal.SIGTERM)
         deadline = time.monotonic() + timeout
+        again = time.monotonic() + 0.5
         while _alive(self.pid):
-            if time.monotonic() > deadline:
+            now = time.monotonic()
+            if now > deadline:
                 self.kill(signal.SIGKILL)
-                deadline = time.monotonic() + timeout
+                deadline = now + timeout
+            elif now > again:  # qemu-nbd can miss a SIGTERM that comes early
+                self.kill(signal.SIGTERM)
+                again = now + 0.5
             time.sleep(0.01)
+        if self.process is not None:
+            self.process.wait()
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self.socket)
         with contextlib.suppress(FileNotFoundError):
@@ -199,7 +285,7 @@ def start_nbd(
     """
     fd, pidfile = tempfile.mkstemp(prefix="qemu-nbd-", suffix=".pid", dir=os.path.dirname(socket))
     os.close(fd)
-    cmd = ["qemu-nbd", "--fork", "--persistent", f"--pid-file={pidfile}", f"--socket={socket}"]
+    cmd = ["qemu-nbd", "--persistent", f"--pid-file={pidfile}", f"--socket={socket}"]
     cmd += [f"--export-name={export}", f"--shared={shared}"]
     if readonly:
         cmd.append("--read-only")
@@ -212,14 +298,39 @@ def start_nbd(
         if fmt:
             cmd.append(f"--format={fmt}")
         cmd.append(os.fspath(image or ""))
-    try:
-        run(cmd, timeout=60)
-    except ToolError:
-        with contextlib.suppress(FileNotFoundError):
+    # Not --fork: a daemon would outlive us if we were killed, keeping the
+    # guest's image open and locked.  Ready when it has written its pid file.
+    # A read-only server is killed outright when we die: qemu-nbd loses a
+    # SIGTERM that comes while it starts up, and has nothing to write back.
+    with tempfile.TemporaryFile() as err:
+        try:
+            proc = subprocess.Popen(
+                cmd,
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,
+                stderr=err,
+                preexec_fn=_die_with_parent(signal.SIGKILL if readonly else signal.SIGTERM),
+            )
+        except FileNotFoundError:
             os.unlink(pidfile)
-        raise
-    pid = int(Path(pidfile).read_text().strip())
-    return NbdServer(socket=socket, export=export, pid=pid, pidfile=pidfile)
+            raise ToolError("qemu-nbd is not installed (make setup installs it)") from None
+        deadline = time.monotonic() + 60
+        while Path(pidfile).read_text().strip() != str(proc.pid):
+            late = time.monotonic() > deadline
+            if proc.poll() is not None or late:
+                if late:
+                    proc.kill()
+                proc.wait()
+                err.seek(0)
+                msg = err.read().decode(errors="replace").strip()
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(pidfile)
+                if late:
+                    msg = f"did not start within 60 s {msg}".strip()
+                raise ToolError(f"qemu-nbd: {msg or f'exit status {proc.returncode}'}")
+            time.sleep(0.002)
+    pid = proc.pid
+    return NbdServer(socket=socket, export=export, pid=pid, pidfile=pidfile, process=proc)
 
 
 @contextlib.contextmanager
@@ -274,6 +385,7 @@ def start_nbdfuse(mountpoint: Path, filename: str, uri: str, timeout: float = 30
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
             start_new_session=True,
+            preexec_fn=_die_with_parent(),  # unmounts on SIGTERM
         )
     except FileNotFoundError:
         raise ToolError("nbdfuse is not installed (Debian package libnbd-bin)") from None

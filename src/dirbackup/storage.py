@@ -12,9 +12,12 @@ first), attributes are stored, and `verify` checks what was written.
 
 from __future__ import annotations
 
+import errno
 import json
 import multiprocessing
 import os
+import shutil
+import stat
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from enum import StrEnum
@@ -26,6 +29,7 @@ from dirbackup.errors import DirbackupError, ImageError, StoreError
 from dirbackup.prune import KeepRules, Mark, PruneCandidate, mark
 from dirbackup.store import (
     GUEST_CONFIG,
+    MANIFEST,
     PENDING_ATTRIBUTES,
     SQUASHFS_ARCHIVE,
     TAR_ARCHIVE,
@@ -36,6 +40,8 @@ from dirbackup.store import (
     VmType,
     digest_map,
     dir_usage,
+    exchange,
+    fsync_path,
     read_json,
     sha256_file,
     split_volid,
@@ -158,6 +164,22 @@ class VerifyResult:
     ok: bool
     problems: tuple[str, ...] = ()
     checked_bytes: int = 0
+
+
+def _link_rest(source: Path, staging: Path) -> bool:
+    """Hard-link the files of `source` that `staging` does not have yet into it;
+    False where the file system has no hard links."""
+    for p in source.iterdir():
+        if (staging / p.name).exists() or p.name.startswith("."):
+            continue
+        try:
+            os.link(p, staging / p.name, follow_symlinks=False)
+        except OSError as exc:
+            if exc.errno in (errno.EPERM, errno.EOPNOTSUPP, errno.EXDEV, errno.EMLINK):
+                return False
+            raise
+    fsync_path(staging)
+    return True
 
 
 def _activate_probe(path: str) -> bool:
@@ -305,13 +327,24 @@ class DirectoryStorage:
         path = self.store.require(bid)
         return BackupEntry(bid, path, self.store.read_manifest(bid))
 
+    def _entry_or_problem(self, volname: str) -> BackupEntry:
+        """_entry(), but a damaged manifest becomes the entry's problem."""
+        try:
+            return self._entry(volname)
+        except StoreError as exc:
+            bid = self.backup_id(volname)
+            return BackupEntry(bid, self.store.require(bid), None, str(exc))
+
     def parent_of(self, entry: BackupEntry) -> BackupId | None:
         """The backup an incremental builds on (the newest one its disks name)."""
         if entry.manifest is not None:
             parents = [d.parent for d in entry.manifest.disks.values() if d.parent]
             if not parents:
                 return None
-            return max(BackupId.parse(p) for p in parents)
+            try:
+                return max(BackupId.parse(p) for p in parents)
+            except DirbackupError:
+                return None  # a damaged manifest (verify reports it)
         return self._legacy_parent(entry)
 
     def _legacy_parent(self, entry: BackupEntry) -> BackupId | None:
@@ -462,6 +495,7 @@ class DirectoryStorage:
         base of others is first merged into each of them, so they stay whole."""
         bid = self.backup_id(volname)
         with self.store.lock(bid.vmid, what="removal"):
+            self.store.clean_stale(bid.vmid)
             self._remove(bid, log)
 
     def _remove(self, bid: BackupId, log: LogFunction | None) -> None:
@@ -477,12 +511,19 @@ class DirectoryStorage:
     def _merge_into(
         self, bid: BackupId, entry: BackupEntry, child: BackupEntry, log: LogFunction | None
     ) -> None:
+        """Fold `bid`'s images into the child's that build on them.
+
+        The merged images and the updated manifest are made in a sibling
+        staging directory (the child's other files hard-linked), which then
+        takes the child's place in one atomic exchange: a crash at any point
+        leaves either the old child or the new one, never a merged image with
+        the old manifest.  Where the file system cannot exchange directories,
+        the images are replaced one by one and the manifest last."""
         gdir = self.store.guest_dir(bid.vmid)
-        if log:
-            log("info", f"merging {bid.volname} into {child.id.volname} before removal")
         m = child.manifest
         parent_manifest = entry.manifest
         disks = m.disks if m is not None else {p.stem: None for p in child.path.glob("*.qcow2")}
+        todo = []
         for device, record in disks.items():
             if record is not None and record.parent != bid.volname:
                 continue
@@ -490,26 +531,48 @@ class DirectoryStorage:
             with qcow2.Chain(image, gdir) as chain:
                 if chain.depth < 2 or Path(chain.paths[1]).parent != entry.path.resolve():
                     continue
-            qcow2.merge_into_child(image, gdir)
-            if m is not None and record is not None:
-                grand = None
-                if parent_manifest is not None and device in parent_manifest.disks:
-                    grand = parent_manifest.disks[device].parent
-                digests = qcow2.image_digests(image, record.digest_chunk, record.size)
-                m.disks[device] = replace(
-                    record,
-                    parent=grand,
-                    mode="incremental" if grand else "full",
-                    digests=digest_map(digests),
+            todo.append((device, record, image))
+        if not todo:
+            return
+        if log:
+            log("info", f"merging {bid.volname} into {child.id.volname} before removal")
+        staging = gdir / f".{child.id.name}.merge-{os.getpid()}"
+        shutil.rmtree(staging, ignore_errors=True)  # left over by a crashed merge of ours
+        staging.mkdir()
+        try:
+            for device, record, image in todo:
+                merged = staging / image.name
+                qcow2.merge_into_child(image, gdir, output=merged)
+                if m is not None and record is not None:
+                    grand = None
+                    if parent_manifest is not None and device in parent_manifest.disks:
+                        grand = parent_manifest.disks[device].parent
+                    digests = qcow2.image_digests(merged, record.digest_chunk, record.size)
+                    m.disks[device] = replace(
+                        record,
+                        parent=grand,
+                        mode="incremental" if grand else "full",
+                        digests=digest_map(digests),
+                    )
+            if m is not None:
+                parents = [d.parent for d in m.disks.values() if d.parent]
+                m = replace(
+                    m,
+                    parent=max(parents) if parents else None,
+                    mode="incremental" if parents else "full",
                 )
-        if m is not None:
-            parents = [d.parent for d in m.disks.values() if d.parent]
-            m = replace(
-                m,
-                parent=max(parents) if parents else None,
-                mode="incremental" if parents else m.mode,
-            )
-            self.store.write_manifest(child.id, m)
+                write_atomic(staging / MANIFEST, m.to_json())
+            if _link_rest(child.path, staging) and exchange(staging, child.path):
+                fsync_path(gdir)
+                return
+            # no atomic exchange here: images first, the manifest last
+            for _device, _record, image in todo:
+                os.replace(staging / image.name, image)
+            fsync_path(child.path)
+            if m is not None:
+                self.store.write_manifest(child.id, m)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
 
     def prune_backups(
         self,
@@ -532,6 +595,24 @@ class DirectoryStorage:
             rules = KeepRules.parse(keep)
         else:
             rules = KeepRules.from_mapping(keep)
+        result = self._prune_marks(rules, vmid, vmtype)
+        if not dryrun:
+            for gvmid in sorted({e.vmid for e in result if e.mark == Mark.REMOVE}):
+                with self.store.lock(gvmid, what="prune"):
+                    # marked again under the lock: a backup or removal that ran
+                    # while we waited for it changes what keep-last means
+                    fresh = self._prune_marks(rules, gvmid, vmtype)
+                    result = [e for e in result if e.vmid != gvmid] + fresh
+                    self.store.clean_stale(gvmid)
+                    doomed = [p for p in fresh if p.mark == Mark.REMOVE]
+                    for p in sorted(doomed, key=lambda p: -p.ctime):
+                        self._remove(self.backup_id(p.volid), log)
+        result.sort(key=lambda e: (e.vmid, e.type, -e.ctime))
+        return [e.as_dict() for e in result]
+
+    def _prune_marks(
+        self, rules: KeepRules, vmid: int | None, vmtype: str | None
+    ) -> list[PruneEntry]:
         groups: dict[tuple[int, str], list[BackupEntry]] = {}
         for entry in self.store.backups(vmid):
             if vmtype and str(entry.id.vmtype) != vmtype:
@@ -542,7 +623,10 @@ class DirectoryStorage:
             marks = mark(
                 [
                     PruneCandidate(
-                        e.id.volname, e.id.epoch, bool(e.manifest and e.manifest.protected)
+                        e.id.volname,
+                        e.id.epoch,
+                        # an unreadable manifest may hide the protection: kept
+                        bool(e.problem or (e.manifest and e.manifest.protected)),
                     )
                     for e in entries
                 ],
@@ -554,15 +638,7 @@ class DirectoryStorage:
                         e.id.volid(self.storeid), gtype, e.id.epoch, gvmid, marks[e.id.volname]
                     )
                 )
-        if not dryrun:
-            for gvmid in sorted({e.vmid for e in result}):
-                doomed = [p for p in result if p.vmid == gvmid and p.mark == Mark.REMOVE]
-                if not doomed:
-                    continue
-                with self.store.lock(gvmid, what="prune"):
-                    for p in sorted(doomed, key=lambda p: -p.ctime):
-                        self._remove(self.backup_id(p.volid), log)
-        return [e.as_dict() for e in result]
+        return result
 
     # ---------------------------------------------------------------- verify
 
@@ -571,7 +647,10 @@ class DirectoryStorage:
 
         Backups without a manifest (the seed's layout) are checked as far as
         possible: their chains are validated and their tables walked."""
-        entries = [self._entry(volname)] if volname is not None else self.store.backups(vmid)
+        if volname is not None:
+            entries = [self._entry_or_problem(volname)]
+        else:
+            entries = self.store.backups(vmid)
         return [self._verify_one(e) for e in entries]
 
     def _verify_one(self, entry: BackupEntry) -> VerifyResult:
@@ -579,6 +658,8 @@ class DirectoryStorage:
         checked = 0
         gdir = self.store.guest_dir(entry.id.vmid)
         m = entry.manifest
+        if entry.problem is not None:
+            return VerifyResult(entry.id.volid(self.storeid), False, (entry.problem,))
         if m is None:
             images = sorted(entry.path.glob("*.qcow2"))
             for img in images:
@@ -593,14 +674,12 @@ class DirectoryStorage:
                 problems.append(f"{GUEST_CONFIG} is missing")
             return VerifyResult(entry.id.volid(self.storeid), not problems, tuple(problems))
         for device, disk in m.disks.items():
+            if Path(disk.file).name != disk.file or disk.file in ("", ".", ".."):
+                problems.append(f"{device}: the manifest names {disk.file!r}, not a file here")
+                continue
             image = entry.path / disk.file
             try:
                 with qcow2.Chain(image, gdir) as chain:
-                    if chain.virtual_size != disk.size:
-                        problems.append(
-                            f"{device}: virtual size {chain.virtual_size} differs "
-                            f"from the manifest's {disk.size}"
-                        )
                     if disk.parent:
                         want = self.store.backup_dir(BackupId.parse(disk.parent)).resolve()
                         if chain.depth < 2 or Path(chain.paths[1]).parent != want:
@@ -608,6 +687,16 @@ class DirectoryStorage:
                     elif chain.depth != 1:
                         problems.append(f"{device}: a full backup image has a backing file")
                     chain.map()
+                    if chain.virtual_size != disk.size:
+                        problems.append(
+                            f"{device}: virtual size {chain.virtual_size} differs "
+                            f"from the manifest's {disk.size}"
+                        )
+                        continue
+                    cluster = chain.headers[0].cluster_size
+                if disk.digest_chunk <= 0 or disk.digest_chunk % cluster:
+                    problems.append(f"{device}: invalid digest chunk {disk.digest_chunk}")
+                    continue
                 digests = qcow2.image_digests(image, disk.digest_chunk, disk.size)
                 if digest_map(digests) != disk.digests:
                     bad = sorted(set(digest_map(digests).items()) ^ set(disk.digests.items()))
@@ -621,10 +710,16 @@ class DirectoryStorage:
                 problems.append(f"{device}: {exc}")
         for name, rec in m.files.items():
             path = entry.path / name
+            if Path(name).name != name or name in ("", ".", ".."):
+                problems.append(f"the manifest names {name!r}, not a file here")
+                continue
             try:
-                st = path.stat()
+                st = path.lstat()
             except FileNotFoundError:
                 problems.append(f"{name} is missing")
+                continue
+            if not stat.S_ISREG(st.st_mode):
+                problems.append(f"{name} is not a regular file (a symlink?); refused")
                 continue
             if st.st_size != rec.size:
                 problems.append(f"{name}: size {st.st_size} differs from the manifest's {rec.size}")

@@ -23,6 +23,7 @@ path outside the store.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import errno
 import fcntl
 import hashlib
@@ -30,6 +31,7 @@ import json
 import os
 import re
 import shutil
+import stat
 import time
 from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass, field
@@ -249,22 +251,49 @@ def fsync_path(path: Path) -> None:
 
 
 def write_atomic(path: Path, data: str | bytes, mode: int = 0o644) -> None:
-    """Replace a file's content all at once (temp file, fsync, rename, fsync dir)."""
+    """Replace a file's content all at once (temp file, fsync, rename, fsync dir).
+
+    Errors name the file (ENOSPC from write() alone would not)."""
     raw = data.encode() if isinstance(data, str) else data
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
     try:
-        view = memoryview(raw)
-        while view:
-            view = view[os.write(fd, view) :]
-        os.fsync(fd)
-    except BaseException:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
+        try:
+            view = memoryview(raw)
+            while view:
+                view = view[os.write(fd, view) :]
+            os.fsync(fd)
+        except BaseException:
+            os.close(fd)
+            tmp.unlink(missing_ok=True)
+            raise
         os.close(fd)
-        tmp.unlink(missing_ok=True)
-        raise
-    os.close(fd)
-    os.replace(tmp, path)
-    fsync_path(path.parent)
+        os.replace(tmp, path)
+        fsync_path(path.parent)
+    except OSError as exc:
+        if exc.filename is not None or exc.errno is None:
+            raise
+        raise OSError(exc.errno, f"writing {path}: {exc.strerror}", str(path)) from None
+
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_AT_FDCWD = -100
+_RENAME_EXCHANGE = 2
+
+
+def exchange(a: Path, b: Path) -> bool:
+    """Swap two directories atomically (renameat2 with RENAME_EXCHANGE).
+    False where the C library, kernel or file system cannot."""
+    renameat2 = getattr(_libc, "renameat2", None)
+    if renameat2 is None:
+        return False
+    rc = renameat2(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE)
+    if rc == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
+        return False
+    raise OSError(err, f"exchanging {a} and {b}: {os.strerror(err)}", str(b))
 
 
 def _process_alive(pid: int, start: str) -> bool:
@@ -281,17 +310,67 @@ def _own_start_time() -> str:
         return f.read().rsplit(")", 1)[1].split()[19]
 
 
+def _stale_temporary(name: str, mark: str) -> bool:
+    """`.<name><mark><pid>` made by a process that is gone."""
+    if not name.startswith(".") or mark not in name:
+        return False
+    pid = name.rsplit(mark, 1)[1]
+    return pid.isdigit() and not os.path.exists(f"/proc/{pid}")
+
+
+def owner_line() -> str:
+    """`<pid> <start time>`: names this process, even after its pid is reused."""
+    return f"{os.getpid()} {_own_start_time()}\n"
+
+
+def owner_alive(line: str) -> bool:
+    """Whether the process an owner_line() names still runs."""
+    try:
+        pid_s, start = line.split()
+        return _process_alive(int(pid_s), start)
+    except ValueError:
+        return False
+
+
 # ----------------------------------------------------------------------------
 # The store
 
 
 @dataclass(frozen=True)
 class BackupEntry:
-    """A published backup as listing sees it."""
+    """A published backup as listing sees it.  `problem` says why its
+    manifest could not be read (the backup is then listed, and fails verify)."""
 
     id: BackupId
     path: Path
     manifest: Manifest | None
+    problem: str | None = None
+
+
+def real_dir(path: Path) -> bool:
+    """A directory, and not through a symlink: what the store is made of.  A
+    symlink placed in the store never leads a listing or a restore outside."""
+    return path.is_dir() and not path.is_symlink()
+
+
+def read_regular(path: Path) -> bytes:
+    """The content of a regular file of the store; a symlink or anything else
+    is refused (StoreError), FileNotFoundError passes."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise StoreError(f"{path} is a symbolic link; refused") from None
+        raise
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise StoreError(f"{path} is not a regular file; refused")
+        chunks = []
+        while chunk := os.read(fd, 1 << 20):
+            chunks.append(chunk)
+        return b"".join(chunks)
+    finally:
+        os.close(fd)
 
 
 class Store:
@@ -368,8 +447,19 @@ class Store:
     # -- writing a backup
 
     def new_backup_id(self, vmid: int, vmtype: VmType, epoch: int) -> BackupId:
-        """The first free id at or after `epoch`: two backups of a guest within
-        the same second never share (and so never overwrite) a directory."""
+        """The first free id at or after `epoch` and after the guest's newest
+        backup: two backups of a guest within the same second never share (and
+        so never overwrite) a directory, and a new backup never sorts before
+        the one it builds on -- not after a clock step back, nor when a backup
+        whose time was moved up has been removed -- so that `keep-last` and
+        listings keep the newest."""
+        gdir = self.guest_dir(vmid)
+        if gdir.is_dir():
+            for p in gdir.iterdir():
+                m = _NAME_RE.fullmatch(p.name)
+                # (names beyond the valid range are no backup of ours)
+                if m and epoch <= int(m.group(2)) < MAX_EPOCH:
+                    epoch = int(m.group(2)) + 1
         while True:
             bid = BackupId(vmid, vmtype, epoch)
             if not (
@@ -388,7 +478,7 @@ class Store:
             part.mkdir(mode=0o755)
         except FileExistsError:
             raise StoreError(f"backup {bid.archive} is already being written") from None
-        (part / OWNER_FILE).write_text(f"{os.getpid()} {_own_start_time()}\n")
+        (part / OWNER_FILE).write_text(owner_line())
         return part
 
     def publish(self, bid: BackupId, manifest: Manifest) -> Path:
@@ -417,42 +507,49 @@ class Store:
         shutil.rmtree(part, ignore_errors=True)
 
     def clean_stale(self, vmid: int) -> list[str]:
-        """Remove partial backups and temporary files left by processes that are gone."""
+        """Remove what interrupted writers of a guest left behind, once they are
+        gone: partial backups, directories being removed, and the temporary
+        files of an atomic write or a merge (in the guest's directory and in
+        its published and failed backups)."""
         removed: list[str] = []
         gdir = self.guest_dir(vmid)
         if not gdir.is_dir():
             return removed
         for p in gdir.iterdir():
+            if p.is_symlink():
+                continue
             if p.name.startswith(".") and p.name.endswith(".partial") and p.is_dir():
                 try:
-                    pid_s, start = (p / OWNER_FILE).read_text().split()
-                    alive = _process_alive(int(pid_s), start)
-                except (OSError, ValueError):
+                    alive = owner_alive((p / OWNER_FILE).read_text())
+                except OSError:
                     alive = False
                 if not alive:
                     shutil.rmtree(p, ignore_errors=True)
                     removed.append(p.name)
-            elif ".removing-" in p.name and p.name.startswith(".") and p.is_dir():
-                pid_s = p.name.rsplit("-", 1)[1]
-                if pid_s.isdigit() and not os.path.exists(f"/proc/{pid_s}"):
-                    shutil.rmtree(p, ignore_errors=True)
-                    removed.append(p.name)
-            elif ".tmp-" in p.name and p.name.startswith("."):
-                pid_s = p.name.rsplit("-", 1)[1]
-                if pid_s.isdigit() and not os.path.exists(f"/proc/{pid_s}"):
-                    p.unlink(missing_ok=True)
-                    removed.append(p.name)
+            elif (
+                _stale_temporary(p.name, ".removing-") or _stale_temporary(p.name, ".merge-")
+            ) and p.is_dir():
+                shutil.rmtree(p, ignore_errors=True)
+                removed.append(p.name)
+            elif _stale_temporary(p.name, ".tmp-"):
+                p.unlink(missing_ok=True)
+                removed.append(p.name)
+            elif p.is_dir() and (_NAME_RE.fullmatch(p.name) or p.name.endswith(".failed")):
+                for q in p.iterdir():
+                    if _stale_temporary(q.name, ".tmp-") or _stale_temporary(q.name, ".merge-"):
+                        q.unlink(missing_ok=True)
+                        removed.append(f"{p.name}/{q.name}")
         return removed
 
     # -- reading
 
     def exists(self, bid: BackupId) -> bool:
-        return self.backup_dir(bid).is_dir()
+        return real_dir(self.guest_dir(bid.vmid)) and real_dir(self.backup_dir(bid))
 
     def require(self, bid: BackupId) -> Path:
         """The directory of a published backup, or StoreError."""
         path = self.backup_dir(bid)
-        if not path.is_dir():
+        if not self.exists(bid):
             raise StoreError(f"backup {bid.volname} does not exist in {self.root}")
         return path
 
@@ -460,7 +557,7 @@ class Store:
         """The manifest, or None for a backup in the seed's layout (no manifest)."""
         path = self.backup_dir(bid) / MANIFEST
         try:
-            text = path.read_text()
+            text = read_regular(path).decode("utf-8", "replace")
         except FileNotFoundError:
             return None
         return Manifest.from_json(text, str(path))
@@ -473,7 +570,7 @@ class Store:
         self.check()
         out = []
         for p in self.root.iterdir():
-            if p.is_dir() and p.name.isdigit() and str(int(p.name)) == p.name:
+            if real_dir(p) and p.name.isdigit() and str(int(p.name)) == p.name:
                 out.append(int(p.name))
         return sorted(out)
 
@@ -484,22 +581,25 @@ class Store:
         entries = []
         for v in vmids:
             gdir = self.guest_dir(v)
-            if not gdir.is_dir():
+            if not real_dir(gdir):
                 continue
             for p in gdir.iterdir():
                 m = _NAME_RE.fullmatch(p.name)
-                if not m or not p.is_dir():
+                if not m or not real_dir(p):
                     continue
                 bid = BackupId(v, VmType(m.group(1)), int(m.group(2)))
-                entries.append(BackupEntry(bid, p, self.read_manifest(bid)))
+                try:
+                    entries.append(BackupEntry(bid, p, self.read_manifest(bid)))
+                except StoreError as exc:  # one damaged backup hides no other
+                    entries.append(BackupEntry(bid, p, None, str(exc)))
         entries.sort(key=lambda e: (e.id.vmid, e.id.epoch, e.id.vmtype))
         return entries
 
     def read_previous(self, vmid: int, vmtype: VmType) -> PreviousInfo:
         try:
-            text = self.previous_info_path(vmid).read_text()
-        except FileNotFoundError:
-            return PreviousInfo()
+            text = read_regular(self.previous_info_path(vmid)).decode("utf-8", "replace")
+        except (FileNotFoundError, StoreError):
+            return PreviousInfo()  # no record: the next backup is full
         return PreviousInfo.parse(text, vmtype)
 
     def write_previous(self, vmid: int, info: PreviousInfo) -> None:

@@ -1,0 +1,310 @@
+"""Fault injection for the reliability tests: real servers, file systems and
+signals, never mocks.
+
+* `NbdKit`: an nbdkit server on a Unix socket with filters (error, delay...).
+* `small_tmpfs` / `remount`: a size-limited tmpfs store that fills up, or is
+  made read-only under a running backup.
+* `cli` / `cli_popen` / `cli_killed_at`: the command line as a subprocess;
+  `cli_killed_at` has strace deliver SIGKILL on entry of the Nth call of a
+  system call (the call never runs), to crash at exact points.
+* `leftovers`, `assert_store_sound`, `store_files`: what a store must look like
+  after any fault; `dirty_map` / `bitmap_state`: a guest's persistent bitmap.
+* `servers_for`: qemu-nbd and nbdfuse processes still serving a path.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import random
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import pytest
+from guests import STOREID
+
+from dirbackup import copy, extents, nbd, qemu
+from dirbackup.provider import DirectoryBackupProvider
+from dirbackup.storage import DirectoryStorage
+
+KiB = 1024
+MiB = 1024 * KiB
+LEFTOVER_MARKS = (".partial", ".tmp-", ".removing-", ".merge-", ".restore-")
+
+
+# ---------------------------------------------------------------------- nbdkit
+
+
+class NbdKit:
+    """`nbdkit -f -U SOCKET --filter=... PLUGIN ARGS` until stopped (or the test
+    process dies: --exit-with-parent).  Any export name is served."""
+
+    def __init__(self, sock: Path, plugin: Sequence[str], filters: Sequence[str] = ()) -> None:
+        if shutil.which("nbdkit") is None:
+            pytest.skip("nbdkit is not installed")
+        self.socket = sock
+        pidfile = sock.with_suffix(".pid")
+        pidfile.unlink(missing_ok=True)
+        self.log = sock.with_suffix(".log")
+        cmd = ["nbdkit", "-f", "--exit-with-parent", "-U", str(sock), "-P", str(pidfile)]
+        cmd += [f"--filter={f}" for f in filters]
+        with open(self.log, "wb") as log:
+            self.proc = subprocess.Popen([*cmd, *plugin], stdout=log, stderr=log)
+        deadline = time.monotonic() + 30
+        while not pidfile.exists():
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"nbdkit failed: {self.log.read_text()}")
+            if time.monotonic() > deadline:
+                self.stop()
+                raise RuntimeError("nbdkit did not start")
+            time.sleep(0.01)
+
+    def kill(self) -> None:
+        with contextlib.suppress(ProcessLookupError):
+            self.proc.kill()
+
+    def stop(self) -> None:
+        self.kill()
+        self.proc.wait()
+        self.socket.unlink(missing_ok=True)
+
+    def __enter__(self) -> NbdKit:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def has_nbdkit_filter(name: str) -> bool:
+    proc = subprocess.run(
+        ["nbdkit", f"--filter={name}", "null", "--version"], capture_output=True, check=False
+    )
+    return proc.returncode == 0
+
+
+# ---------------------------------------------------------------------- file systems
+
+
+def _mount(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(["mount", *args], capture_output=True, text=True, check=False)
+
+
+@contextlib.contextmanager
+def small_tmpfs(path: Path, size: str = "40M") -> Iterator[Path]:
+    """A tmpfs of `size` mounted on `path` (skips without the right to mount)."""
+    path.mkdir(parents=True, exist_ok=True)
+    proc = _mount("-t", "tmpfs", "-o", f"size={size},mode=0755", "tmpfs", str(path))
+    if proc.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs: {proc.stderr.strip()}")
+    try:
+        yield path
+    finally:
+        with contextlib.suppress(OSError):
+            remount(path, "rw")
+        if subprocess.run(["umount", str(path)], capture_output=True, check=False).returncode:
+            subprocess.run(["umount", "-l", str(path)], capture_output=True, check=False)
+
+
+def remount(path: Path, mode: str) -> None:
+    """Remount a file system read-only ("ro") or read-write ("rw")."""
+    proc = _mount("-o", f"remount,{mode}", str(path))
+    if proc.returncode != 0:
+        raise OSError(f"remount,{mode} {path}: {proc.stderr.strip()}")
+
+
+def fill(fs: Path, leave: int) -> Path:
+    """Fill a file system with one file until `leave` bytes are free."""
+    filler = fs / "filler"
+    free = shutil.disk_usage(fs).free
+    with open(filler, "ab") as f:
+        f.write(b"\xa5" * max(0, free - leave))
+    return filler
+
+
+# ---------------------------------------------------------------------- the CLI
+
+
+def _cmd(args: Sequence[str]) -> list[str]:
+    return [sys.executable, "-m", "dirbackup", *map(str, args)]
+
+
+def cli(
+    *args: Any, check: int | None = 0, timeout: float = 120
+) -> subprocess.CompletedProcess[str]:
+    proc = subprocess.run(_cmd(args), capture_output=True, text=True, timeout=timeout)
+    if check is not None:
+        assert proc.returncode == check, (proc.returncode, proc.stdout, proc.stderr)
+    return proc
+
+
+def cli_popen(*args: Any) -> subprocess.Popen[str]:
+    return subprocess.Popen(_cmd(args), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def cli_killed_at(
+    syscall: str, when: int, *args: Any, timeout: float = 120
+) -> subprocess.CompletedProcess[str]:
+    """Run the CLI under strace, which sends SIGKILL on entry of the `when`-th
+    call of `syscall` by the main thread: the call never happens, exactly as
+    if the process had been killed with kill -9 just before it."""
+    if shutil.which("strace") is None:
+        pytest.skip("strace is not installed")
+    cmd = [
+        "strace",
+        "-qq",
+        "-o",
+        "/dev/null",
+        "-e",
+        f"trace={syscall}",
+        "-e",
+        f"inject={syscall}:signal=SIGKILL:when={when}",
+        *_cmd(args),
+    ]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+
+
+# ---------------------------------------------------------------------- the provider
+
+
+def provider_backup(
+    storage: DirectoryStorage,
+    vmid: int,
+    volumes: dict[str, dict[str, Any]],
+    start: int,
+    request_size: int = 4 * MiB,
+) -> BaseException | None:
+    """Drive the provider as the hypervisor does; return the error of backup_vm
+    (after backup_cleanup(False)), or None after a successful backup."""
+    p = DirectoryBackupProvider(
+        storage,
+        storage.scfg,
+        STOREID,
+        copy_options=copy.CopyOptions(request_size=request_size, workers=2),
+    )
+    p.job_init(start)
+    p.backup_init(vmid, "qemu", start)
+    try:
+        p.backup_vm(vmid, "# config\n", volumes, {})
+    except (OSError, Exception) as exc:
+        p.backup_cleanup(vmid, "qemu", False, {"error": str(exc)})
+        p.job_cleanup()
+        return exc
+    p.backup_cleanup(vmid, "qemu", True, {})
+    p.job_cleanup()
+    return None
+
+
+# ---------------------------------------------------------------------- store checks
+
+
+def leftovers(root: Path) -> list[str]:
+    """Names in a store that only an interrupted operation leaves behind."""
+    out = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        for name in dirnames + filenames:
+            if any(mark in name for mark in LEFTOVER_MARKS):
+                out.append(os.path.relpath(os.path.join(dirpath, name), root))
+    return sorted(out)
+
+
+def volids(storage: DirectoryStorage, vmid: int | None = None) -> list[str]:
+    return [v["volid"] for v in storage.list_volumes(vmid)]
+
+
+def assert_store_sound(storage: DirectoryStorage, vmid: int | None = None) -> list[str]:
+    """Every listed backup is complete (has its manifest) and verifies."""
+    listed = volids(storage, vmid)
+    for volid in listed:
+        path = Path(storage.path(volid)[0])
+        assert (path / "manifest.json").is_file(), f"{volid} is listed without a manifest"
+    bad = [(r.volid, r.problems) for r in storage.verify(vmid=vmid) if not r.ok]
+    assert not bad, bad
+    return listed
+
+
+def store_files(storage: DirectoryStorage, vmid: int) -> dict[str, str]:
+    """sha256 of every file of every published backup of a guest."""
+    out = {}
+    gdir = storage.store.guest_dir(vmid)
+    for entry in storage.store.backups(vmid):
+        for p in sorted(entry.path.iterdir()):
+            out[str(p.relative_to(gdir))] = hashlib.sha256(p.read_bytes()).hexdigest()
+    return out
+
+
+def previous_info(storage: DirectoryStorage, vmid: int) -> bytes | None:
+    path = storage.store.previous_info_path(vmid)
+    return path.read_bytes() if path.exists() else None
+
+
+# ---------------------------------------------------------------------- bitmaps
+
+
+def dirty_map(image: Path, bitmap: str, sock_dir: Path) -> list[tuple[int, int]]:
+    """The dirty ranges of a persistent bitmap, read through qemu-nbd."""
+    sock = sock_dir / f"bm-{random.randrange(1 << 30):x}.sock"
+    with qemu.serve_nbd(image, str(sock), bitmap=bitmap) as server:
+        ctx = extents.dirty_bitmap_context(bitmap)
+        h = nbd.connect(server.uri, [ctx])
+        try:
+            rows = extents.dirty(extents.block_status(h, ctx))
+        finally:
+            nbd.close_all([h])
+    return [(int(o), int(n)) for o, n, _ in rows]
+
+
+def bitmap_state(image: Path, bitmap: str, sock_dir: Path) -> tuple[Any, ...]:
+    """(flags, dirty ranges) of a bitmap, or None when the image has none by that name."""
+    found = {b["name"]: b for b in qemu.bitmaps(image)}.get(bitmap)
+    if found is None:
+        return (None,)
+    flags = tuple(sorted(found.get("flags", [])))
+    if "in-use" in flags:
+        return (flags,)
+    return (flags, tuple(dirty_map(image, bitmap, sock_dir)))
+
+
+# ---------------------------------------------------------------------- processes
+
+
+def servers_for(needle: str) -> list[str]:
+    """qemu-nbd / nbdfuse processes whose command line mentions `needle`."""
+    out = []
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit():
+            continue
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                argv = f.read().split(b"\0")
+        except OSError:
+            continue
+        if not argv or not argv[0]:
+            continue
+        prog = os.path.basename(argv[0].decode(errors="replace"))
+        if prog in ("qemu-nbd", "nbdfuse") and needle.encode() in b" ".join(argv):
+            out.append(f"{pid} {b' '.join(argv).decode(errors='replace')}")
+    return out
+
+
+def wait_for(predicate: Any, timeout: float = 30, interval: float = 0.005) -> Any:
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise TimeoutError("condition not reached")
+        time.sleep(interval)
+
+
+def partial_dirs(storage: DirectoryStorage, vmid: int) -> list[Path]:
+    gdir = storage.store.guest_dir(vmid)
+    if not gdir.is_dir():
+        return []
+    return sorted(p for p in gdir.iterdir() if p.name.endswith(".partial"))
