@@ -214,19 +214,28 @@ cdef extern from *:
     db_parse_uint(const unsigned char *s, Py_ssize_t i, Py_ssize_t end, uint64_t *out) {
         uint64_t v = 0;
         Py_ssize_t start = i;
-        while (i + 8 <= end && i - start <= 8) {
-            uint64_t w = db_load8(s + i);
-            int k = db_digit_run(w);
-            if (k == 0)
-                break;
-            v = v * db_pow10[k] + db_digits_value(w, k);
-            i += k;
-            if (k < 8) {
+        if (i + 16 <= end) {
+            /* up to 15 digits from two words, without a loop */
+            uint64_t w0 = db_load8(s + i);
+            int k0 = db_digit_run(w0);
+            if (k0 == 0)
+                return -1;
+            if (k0 < 8) {
+                *out = db_digits_value(w0, k0);
+                return i + k0;
+            }
+            uint64_t w1 = db_load8(s + i + 8);
+            int k1 = db_digit_run(w1);
+            if (k1 < 8) {
+                v = db_digits_value(w0, 8);
+                if (k1)
+                    v = v * db_pow10[k1] + db_digits_value(w1, k1);
                 *out = v;
-                return i;
+                return i + 8 + k1;
             }
         }
-        /* the rest byte by byte: 19 digits always fit, longer numbers are checked */
+        /* near the end of the text, or 16 digits and more: byte by byte; 19
+         * digits always fit, longer numbers are checked */
         while (i < end && i - start < 19 && (unsigned char)(s[i] - '0') < 10)
             v = v * 10 + (s[i++] - '0');
         while (i < end && (unsigned char)(s[i] - '0') < 10) {
@@ -303,11 +312,14 @@ cdef struct TextPart:
 cdef inline Py_ssize_t skip_blank(const unsigned char *s, Py_ssize_t j,
                                   Py_ssize_t end) noexcept nogil:
     cdef int k
-    # nbdinfo pads numbers to a fixed width with spaces: skip them a word at a time
+    # nbdinfo pads numbers to a fixed width with spaces: skip them a word at a
+    # time; only a tab or CR (rare) sends us on byte by byte
     while j + 8 <= end:
         k = space_run(load8(s + j))
         j += k
         if k < 8:
+            if s[j] != c'\t' and s[j] != c'\r':
+                return j
             break
     while j < end and is_space(s[j]):
         j += 1
