@@ -74,7 +74,7 @@ def test_nbd_export_to_file_multi_conn(raw_image: Path, tmp_path: Path, nbd_serv
             copy.NBDSource(handles, server.uri),
             copy.FileTarget(dst, str(out)),
             regions,
-            copy.CopyOptions(request_size=256 * KiB, depth=8),
+            copy.CopyOptions(request_size=256 * KiB, depth=8, workers=2),
         )
     finally:
         os.close(dst)
