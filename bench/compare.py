@@ -1397,7 +1397,6 @@ def write_chart(path: Path, results: dict[str, Result], scale: Scale) -> None:
 # Main
 
 
-@contextlib.contextmanager
 def prepare_memory(base: Path, say: Callable[[str], None]) -> None:
     """Give every tool the same memory to write into.
 
@@ -1423,6 +1422,7 @@ def prepare_memory(base: Path, say: Callable[[str], None]) -> None:
         warm.unlink(missing_ok=True)
 
 
+@contextlib.contextmanager
 def workdir(base: Path) -> Iterator[Path]:
     path = base / f"dbb-{os.getpid()}"
     path.mkdir(mode=0o700)
