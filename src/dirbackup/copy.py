@@ -141,10 +141,10 @@ class CopyOptions:
     """How to copy.
 
     request_size: bytes per request (default 4 MiB): the unit of work handed to a
-        thread, and the size of NBD reads.
-    slice_size: file sources are read and written in slices of this size (default
-        1 MiB), so that each slice is still in the CPU cache when it is checked,
-        hashed and written.
+        thread.
+    slice_size: sources are read in slices of this size (default 1 MiB): a file
+        request slice by slice, an NBD source in reads of this size, so that each
+        slice is still in the CPU cache when it is checked, hashed and written.
     cluster_size: unit of zero detection and of the digests (64 KiB); a sink's own
         cluster size wins.
     workers: threads (0: min(4, CPUs)); with NBD, at most one per handle.
@@ -331,7 +331,13 @@ def copy_regions(
             digest_size=digest_size,
             digest_zero=digest_zero,
         )
-    requests = requests_from_regions(regions, options.request_size)
+    # NBD reads are slice-sized like file reads: a reply is then still in the
+    # CPU cache when it is checked, hashed and written (4 MiB reads measured
+    # about 30% slower from a local qemu-nbd)
+    read_size = options.request_size
+    if isinstance(source, NBDSource):
+        read_size = min(options.request_size, max(options.slice_size, DIRECT_ALIGNMENT))
+    requests = requests_from_regions(regions, read_size)
     if isinstance(source, NBDSource) and not options.workers and requests.shape[0]:
         if int(requests[:, 1].sum()) // requests.shape[0] < SMALL_REQUESTS:
             # scattered small reads (an incremental): one connection with many
