@@ -43,7 +43,7 @@ MiB = 1 << 20
 DEFAULT_REQUEST_SIZE = 4 * MiB
 DEFAULT_CLUSTER_SIZE = 64 * 1024
 DEFAULT_SLICE_SIZE = 1 * MiB
-SMALL_REQUESTS = 1 * MiB
+SMALL_REGIONS = 256 * 1024
 DIRECT_ALIGNMENT = 4096
 
 REQ_COPY, REQ_DATA, REQ_ZERO = _copy.REQ_COPY, _copy.REQ_DATA, _copy.REQ_ZERO
@@ -338,11 +338,11 @@ def copy_regions(
     if isinstance(source, NBDSource):
         read_size = min(options.request_size, max(options.slice_size, DIRECT_ALIGNMENT))
     requests = requests_from_regions(regions, read_size)
-    if isinstance(source, NBDSource) and not options.workers and requests.shape[0]:
-        if int(requests[:, 1].sum()) // requests.shape[0] < SMALL_REQUESTS:
-            # scattered small reads (an incremental): one connection with many
-            # requests in flight leaves the CPU to the server (measured faster)
-            options = dataclasses.replace(options, workers=1)
+    scattered = regions.shape[0] and ext.total(regions) // regions.shape[0] < SMALL_REGIONS
+    if isinstance(source, NBDSource) and not options.workers and scattered:
+        # scattered small reads (an incremental): one connection with many
+        # requests in flight leaves the CPU to the server (measured faster)
+        options = dataclasses.replace(options, workers=1)
     return _run(requests, args, options, progress, cancel_event)
 
 
