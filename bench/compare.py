@@ -338,6 +338,7 @@ class Ctx:
     rounds: int
     workers: int
     say: Callable[[str], None]
+    force_workers: bool = False
     servers: list[qemu.NbdServer] = field(default_factory=list)
 
     def serve(self, image: Path, name: str, **kwargs: Any) -> qemu.NbdServer:
@@ -355,7 +356,11 @@ class Ctx:
             self.stop(s)
 
     def ours(self, *args: str) -> list[str]:
-        return [PY, OURS, "--workers", str(self.workers), *args]
+        # the library picks its threads within the same budget (at most
+        # min(4, CPUs), one per file target it writes with copy_file_range,
+        # one connection for scattered small reads); --workers N forces N
+        workers = self.workers if self.force_workers else 0
+        return [PY, OURS, "--workers", str(workers), *args]
 
     def nbdcopy(self, *args: str) -> list[str]:
         return ["nbdcopy", f"--threads={self.workers}", *args]
@@ -1471,7 +1476,17 @@ def main(argv: list[str]) -> int:
     ap.add_argument("--scale", choices=sorted(SCALES), default="full")
     ap.add_argument("--rounds", type=int, default=None, help="timed rounds (after one warm-up)")
     ap.add_argument("--only", default="", help="comma-separated workloads: 1,2,3,4,5,6,6b")
-    ap.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1))
+    ap.add_argument(
+        "--workers",
+        type=int,
+        default=min(4, os.cpu_count() or 1),
+        help="thread budget: nbdcopy --threads, and ours' maximum",
+    )
+    ap.add_argument(
+        "--force-workers",
+        action="store_true",
+        help="make ours use exactly --workers threads instead of its own choice",
+    )
     ap.add_argument("--base", type=Path, default=Path("/dev/shm"), help="where images go (RAM)")
     ap.add_argument("--results", type=Path, default=BENCH / "RESULTS.md")
     ap.add_argument("--chart", type=Path, default=BENCH / "results.png")
@@ -1508,7 +1523,9 @@ def main(argv: list[str]) -> int:
     with workdir(args.base) as work:
         logs = work / "logs"
         logs.mkdir()
-        ctx = Ctx(scale, work, logs, args.rounds, args.workers, say)
+        ctx = Ctx(
+            scale, work, logs, args.rounds, args.workers, say, force_workers=args.force_workers
+        )
         try:
             for key in keys:
                 say(f"workload {key}: {WORKLOADS[key].__doc__}")
