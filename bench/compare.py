@@ -40,7 +40,7 @@ from typing import Any
 import images
 from images import CLUSTER, GiB, KiB, MiB, TiB
 
-from dirbackup import extents, nbd, qcow2, qemu
+from dirbackup import extents, nbd, qemu
 
 BENCH = Path(__file__).resolve().parent
 REPO = BENCH.parent
@@ -463,7 +463,6 @@ def w1_full_file(ctx: Ctx) -> Result:
             [w / "w1-nc.raw"],
             check_output(w / "w1-nc.raw", "raw", src, "raw"),
         ),
-        write_floor(w / "w1-floor.raw", sc.mixed // 2),
     ]
     measure(tools, ctx.rounds, ctx.logs, ctx.say)
     return Result(
@@ -472,25 +471,7 @@ def w1_full_file(ctx: Ctx) -> Result:
         tools,
         [
             "nbdcopy writes a raw file: it has no qcow2 output; it is the raw copy-speed bar.",
-            FLOOR_NOTE,
         ],
-    )
-
-
-FLOOR_NOTE = (
-    "floor: `dd` writing just the output's data bytes into a new file on the same tmpfs, "
-    "from one buffer, reading nothing: what every tool pays for its output alone."
-)
-
-
-def write_floor(path: Path, nbytes: int) -> Tool:
-    """What writing `nbytes` into a new tmpfs file costs by itself (dd from
-    /dev/zero, 1 MiB blocks): the bound under every tool of a workload."""
-    return Tool(
-        "floor: dd the output's data into a new file",
-        ["dd", "if=/dev/zero", f"of={path}", "bs=1M", f"count={nbytes >> 20}", "status=none"],
-        Role.INFO,
-        [path],
     )
 
 
@@ -793,9 +774,6 @@ def w4_restore(ctx: Ctx) -> Result:
     same(top, guest, "qcow2", "qcow2")  # the chain itself is right before we time reading it
     _remove(guest)
     volid = f"{storeid}:backup/{vmid}/qemu-{epochs[-1]}"
-    with qcow2.Chain(top, store / vmid) as chain:
-        plan = chain.plan()
-        data_bytes = int(plan[plan[:, 2] == qcow2.MAP_DATA, 1].sum())
     tools = [
         Tool(
             "ours",
@@ -837,7 +815,6 @@ def w4_restore(ctx: Ctx) -> Result:
             [w / "w4-qiw.raw"],
             check_output(w / "w4-qiw.raw", "raw", top, "qcow2"),
         ),
-        write_floor(w / "w4-floor.raw", data_bytes),
     ]
     try:
         measure(tools, ctx.rounds, ctx.logs, ctx.say)
@@ -852,7 +829,6 @@ def w4_restore(ctx: Ctx) -> Result:
             "The chain is made by our product (Host.backup_vm: a full, then incrementals from "
             "the qcow2 bitmap); changes by qemu-io: pattern writes, every 10th a zero write, "
             "every 7th a discard. It is compared with the guest before timing.",
-            FLOOR_NOTE,
         ],
     )
 
