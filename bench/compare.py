@@ -463,6 +463,20 @@ def w1_full_file(ctx: Ctx) -> Result:
             [w / "w1-nc.raw"],
             check_output(w / "w1-nc.raw", "raw", src, "raw"),
         ),
+        Tool(
+            "ours (raw out)",
+            ctx.ours("copy-raw", str(src), str(w / "w1-ours.raw")),
+            Role.INFO,
+            [w / "w1-ours.raw"],
+            check_output(w / "w1-ours.raw", "raw", src, "raw"),
+        ),
+        Tool(
+            "qemu-img convert -O raw",
+            ["qemu-img", "convert", "-f", "raw", "-O", "raw", str(src), str(w / "w1-qir.raw")],
+            Role.PEER,
+            [w / "w1-qir.raw"],
+            check_output(w / "w1-qir.raw", "raw", src, "raw"),
+        ),
     ]
     measure(tools, ctx.rounds, ctx.logs, ctx.say)
     return Result(
@@ -1059,6 +1073,14 @@ def targets(results: dict[str, Result], scale: Scale) -> list[Target]:
         qi = fastest(tool("1", "qemu-img convert"), tool("1", "qemu-img convert -W -m 16"))
         out.append(Target("1: ours / faster qemu-img convert", r_(ours, qi), 0.5))
         out.append(Target("1: ours / nbdcopy", r_(ours, tool("1", "nbdcopy (raw out)")), 0.8))
+        # issue 2's raw copy: ours into a raw file, against the same peers
+        out.append(
+            Target(
+                "1: ours (raw out) / nbdcopy",
+                r_(tool("1", "ours (raw out)"), tool("1", "nbdcopy (raw out)")),
+                0.8,
+            )
+        )
     if "2" in results:
         nc = tool("2", "nbdcopy (raw out)")
         out.append(Target("2: ours / nbdcopy", r_(tool("2", "ours"), nc), 0.8))

@@ -9,6 +9,7 @@ start-up would not change in a long-running host process.
 Commands:
 
     ours.py full-file SRC.raw OUT.qcow2            raw file -> qcow2 (file_extents + Writer)
+    ours.py copy-raw SRC.raw OUT.raw               raw file -> sparse raw file (nbdcopy's job)
     ours.py full-nbd URI OUT.qcow2                 NBD export -> qcow2 (base:allocation)
     ours.py incremental URI BITMAP OUT.qcow2 BACKING   dirty clusters -> qcow2 over BACKING
     ours.py restore TOP.qcow2 ALLOWED_DIR OUT.raw  validated chain -> raw file
@@ -67,6 +68,24 @@ def full_file(src: str, out: str, workers: int) -> dict[str, Any]:
             writer.finish()
     finally:
         os.close(fd)
+    return _stats(stats)
+
+
+def copy_raw(src: str, out: str, workers: int) -> dict[str, Any]:
+    """Raw file -> fresh sparse raw file (what nbdcopy does): data extents only,
+    zero clusters left as holes."""
+    fd = os.open(src, os.O_RDONLY)
+    dst = os.open(out, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+        size = copy.fd_size(fd)
+        os.ftruncate(dst, size)
+        regions = extents.data(extents.file_extents(fd, 0, size))
+        stats = copy.copy_regions(
+            copy.FileSource(fd, src), copy.FileTarget(dst, out), regions, _options(workers)
+        )
+    finally:
+        os.close(fd)
+        os.close(dst)
     return _stats(stats)
 
 
@@ -176,6 +195,7 @@ def main(argv: list[str]) -> int:
     sub = ap.add_subparsers(dest="cmd", required=True)
     for name, args in (
         ("full-file", ["src", "out"]),
+        ("copy-raw", ["src", "out"]),
         ("full-nbd", ["uri", "out"]),
         ("incremental", ["uri", "bitmap", "out", "backing"]),
         ("restore", ["top", "allowed", "out"]),
@@ -191,6 +211,8 @@ def main(argv: list[str]) -> int:
     start = time.perf_counter()
     if a.cmd == "full-file":
         result = full_file(a.src, a.out, w)
+    elif a.cmd == "copy-raw":
+        result = copy_raw(a.src, a.out, w)
     elif a.cmd == "full-nbd":
         result = full_nbd(a.uri, a.out, w)
     elif a.cmd == "incremental":
