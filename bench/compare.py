@@ -90,7 +90,7 @@ SCALES = {
         scaling_clusters=1000,
         memory_sizes=(1 * GiB, 64 * GiB, 1 * TiB),
         memory_target_size=64 * GiB,
-        rounds=5,
+        rounds=7,
         shm_needed=10 * GiB,
     ),
     "small": Scale(
