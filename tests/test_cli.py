@@ -128,6 +128,10 @@ def test_prune_command(vm: dict[str, Path]) -> None:
     left = json.loads(dirbackup("list", *s, "--json").stdout)
     assert len(left) == 1 and left[0]["parent"] is None
     assert dirbackup("prune", *s, "--vmid", "100", check=2).returncode == 2
+    bad = dirbackup(
+        "prune", *s, "--vmid", "100", "--keep-last", "1", "--lock-timeout", "-1", check=2
+    )
+    assert "invalid number of seconds '-1'" in bad.stderr
 
 
 def test_container_backup_and_restore(tmp_path: Path) -> None:

@@ -18,7 +18,7 @@ from dirbackup import qemu
 from dirbackup.errors import ImageError, StoreError, VolumeNameError
 from dirbackup.host import Host, bitmap_name
 from dirbackup.storage import DirectoryStorage, StorageOperationError
-from dirbackup.store import PreviousInfo
+from dirbackup.store import BackupId, PreviousInfo, VmType
 
 
 @pytest.mark.parametrize("mechanism", ["nbd", "file-handle"])
@@ -271,6 +271,33 @@ def test_prune_merges_removed_bases_into_kept_children(tmp_path: Path) -> None:
     restore_and_compare(storage, volids[3], guest.states[3], tmp_path)
 
 
+def test_prune_removes_failed_logs_older_than_what_it_keeps(tmp_path: Path) -> None:
+    storage, _guest, volids = chain_of_backups(tmp_path, 3)  # at days 1, 2, 3
+    store = storage.store
+    day = 86400
+    for epoch in (1000, day + 1, 2 * day + 1, 3 * day + 1):
+        store.discard(BackupId(100, VmType.QEMU, epoch), keep_log=f"log {epoch}\n")
+    store.discard(BackupId(100, VmType.LXC, 1000), keep_log="no container backup\n")
+    store.discard(BackupId(101, VmType.QEMU, 1000), keep_log="only failures\n")
+    storage.prune_backups("keep-last=2", dryrun=True)
+    assert len(store.failed_logs(100)) == 5 and len(store.failed_logs(101)) == 1
+    lines: list[str] = []
+    storage.prune_backups("keep-last=2", log=lambda _level, msg: lines.append(msg))
+    # kept: days 2 and 3; the qemu logs before day 2 went with day 1's backup
+    assert [v["volid"] for v in storage.list_volumes(100)] == volids[1:]
+    assert [b.archive for b in store.failed_logs(100)] == [
+        "100/lxc-1000",
+        f"100/qemu-{2 * day + 1}",
+        f"100/qemu-{3 * day + 1}",
+    ]
+    newest = store.failed_dir(BackupId(100, VmType.QEMU, 3 * day + 1))
+    assert (newest / "backup.log").read_text() == f"log {3 * day + 1}\n"
+    assert [b.archive for b in store.failed_logs(101)] == ["101/qemu-1000"]
+    assert "removed the log of failed backup 100/qemu-1000" in lines
+    assert f"removed the log of failed backup 100/qemu-{day + 1}" in lines
+    assert not [p.name for p in store.guest_dir(100).iterdir() if ".removing-" in p.name]
+
+
 def test_free_image_in_the_middle(tmp_path: Path) -> None:
     storage, guest, volids = chain_of_backups(tmp_path, 3)
     storage.free_image(volids[1])
@@ -341,6 +368,11 @@ def test_volume_names_and_unsupported_operations(tmp_path: Path) -> None:
     assert storage.activate_storage()
     with pytest.raises(StoreError, match="unknown storage option"):
         DirectoryStorage(STOREID, {"path": "/x", "colour": "red"})
+    for bad in ("-1", "soon", "nan", "inf"):
+        with pytest.raises(StoreError, match="lock-timeout"):
+            DirectoryStorage(STOREID, {"path": "/x", "lock-timeout": bad})
+    patient = DirectoryStorage(STOREID, {"path": "/x", "lock-timeout": "2.5"})
+    assert patient.store.lock_timeout == 2.5
 
 
 def test_hostile_chain_is_never_served(tmp_path: Path) -> None:

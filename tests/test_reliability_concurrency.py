@@ -123,6 +123,13 @@ def test_same_guest_second_gives_up_after_its_timeout(tmp_path: Path) -> None:
         with pytest.raises(StoreError, match=r"guest 100 is locked by another backup or prune"):
             Host(storage, STOREID, provider=provider).backup_vm(100, guest.disks)
         assert 1 <= time.monotonic() - started < 10
+        # the command line's --lock-timeout: one line, exit 1, nothing left behind
+        started = time.monotonic()
+        res = cli(*backup_args(store, 100, guest.disks[0].path, "--lock-timeout", "1"), check=1)
+        assert 1 <= time.monotonic() - started < 20
+        assert res.stderr.strip().splitlines() == [
+            "error: guest 100 is locked by another backup or prune; gave up after 1 s (backup)"
+        ], res.stderr
         assert len(partial_dirs(storage, 100)) == 1  # only the first one's
     finally:
         out = finish(first)

@@ -21,7 +21,7 @@ from dirbackup.host import Disk, Host, RestoreEngine
 from dirbackup.progress import ProgressBar
 from dirbackup.provider import DirectoryBackupProvider
 from dirbackup.storage import DirectoryStorage
-from dirbackup.store import BackupId, VmType, split_volid
+from dirbackup.store import DEFAULT_LOCK_TIMEOUT, BackupId, VmType, split_volid
 from dirbackup.units import human, parse_size
 
 DEFAULT_STOREID = "dirbackup"
@@ -48,6 +48,16 @@ def _size(text: str) -> int:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0 <= value < float("inf"):
+        raise argparse.ArgumentTypeError(f"invalid number of seconds {text!r}")
+    return value
+
+
 def _vmid(text: str) -> int:
     if not text.isdigit() or not 0 < int(text) <= 999_999_999:
         raise argparse.ArgumentTypeError(f"invalid guest id {text!r} (a positive number)")
@@ -69,7 +79,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-v", "--verbose", action="store_true", help="print the backup log as it goes")
     sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
-    def store_args(sp: argparse.ArgumentParser) -> None:
+    def store_args(sp: argparse.ArgumentParser, locks: bool = False) -> None:
         sp.add_argument(
             "--store",
             required=True,
@@ -83,6 +93,16 @@ def build_parser() -> argparse.ArgumentParser:
             metavar="NAME",
             help=f"storage id used in volume ids (default: {DEFAULT_STOREID})",
         )
+        if not locks:
+            return
+        sp.add_argument(
+            "--lock-timeout",
+            type=_seconds,
+            default=DEFAULT_LOCK_TIMEOUT,
+            metavar="SECONDS",
+            help="how long to wait while another backup, removal or prune of the same "
+            f"guest holds its lock (default: {DEFAULT_LOCK_TIMEOUT:.0f})",
+        )
 
     b = sub.add_parser(
         "backup",
@@ -91,7 +111,7 @@ def build_parser() -> argparse.ArgumentParser:
         "devices) or a container (--rootfs).  qcow2 disks get a persistent dirty bitmap, so "
         "the next backup only reads what changed.",
     )
-    store_args(b)
+    store_args(b, locks=True)
     b.add_argument("--vmid", required=True, type=_vmid, metavar="ID", help="guest id")
     what = b.add_mutually_exclusive_group(required=True)
     what.add_argument(
@@ -191,7 +211,7 @@ def build_parser() -> argparse.ArgumentParser:
         "hourly, daily, weekly, monthly, yearly); protected backups are never removed; a "
         "removed base of a kept incremental is merged into it first.",
     )
-    store_args(pr)
+    store_args(pr, locks=True)
     pr.add_argument("--vmid", required=True, type=_vmid, metavar="ID", help="guest id")
     for rule in ("last", "hourly", "daily", "weekly", "monthly", "yearly"):
         pr.add_argument(f"--keep-{rule}", type=int, default=0, metavar="N", help=f"keep-{rule}=N")
@@ -199,16 +219,16 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--json", action="store_true", help="print JSON")
 
     rm = sub.add_parser("remove", help="remove one backup (merged into its children first)")
-    store_args(rm)
+    store_args(rm, locks=True)
     rm.add_argument("volid", metavar="VOLID")
 
     n = sub.add_parser("notes", help="show or set a backup's notes")
-    store_args(n)
+    store_args(n, locks=True)
     n.add_argument("volid", metavar="VOLID")
     n.add_argument("text", nargs="?", metavar="TEXT", help="new notes ('' clears them)")
 
     pt = sub.add_parser("protect", help="protect a backup from removal (or --off)")
-    store_args(pt)
+    store_args(pt, locks=True)
     pt.add_argument("volid", metavar="VOLID")
     pt.add_argument("--off", action="store_true", help="remove the protection")
 
@@ -231,7 +251,10 @@ def _storage(args: argparse.Namespace, **opts: str) -> DirectoryStorage:
         raise DirbackupError(
             f"backup store {store} does not exist or is not a directory (create it with mkdir)"
         )
-    return DirectoryStorage(args.storeid, {"path": str(store), **opts})
+    options: dict[str, object] = {"path": str(store), **opts}
+    if getattr(args, "lock_timeout", None) is not None:
+        options["lock-timeout"] = args.lock_timeout
+    return DirectoryStorage(args.storeid, options)
 
 
 def _volid(storage: DirectoryStorage, text: str) -> BackupId:

@@ -54,6 +54,7 @@ from dirbackup.api import (
 )
 from dirbackup.errors import DirbackupError, StoreError
 from dirbackup.store import (
+    DEFAULT_LOCK_TIMEOUT,
     FIREWALL_CONFIG,
     GUEST_CONFIG,
     LOG_FILE,
@@ -122,15 +123,19 @@ class DirectoryBackupProvider(BackupProvider):
         storeid: str,
         log: LogFunction | None = None,
         *,
-        lock_timeout: float = 60.0,
+        lock_timeout: float | None = None,
         copy_options: copy.CopyOptions | None = None,
         progress: DeviceProgress | None = None,
     ) -> None:
         """`progress(device, stats)` is called a few times a second while a disk
-        is copied (for progress bars); the log gets a line every 10 s."""
+        is copied (for progress bars); the log gets a line every 10 s.
+        `lock_timeout` (default: the storage's `lock-timeout`, 60 s) is how
+        long backup_init waits for another backup or prune of the guest."""
         super().__init__(storage_plugin, scfg, storeid, log)
         self.progress = progress
-        self.store = Store(scfg.path)
+        if lock_timeout is None:
+            lock_timeout = float(getattr(scfg, "lock_timeout", DEFAULT_LOCK_TIMEOUT))
+        self.store = Store(scfg.path, lock_timeout)
         self.lock_timeout = lock_timeout
         self.copy_options = copy_options or copy.CopyOptions()
         self._guests: dict[int, _GuestBackup] = {}

@@ -28,6 +28,7 @@ from dirbackup import qcow2
 from dirbackup.errors import DirbackupError, ImageError, StoreError
 from dirbackup.prune import KeepRules, Mark, PruneCandidate, mark
 from dirbackup.store import (
+    DEFAULT_LOCK_TIMEOUT,
     GUEST_CONFIG,
     MANIFEST,
     PENDING_ATTRIBUTES,
@@ -77,7 +78,9 @@ class StorageConfig:
     """The storage's section of the hypervisor's storage.cfg (`scfg`).
 
     vm_backup_mechanism accepts the seed's name `block-device` for
-    `file-handle`.  max_protected_backups < 0 means unlimited."""
+    `file-handle`.  max_protected_backups < 0 means unlimited.  lock_timeout
+    is how many seconds a backup, removal or prune waits for another one of
+    the same guest."""
 
     path: str
     vm_backup_mode: VmBackupMode = VmBackupMode.INCREMENTAL
@@ -87,6 +90,7 @@ class StorageConfig:
     max_protected_backups: int = -1
     disable: bool = False
     nodes: tuple[str, ...] = ()
+    lock_timeout: float = DEFAULT_LOCK_TIMEOUT
 
     @classmethod
     def from_mapping(cls, scfg: Mapping[str, Any]) -> StorageConfig:
@@ -99,6 +103,7 @@ class StorageConfig:
             "lxc-backup-mode",
             "prune-backups",
             "max-protected-backups",
+            "lock-timeout",
             "disable",
             "nodes",
             "type",
@@ -122,6 +127,7 @@ class StorageConfig:
             nodes = scfg.get("nodes", ())
             if isinstance(nodes, str):
                 nodes = tuple(n for n in nodes.split(",") if n)
+            lock_timeout = _seconds(scfg.get("lock-timeout", DEFAULT_LOCK_TIMEOUT), "lock-timeout")
             return cls(
                 path=str(scfg["path"]),
                 vm_backup_mode=VmBackupMode(scfg.get("vm-backup-mode", VmBackupMode.INCREMENTAL)),
@@ -131,9 +137,21 @@ class StorageConfig:
                 max_protected_backups=int(scfg.get("max-protected-backups", -1)),
                 disable=bool(int(scfg.get("disable", 0))),
                 nodes=tuple(nodes),
+                lock_timeout=lock_timeout,
             )
         except ValueError as exc:
             raise StoreError(f"invalid storage configuration: {exc}") from None
+
+
+def _seconds(value: Any, option: str) -> float:
+    """A finite, non-negative number of seconds, or ValueError naming `option`."""
+    try:
+        seconds = float(value)
+    except (TypeError, ValueError):
+        seconds = -1.0
+    if not 0 <= seconds < float("inf"):
+        raise ValueError(f"{option} must be a number of seconds >= 0, not {value!r}")
+    return seconds
 
 
 @dataclass(frozen=True)
@@ -196,7 +214,7 @@ class DirectoryStorage:
     def __init__(self, storeid: str, scfg: StorageConfig | Mapping[str, Any]) -> None:
         self.storeid = storeid
         self.scfg = scfg if isinstance(scfg, StorageConfig) else StorageConfig.from_mapping(scfg)
-        self.store = Store(self.scfg.path)
+        self.store = Store(self.scfg.path, self.scfg.lock_timeout)
 
     # ---------------------------------------------------------------- plugin description
 
@@ -240,6 +258,13 @@ class DirectoryStorage:
                 "enum": [m.value for m in LxcBackupMode],
                 "default": LxcBackupMode.TAR.value,
             },
+            "lock-timeout": {
+                "description": "Seconds a backup, removal or prune waits for another one of "
+                "the same guest before giving up.",
+                "type": "number",
+                "minimum": 0,
+                "default": DEFAULT_LOCK_TIMEOUT,
+            },
         }
 
     @staticmethod
@@ -251,6 +276,7 @@ class DirectoryStorage:
             "lxc-backup-mode": {"optional": 1},
             "prune-backups": {"optional": 1},
             "max-protected-backups": {"optional": 1},
+            "lock-timeout": {"optional": 1},
             "disable": {"optional": 1},
             "nodes": {"optional": 1},
         }
@@ -586,6 +612,8 @@ class DirectoryStorage:
 
         Groups are (guest, type); protected backups are never removed.  Removal
         runs newest first, so a removed base with a kept child is merged into it.
+        The kept logs of failed backups go with the backups around them: those
+        older than the oldest backup kept in their group are removed too.
         Returns the hypervisor's entries: volid, type, ctime, vmid, mark."""
         if keep is None:
             rules = self.scfg.prune_backups
@@ -597,7 +625,13 @@ class DirectoryStorage:
             rules = KeepRules.from_mapping(keep)
         result = self._prune_marks(rules, vmid, vmtype)
         if not dryrun:
-            for gvmid in sorted({e.vmid for e in result if e.mark == Mark.REMOVE}):
+            guests = {e.vmid for e in result if e.mark == Mark.REMOVE}
+            guests.update(
+                v
+                for v in ([vmid] if vmid is not None else self.store.guest_ids())
+                if self.store.failed_logs(v)
+            )
+            for gvmid in sorted(guests):
                 with self.store.lock(gvmid, what="prune"):
                     # marked again under the lock: a backup or removal that ran
                     # while we waited for it changes what keep-last means
@@ -607,8 +641,27 @@ class DirectoryStorage:
                     doomed = [p for p in fresh if p.mark == Mark.REMOVE]
                     for p in sorted(doomed, key=lambda p: -p.ctime):
                         self._remove(self.backup_id(p.volid), log)
+                    self._prune_failed_logs(gvmid, vmtype, fresh, log)
         result.sort(key=lambda e: (e.vmid, e.type, -e.ctime))
         return [e.as_dict() for e in result]
+
+    def _prune_failed_logs(
+        self, vmid: int, vmtype: str | None, marks: list[PruneEntry], log: LogFunction | None
+    ) -> None:
+        """Remove the failed-backup logs older than the oldest kept backup of
+        their group; a group with no backup left keeps them all (they are all
+        there is to read about it)."""
+        oldest_kept: dict[str, int] = {}
+        for e in marks:
+            if e.mark != Mark.REMOVE:
+                oldest_kept[e.type] = min(oldest_kept.get(e.type, e.ctime), e.ctime)
+        for bid in self.store.failed_logs(vmid):
+            limit = oldest_kept.get(str(bid.vmtype))
+            if (vmtype and str(bid.vmtype) != vmtype) or limit is None or bid.epoch >= limit:
+                continue
+            self.store.remove_failed_log(bid)
+            if log:
+                log("info", f"removed the log of failed backup {bid.archive}")
 
     def _prune_marks(
         self, rules: KeepRules, vmid: int | None, vmtype: str | None

@@ -373,11 +373,20 @@ def read_regular(path: Path) -> bytes:
         os.close(fd)
 
 
-class Store:
-    """A backup store rooted at a directory."""
+DEFAULT_LOCK_TIMEOUT = 60.0
 
-    def __init__(self, root: str | os.PathLike[str]) -> None:
+
+class Store:
+    """A backup store rooted at a directory.
+
+    `lock_timeout` is how long a writer waits for another backup, removal or
+    prune of the same guest before giving up (see `lock`)."""
+
+    def __init__(
+        self, root: str | os.PathLike[str], lock_timeout: float = DEFAULT_LOCK_TIMEOUT
+    ) -> None:
         self.root = Path(root)
+        self.lock_timeout = lock_timeout
 
     # -- paths
 
@@ -406,10 +415,13 @@ class Store:
     # -- locking
 
     @contextlib.contextmanager
-    def lock(self, vmid: int, timeout: float = 60.0, what: str = "backup") -> Iterator[None]:
+    def lock(
+        self, vmid: int, timeout: float | None = None, what: str = "backup"
+    ) -> Iterator[None]:
         """Serialise writers and pruning of one guest (flock on <vmid>/.lock).
 
-        Waits up to `timeout` seconds, then raises StoreError naming the guest.
+        Waits up to `timeout` seconds (default: the store's `lock_timeout`),
+        then raises StoreError naming the guest.
         Re-entrant within a process: the hypervisor prunes and sets attributes
         from the same process while its backup of the guest holds the lock."""
         gdir = self.guest_dir(vmid)
@@ -422,6 +434,8 @@ class Store:
             finally:
                 _HELD_LOCKS[key] -= 1
             return
+        if timeout is None:
+            timeout = self.lock_timeout
         fd = os.open(gdir / ".lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
         try:
             deadline = time.monotonic() + timeout
@@ -605,13 +619,36 @@ class Store:
     def write_previous(self, vmid: int, info: PreviousInfo) -> None:
         write_atomic(self.previous_info_path(vmid), info.to_json())
 
+    def failed_logs(self, vmid: int) -> list[BackupId]:
+        """The failed backups of a guest whose logs are kept (oldest first)."""
+        gdir = self.guest_dir(vmid)
+        if not real_dir(gdir):
+            return []
+        out = []
+        for p in gdir.iterdir():
+            name, dot, suffix = p.name.partition(".")
+            m = _NAME_RE.fullmatch(name)
+            if m and dot and suffix == "failed" and real_dir(p):
+                out.append(BackupId(vmid, VmType(m.group(1)), int(m.group(2))))
+        return sorted(out, key=lambda b: (b.epoch, b.vmtype))
+
+    def remove_failed_log(self, bid: BackupId) -> None:
+        """Delete the kept log of a failed backup."""
+        _remove_tree(self.failed_dir(bid))
+
     def remove_backup(self, bid: BackupId) -> None:
         """Delete a published backup directory (callers handle chains first)."""
-        path = self.require(bid)
-        doomed = path.with_name(f".{path.name}.removing-{os.getpid()}")
-        os.rename(path, doomed)  # disappears from listings at once
-        shutil.rmtree(doomed)
-        fsync_path(path.parent)
+        _remove_tree(self.require(bid))
+
+
+def _remove_tree(path: Path) -> None:
+    """Remove a directory of the store: renamed first, so it disappears from
+    listings at once and a crash leaves a `.removing-` name that clean_stale
+    finishes."""
+    doomed = path.with_name(f".{path.name}.removing-{os.getpid()}")
+    os.rename(path, doomed)
+    shutil.rmtree(doomed)
+    fsync_path(path.parent)
 
 
 def disk_file(device: str) -> str:
