@@ -286,19 +286,7 @@ class Chain:
                     )
                 path = resolve_backing(path, header.backing_name, roots)
             self._map = _qcow2.ChainMap(
-                [
-                    (
-                        fd,
-                        p,
-                        h.version,
-                        h.cluster_bits,
-                        h.virtual_size,
-                        h.l1_offset,
-                        h.l1_size,
-                        h.file_size,
-                    )
-                    for fd, p, h in zip(self.fds, self.paths, self.headers, strict=True)
-                ]
+                [_layer(fd, h) for fd, h in zip(self.fds, self.headers, strict=True)]
             )
         except OSError as exc:
             self.close()
