@@ -209,7 +209,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="remove old backups by keep rules",
         description="Keep backups by the hypervisor's rules (newest first: keep-last, then "
         "hourly, daily, weekly, monthly, yearly); protected backups are never removed; a "
-        "removed base of a kept incremental is merged into it first.",
+        "removed base of a kept incremental is merged into it first; the kept logs of failed "
+        "backups older than the oldest backup left are removed too.",
     )
     store_args(pr, locks=True)
     pr.add_argument("--vmid", required=True, type=_vmid, metavar="ID", help="guest id")
