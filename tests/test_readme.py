@@ -50,7 +50,7 @@ def test_copy_engine_example(
         workdir = gdir / "qemu-1700000001"
         workdir.mkdir()
         monkeypatch.chdir(workdir)
-        exec(compile(code, "README.md", "exec"), {})  # noqa: S102 -- the README's own text
+        exec(compile(code, "README.md", "exec"), {})  # the README's own text
     finally:
         server.stop()
     new = workdir / "new.qcow2"
