@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -225,6 +226,79 @@ def test_restore_errors(vm: dict[str, Path]) -> None:
     assert "is a VM backup" in proc.stderr
     proc = dirbackup("--debug", "restore", *s, "100/qemu-1", "--disk", "a=b", check=None)
     assert proc.returncode == 1 and "Traceback" in proc.stderr
+
+
+def test_restore_targets_are_all_checked_before_anything_is_written(vm: dict[str, Path]) -> None:
+    s = ["--store", str(vm["store"])]
+    disks = ["--disk", f"drive-scsi0={vm['disk0']}", "--disk", f"drive-scsi1={vm['disk1']}"]
+    volid = dirbackup("backup", *s, "--vmid", "100", *disks).stdout.split(": ", 1)[0]
+    first = vm["tmp"] / "first.raw"
+    existing = vm["tmp"] / "exists.raw"
+    existing.write_bytes(b"precious")
+    cases = [
+        (f"drive-scsi1={existing}", "exists; use --force"),
+        (f"drive-scsi1={first}", "drive-scsi0 and drive-scsi1 are both to be restored into"),
+        (f"drive-scsi1={vm['tmp']}", "is a directory"),
+        (f"drive-scsi1={vm['tmp'] / 'no' / 'such.raw'}", "/no is not a directory"),
+    ]
+    for second, message in cases:
+        proc = dirbackup(
+            "restore", *s, volid, "--disk", f"drive-scsi0={first}", "--disk", second, check=None
+        )
+        assert proc.returncode == 1 and message in proc.stderr, (second, proc.stderr)
+        assert proc.stderr.count("\n") == 1
+        assert not first.exists()  # the first disk was not restored half-way
+    assert existing.read_bytes() == b"precious"
+    assert sorted(p.name for p in vm["tmp"].iterdir() if p.name.startswith(".")) == []
+
+
+@pytest.fixture
+def loop_device(tmp_path: Path) -> Iterator[Callable[[int], Path]]:
+    """Loop block devices over sparse files; skipped where losetup is refused."""
+    devices: list[str] = []
+
+    def attach(size: int) -> Path:
+        backing = tmp_path / f"loop{len(devices)}.img"
+        with open(backing, "wb") as f:
+            f.truncate(size)
+        proc = subprocess.run(
+            ["losetup", "--find", "--show", str(backing)], capture_output=True, text=True
+        )
+        if proc.returncode != 0:
+            pytest.skip(f"no loop device here: {proc.stderr.strip()}")
+        devices.append(proc.stdout.strip())
+        return Path(devices[-1])
+
+    yield attach
+    for dev in devices:
+        subprocess.run(["losetup", "--detach", dev], check=False)
+
+
+def test_restore_into_block_devices(
+    vm: dict[str, Path], loop_device: Callable[[int], Path]
+) -> None:
+    s = ["--store", str(vm["store"])]
+    out = dirbackup("backup", *s, "--vmid", "100", "--disk", f"drive-scsi0={vm['disk0']}").stdout
+    volid = out.split(": ", 1)[0]
+    dev = loop_device(32 * MiB)
+    with open(dev, "r+b") as f:  # old content that the restore must overwrite, holes included
+        f.write(b"\xee" * (32 * MiB))
+    proc = dirbackup("restore", *s, volid, "--disk", f"drive-scsi0={dev}", check=1)
+    assert "exists; use --force" in proc.stderr
+    proc = dirbackup(
+        "restore", *s, volid, "--format", "qcow2", "--force", "--disk", f"drive-scsi0={dev}",
+        check=1,
+    )
+    assert "only raw restores go there" in proc.stderr
+    dirbackup("restore", *s, volid, "--force", "--disk", f"drive-scsi0={dev}")
+    assert_same(vm["disk0"], dev, "qcow2", "raw")
+    small = loop_device(16 * MiB)
+    with open(small, "r+b") as f:
+        f.write(b"\xdd" * MiB)
+    proc = dirbackup("restore", *s, volid, "--force", "--disk", f"drive-scsi0={small}", check=1)
+    assert "is smaller than the disk" in proc.stderr
+    with open(small, "rb") as f:
+        assert f.read(MiB) == b"\xdd" * MiB  # untouched
 
 
 def test_help_explains() -> None:

@@ -470,6 +470,11 @@ class Host:
                     f"backup {volid} has no disk {', '.join(unknown)} "
                     f"(it has: {', '.join(sorted(sizes)) or 'none'})"
                 )
+            _check_targets(
+                {d: (Path(t), int(sizes[d]["size"])) for d, t in targets.items()},
+                target_format,
+                force,
+            )
             for device, target in targets.items():
                 report.devices[device] = self._restore_disk(
                     p,
@@ -497,13 +502,7 @@ class Host:
         engine: RestoreEngine,
         force: bool,
     ) -> copy.CopyStats | None:
-        if target_format not in ("raw", "qcow2"):
-            raise HostError(f"unknown target format {target_format!r} (raw or qcow2)")
-        blockdev = target.exists() and stat.S_ISBLK(target.stat().st_mode)
-        if target.exists() and not force:
-            raise HostError(f"restore target {target} exists; use --force to overwrite it")
-        if blockdev and target_format != "raw":
-            raise HostError(f"{target} is a block device: only raw restores go there")
+        blockdev = _is_block_device(target)
         progress = None
         if self.progress is not None:
             report = self.progress
@@ -576,8 +575,6 @@ class Host:
         if blockdev:
             fd = os.open(target, os.O_WRONLY)
             try:
-                if copy.fd_size(fd) < size:
-                    raise HostError(f"block device {target} is smaller than the disk ({size})")
                 return run(copy.FileTarget(fd, str(target), fresh=False))
             finally:
                 os.fsync(fd)
@@ -650,6 +647,48 @@ def _check_sizes(disks: Sequence[Disk], sizes: Mapping[str, Mapping[str, int]]) 
                 f"{d.device}: {d.path} changed size during the backup "
                 f"({sizes[d.device]['size']} -> {now} bytes); the backup is void"
             )
+
+
+def _is_block_device(path: Path) -> bool:
+    try:
+        return stat.S_ISBLK(path.stat().st_mode)
+    except FileNotFoundError:
+        return False
+
+
+def _check_targets(
+    targets: Mapping[str, tuple[Path, int]], target_format: str, force: bool
+) -> None:
+    """Refuse, before anything is written, restore targets that would fail
+    half-way or lose data: one target for two disks, an existing target
+    without `force`, a directory, a missing parent directory, a block device
+    smaller than its disk or given a qcow2."""
+    if target_format not in ("raw", "qcow2"):
+        raise HostError(f"unknown target format {target_format!r} (raw or qcow2)")
+    seen: dict[str, str] = {}
+    for device, (target, size) in targets.items():
+        key = os.path.realpath(target)
+        if key in seen:
+            raise HostError(f"{seen[key]} and {device} are both to be restored into {target}")
+        seen[key] = device
+        if target.is_dir():
+            raise HostError(f"restore target {target} is a directory (give a file or device)")
+        if not target.exists():
+            if not target.parent.is_dir():
+                raise HostError(f"restore target {target}: {target.parent} is not a directory")
+            continue
+        if not force:
+            raise HostError(f"restore target {target} exists; use --force to overwrite it")
+        if _is_block_device(target):
+            if target_format != "raw":
+                raise HostError(f"{target} is a block device: only raw restores go there")
+            fd = os.open(target, os.O_RDONLY)
+            try:
+                device_size = copy.fd_size(fd)
+            finally:
+                os.close(fd)
+            if device_size < size:
+                raise HostError(f"block device {target} is smaller than the disk ({size} bytes)")
 
 
 def _disk_size(path: Path) -> int:
