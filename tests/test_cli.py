@@ -162,6 +162,13 @@ def test_container_backup_and_restore(tmp_path: Path) -> None:
         dirbackup("restore", *s, volid, "--rootfs", str(target))
         assert (target / "etc" / "hostname").read_text() == "ct\n"
         assert not (target / "tmp" / "junk.tmp").exists()
+        proc = dirbackup("restore", *s, volid, "--rootfs", str(target), check=1)
+        assert "is not empty; use --force" in proc.stderr
+        a_file = tmp_path / "a-file"
+        a_file.write_text("keep")
+        proc = dirbackup("restore", *s, volid, "--rootfs", str(a_file), check=1)
+        assert f"restore target {a_file} is not a directory" in proc.stderr
+        assert a_file.read_text() == "keep"
     assert dirbackup("verify", *s).stdout.count(": ok") == 2
 
 

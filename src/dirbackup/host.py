@@ -605,6 +605,8 @@ class Host:
         if vmtype != VmType.LXC:
             raise HostError(f"{volid} is not a container backup")
         target = Path(target)
+        if target.exists() and not target.is_dir():
+            raise HostError(f"restore target {target} is not a directory")
         if target.exists() and any(target.iterdir()) and not force:
             raise HostError(f"restore target {target} is not empty; use --force")
         target.mkdir(parents=True, exist_ok=True)
