@@ -22,7 +22,7 @@ from dirbackup.progress import ProgressBar
 from dirbackup.provider import DirectoryBackupProvider
 from dirbackup.storage import DirectoryStorage
 from dirbackup.store import DEFAULT_LOCK_TIMEOUT, BackupId, VmType, split_volid
-from dirbackup.units import human, parse_size
+from dirbackup.units import human, parse_seconds, parse_size
 
 DEFAULT_STOREID = "dirbackup"
 
@@ -50,12 +50,9 @@ def _size(text: str) -> int:
 
 def _seconds(text: str) -> float:
     try:
-        value = float(text)
+        return parse_seconds(text)
     except ValueError:
-        value = -1.0
-    if not 0 <= value < float("inf"):
-        raise argparse.ArgumentTypeError(f"invalid number of seconds {text!r}")
-    return value
+        raise argparse.ArgumentTypeError(f"invalid number of seconds {text!r}") from None
 
 
 def _vmid(text: str) -> int:

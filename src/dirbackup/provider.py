@@ -136,7 +136,6 @@ class DirectoryBackupProvider(BackupProvider):
         if lock_timeout is None:
             lock_timeout = float(getattr(scfg, "lock_timeout", DEFAULT_LOCK_TIMEOUT))
         self.store = Store(scfg.path, lock_timeout)
-        self.lock_timeout = lock_timeout
         self.copy_options = copy_options or copy.CopyOptions()
         self._guests: dict[int, _GuestBackup] = {}
         self._finished: dict[int, tuple[BackupId, bool]] = {}
@@ -165,7 +164,7 @@ class DirectoryBackupProvider(BackupProvider):
         if vmid in self._guests:
             raise StoreError(f"a backup of guest {vmid} is already running in this job")
         stack = contextlib.ExitStack()
-        stack.enter_context(self.store.lock(vmid, self.lock_timeout))
+        stack.enter_context(self.store.lock(vmid))
         try:
             for name in self.store.clean_stale(vmid):
                 self.log("info", f"removed leftover {name} of an interrupted backup")

@@ -48,6 +48,7 @@ from dirbackup.store import (
     split_volid,
     write_atomic,
 )
+from dirbackup.units import parse_seconds
 
 PLUGIN_TYPE = "dirbackup"
 PLUGIN_API = 11
@@ -127,7 +128,13 @@ class StorageConfig:
             nodes = scfg.get("nodes", ())
             if isinstance(nodes, str):
                 nodes = tuple(n for n in nodes.split(",") if n)
-            lock_timeout = _seconds(scfg.get("lock-timeout", DEFAULT_LOCK_TIMEOUT), "lock-timeout")
+            timeout = scfg.get("lock-timeout", DEFAULT_LOCK_TIMEOUT)
+            try:
+                lock_timeout = parse_seconds(timeout)
+            except ValueError:
+                raise ValueError(
+                    f"lock-timeout must be a number of seconds >= 0, not {timeout!r}"
+                ) from None
             return cls(
                 path=str(scfg["path"]),
                 vm_backup_mode=VmBackupMode(scfg.get("vm-backup-mode", VmBackupMode.INCREMENTAL)),
@@ -141,17 +148,6 @@ class StorageConfig:
             )
         except ValueError as exc:
             raise StoreError(f"invalid storage configuration: {exc}") from None
-
-
-def _seconds(value: Any, option: str) -> float:
-    """A finite, non-negative number of seconds, or ValueError naming `option`."""
-    try:
-        seconds = float(value)
-    except (TypeError, ValueError):
-        seconds = -1.0
-    if not 0 <= seconds < float("inf"):
-        raise ValueError(f"{option} must be a number of seconds >= 0, not {value!r}")
-    return seconds
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,4 @@
-"""Human-readable sizes and rates, and parsing sizes given on the command line."""
+"""Human-readable sizes and rates, and parsing sizes and durations given by users."""
 
 from __future__ import annotations
 
@@ -23,3 +23,14 @@ def parse_size(text: str) -> int:
     if not m:
         raise ValueError(f"not a size: {text!r} (use e.g. 1048576, 100M, 2G)")
     return int(float(m.group(1)) * _SUFFIX[m.group(2).upper()])
+
+
+def parse_seconds(value: str | float) -> float:
+    """A finite, non-negative number of seconds ('2.5', 60) or ValueError."""
+    try:
+        seconds = float(value)
+    except (TypeError, ValueError):
+        seconds = -1.0
+    if not 0 <= seconds < float("inf"):
+        raise ValueError(f"not a number of seconds >= 0: {value!r}")
+    return seconds
