@@ -684,18 +684,18 @@ def _check_targets(
         if _is_block_device(target):
             if target_format != "raw":
                 raise HostError(f"{target} is a block device: only raw restores go there")
-            fd = os.open(target, os.O_RDONLY)
-            try:
-                device_size = copy.fd_size(fd)
-            finally:
-                os.close(fd)
-            if device_size < size:
+            if _raw_size(target) < size:
                 raise HostError(f"block device {target} is smaller than the disk ({size} bytes)")
 
 
 def _disk_size(path: Path) -> int:
     if _image_format(path) == "qcow2":
         return int(qemu.img_info(path, fmt="qcow2")["virtual-size"])
+    return _raw_size(path)
+
+
+def _raw_size(path: Path) -> int:
+    """Bytes in a file or block device, read as raw."""
     fd = os.open(path, os.O_RDONLY)
     try:
         return copy.fd_size(fd)

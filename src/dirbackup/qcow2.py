@@ -357,20 +357,7 @@ def image_digests(path: str | os.PathLike[str], chunk: int, size: int) -> npt.ND
     fd = os.open(name, os.O_RDONLY | os.O_CLOEXEC)
     try:
         h = read_header(name, fd)
-        cmap = _qcow2.ChainMap(
-            [
-                (
-                    fd,
-                    name,
-                    h.version,
-                    h.cluster_bits,
-                    h.virtual_size,
-                    h.l1_offset,
-                    h.l1_size,
-                    h.file_size,
-                )
-            ]
-        )
+        cmap = _qcow2.ChainMap([_layer(fd, h)])
         return _qcow2.layer_digests(cmap, chunk, (size + chunk - 1) // chunk)
     finally:
         os.close(fd)
