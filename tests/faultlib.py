@@ -143,6 +143,24 @@ def cli(
     return proc
 
 
+def backup_args(
+    store: object, vmid: object, image: Path, *extra: object, device: str = "drive-scsi0"
+) -> list[object]:
+    """The arguments of `dirbackup backup` of one disk into a store (storage id STOREID)."""
+    return [
+        "backup",
+        "--store",
+        store,
+        "--storeid",
+        STOREID,
+        "--vmid",
+        vmid,
+        "--disk",
+        f"{device}={image}",
+        *extra,
+    ]
+
+
 def cli_popen(*args: Any) -> subprocess.Popen[str]:
     return subprocess.Popen(_cmd(args), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
@@ -244,6 +262,19 @@ def previous_info(storage: DirectoryStorage, vmid: int) -> bytes | None:
 
 
 # ---------------------------------------------------------------------- bitmaps
+
+
+def store_state(
+    storage: DirectoryStorage, vmid: int, image: Path, bitmap: str, sock_dir: Path
+) -> tuple[object, ...]:
+    """What a failed backup must leave as it found it: previous-info, the
+    listed backups, every file of the guest's store and the guest's bitmap."""
+    return (
+        previous_info(storage, vmid),
+        volids(storage),
+        store_files(storage, vmid),
+        bitmap_state(image, bitmap, sock_dir),
+    )
 
 
 def dirty_map(image: Path, bitmap: str, sock_dir: Path) -> list[tuple[int, int]]:

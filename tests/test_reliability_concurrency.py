@@ -16,6 +16,7 @@ import pytest
 from faultlib import (
     MiB,
     assert_store_sound,
+    backup_args,
     cli,
     cli_popen,
     leftovers,
@@ -30,21 +31,6 @@ from dirbackup.host import Host
 from dirbackup.provider import DirectoryBackupProvider
 
 DEV = "drive-scsi0"
-
-
-def backup_args(store: str, vmid: int, image: Path, *extra: str) -> list[object]:
-    return [
-        "backup",
-        "--store",
-        store,
-        "--storeid",
-        STOREID,
-        "--vmid",
-        vmid,
-        "--disk",
-        f"{DEV}={image}",
-        *extra,
-    ]
 
 
 def finish(proc) -> str:  # type: ignore[no-untyped-def]

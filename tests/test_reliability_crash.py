@@ -24,6 +24,7 @@ import pytest
 from faultlib import (
     MiB,
     assert_store_sound,
+    backup_args,
     cli,
     cli_killed_at,
     cli_popen,
@@ -68,18 +69,7 @@ class CrashScene:
         )
 
     def args(self, *extra: object) -> list[object]:
-        return [
-            "backup",
-            "--store",
-            self.root,
-            "--storeid",
-            STOREID,
-            "--vmid",
-            100,
-            "--disk",
-            f"{DEV}={self.image}",
-            *extra,
-        ]
+        return backup_args(self.root, 100, self.image, *extra, device=DEV)
 
     def after_crash(self, before: list[str]) -> list[str]:
         """What must hold right after the crash, before anything cleans up."""

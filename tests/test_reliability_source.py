@@ -23,16 +23,15 @@ from faultlib import (
     MiB,
     NbdKit,
     assert_store_sound,
-    bitmap_state,
+    backup_args,
     cli,
     cli_popen,
     has_nbdkit_filter,
     leftovers,
     partial_dirs,
-    previous_info,
     provider_backup,
     servers_for,
-    store_files,
+    store_state,
     volids,
     wait_for,
 )
@@ -77,12 +76,7 @@ class Scene:
         return copy
 
     def snapshot(self) -> tuple[object, ...]:
-        return (
-            previous_info(self.storage, 100),
-            volids(self.storage),
-            store_files(self.storage, 100),
-            bitmap_state(self.image, BITMAP, self.sock_dir),
-        )
+        return store_state(self.storage, 100, self.image, BITMAP, self.sock_dir)
 
     def assert_untouched(self) -> None:
         """Nothing of the failed backup remains, and nothing else moved."""
@@ -225,19 +219,7 @@ def test_nbdkit_killed_during_the_copy(scene: Scene, sock_dir: Path) -> None:
 def test_snapshot_access_killed_under_the_command_line(scene: Scene) -> None:
     """The host's own qemu-nbd dies while the CLI copies: exit 1, clear error."""
     store = scene.storage.scfg.path
-    proc = cli_popen(
-        "backup",
-        "--store",
-        store,
-        "--storeid",
-        STOREID,
-        "--vmid",
-        "100",
-        "--disk",
-        f"{DEV}={scene.image}",
-        "--bwlimit",
-        "2M",
-    )
+    proc = cli_popen(*backup_args(store, "100", scene.image, "--bwlimit", "2M", device=DEV))
     try:
         # once the copy runs (the image exists in the partial backup)
         wait_for(

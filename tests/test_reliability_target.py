@@ -20,15 +20,14 @@ import pytest
 from faultlib import (
     MiB,
     assert_store_sound,
-    bitmap_state,
+    backup_args,
     cli,
     fill,
     leftovers,
     partial_dirs,
-    previous_info,
     remount,
     small_tmpfs,
-    store_files,
+    store_state,
     volids,
 )
 from guests import STOREID, Guest, restore_and_compare
@@ -59,12 +58,7 @@ class FullStore:
         self.before = self.snapshot()
 
     def snapshot(self) -> tuple[object, ...]:
-        return (
-            previous_info(self.storage, 100),
-            volids(self.storage),
-            store_files(self.storage, 100),
-            bitmap_state(self.image, BITMAP, self.sock_dir),
-        )
+        return store_state(self.storage, 100, self.image, BITMAP, self.sock_dir)
 
     def assert_untouched(self) -> None:
         assert not partial_dirs(self.storage, 100)
@@ -80,18 +74,7 @@ class FullStore:
         return None
 
     def cli_backup(self, check: int | None = None) -> subprocess.CompletedProcess[str]:
-        return cli(
-            "backup",
-            "--store",
-            self.root,
-            "--storeid",
-            STOREID,
-            "--vmid",
-            100,
-            "--disk",
-            f"{DEV}={self.image}",
-            check=check,
-        )
+        return cli(*backup_args(self.root, 100, self.image, device=DEV), check=check)
 
     def next_incremental_is_exact(self) -> None:
         report = self.host.backup_vm(100, self.guest.disks, start_time=3000)
