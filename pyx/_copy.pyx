@@ -11,7 +11,10 @@ kind REQ_COPY reads the job's source (a file descriptor, or one libnbd handle
 per worker with several reads in flight) at the source offset, finds the
 clusters that read as zero and writes the rest; REQ_DATA takes the bytes from
 layer file `layer` (a qcow2 image of a chain being restored) at the source
-offset; REQ_ZERO says the range reads as zero.
+offset; REQ_ZERO says the range reads as zero.  A REQ_DATA row may carry the
+flags REQ_HASH (hash each of the layer's clusters, as read, into the layer's
+per-chunk sums: the restore's check against the backup's digests) and
+REQ_NOWRITE (only read and hash); see rows.pxd.
 
 Targets: a file descriptor (raw file or block device), one libnbd handle per
 worker, or a sink (sink.pxd) such as the qcow2 writer, which maps guest
@@ -39,6 +42,7 @@ from _hash cimport data_unit_digest, zero_unit_digest
 from libnbd cimport (NBD_NULL_COMPLETION, nbd_aio_command_completed, nbd_aio_in_flight,
                      nbd_aio_is_dead, nbd_aio_pread, nbd_can_trim, nbd_can_zero, nbd_get_errno,
                      nbd_get_error, nbd_handle, nbd_poll, nbd_pwrite, nbd_trim, nbd_zero)
+from rows cimport ROW_HASH, ROW_KIND_MASK, ROW_NOWRITE
 from sink cimport sink_ops
 from sysdeps cimport (BLKDISCARD, BLKZEROOUT, FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE,
                       FALLOC_FL_ZERO_RANGE, IOV_MAX, __ATOMIC_RELAXED, __ATOMIC_SEQ_CST,
@@ -62,10 +66,12 @@ cdef extern from "Python.h":
     int PyErr_CheckSignals() except -1
 
 
-# Request kinds
+# Request kinds, and flags of REQ_DATA rows
 REQ_COPY = 0
 REQ_DATA = 1
 REQ_ZERO = 2
+REQ_HASH = ROW_HASH
+REQ_NOWRITE = ROW_NOWRITE
 # Target kinds
 TGT_NULL = 0
 TGT_FD = 1
@@ -133,6 +139,11 @@ cdef struct Job:
     uint64_t digest_chunk
     uint64_t n_digests
     int digest_zero
+    # per-layer sums of REQ_HASH rows: layer i's chunk k is lsums[lfirst[i] + k]
+    uint64_t *lsums
+    uint64_t *lfirst
+    uint64_t *lchunk
+    uint64_t *lunit
     # progress
     uint64_t done_bytes
     uint64_t read_bytes
@@ -457,6 +468,22 @@ cdef inline void add_digest(Job *j, uint64_t offset, uint64_t value) noexcept no
     atomic_add_u64(&j.digests[offset // j.digest_chunk], value, __ATOMIC_RELAXED)
 
 
+cdef void hash_layer_units(Job *j, uint64_t layer, const char *buf, uint64_t offset,
+                           uint64_t length) noexcept nogil:
+    """Add the digest of each of the layer's clusters in `buf` (read from guest
+    `offset`, cluster aligned) to the layer's chunk sums."""
+    cdef uint64_t unit = j.lunit[layer], chunk = j.lchunk[layer]
+    cdef uint64_t *sums = j.lsums + j.lfirst[layer]
+    cdef uint64_t pos = offset, end = offset + length, ue
+    while pos < end:
+        ue = pos - pos % unit + unit
+        if ue > end:
+            ue = end
+        atomic_add_u64(&sums[pos // chunk], data_unit_digest(buf + (pos - offset), pos, ue - pos),
+                       __ATOMIC_RELAXED)
+        pos = ue
+
+
 cdef int process_sink(Worker *w, const char *buf, uint64_t offset,
                       uint64_t length) noexcept nogil:
     """Hand one cluster-aligned request to a sink: data clusters go to newly
@@ -609,7 +636,8 @@ cdef int copy_range(Worker *w, int in_fd, uint64_t *src, uint64_t *dst,
 cdef int one_request(Worker *w, uint64_t *row) noexcept nogil:
     """Do one request synchronously (file sources and chain layers)."""
     cdef Job *j = w.job
-    cdef uint64_t off = row[0], length = row[1], kind = row[2], src = row[4]
+    cdef uint64_t off = row[0], length = row[1], src = row[4]
+    cdef uint64_t kind = row[2] & ROW_KIND_MASK, flags = row[2] & ~(<uint64_t>ROW_KIND_MASK)
     cdef int fd, rc
     if kind == K_ZERO:
         return target_zero(w, off, length)
@@ -619,28 +647,34 @@ cdef int one_request(Worker *w, uint64_t *row) noexcept nogil:
             fail(j, EINVAL, OP_READ_LAYER, off, b"request names a layer that does not exist")
             return -1
         fd = j.layer_fds[row[3]]
-        if j.tgt_kind == T_FD and j.cfr_ok:
+        if flags == 0 and j.tgt_kind == T_FD and j.cfr_ok:
             rc = copy_range(w, fd, &src, &off, &length)
             if rc <= 0:
                 return rc
-        return read_and_process(w, fd, off, src, length, False, True, OP_READ_LAYER)
-    if read_and_process(w, j.src_fd, off, src, row[1], j.src_direct, False, OP_READ) < 0:
+        return read_and_process(w, fd, off, src, length, False, True, OP_READ_LAYER,
+                                row[3], flags)
+    if read_and_process(w, j.src_fd, off, src, row[1], j.src_direct, False, OP_READ, 0, 0) < 0:
         return -1
     discard_source(w, off, row[1])
     return 0
 
 
 cdef int read_and_process(Worker *w, int fd, uint64_t off, uint64_t src, uint64_t length,
-                          bint direct, bint eof_is_zero, int op) noexcept nogil:
+                          bint direct, bint eof_is_zero, int op, uint64_t layer,
+                          uint64_t flags) noexcept nogil:
     """Read and write a request slice by slice, so that each slice is still in
-    the CPU cache when it is checked for zeros, hashed and written."""
+    the CPU cache when it is checked for zeros, hashed and written.  Slices
+    are multiples of every checked layer's cluster size, so that a REQ_HASH
+    row's clusters are hashed whole."""
     cdef Job *j = w.job
     cdef uint64_t piece
     while length:
         piece = length if length <= j.slice else j.slice
         if read_fd(j, fd, w.buf, piece, src, direct, eof_is_zero, op) < 0:
             return -1
-        if process(w, w.buf, off, piece, True) < 0:
+        if flags & ROW_HASH:
+            hash_layer_units(j, layer, w.buf, off, piece)
+        if not (flags & ROW_NOWRITE) and process(w, w.buf, off, piece, True) < 0:
             return -1
         off += piece
         src += piece
@@ -765,6 +799,8 @@ cdef class CopyJob:
     cdef object _keep            # Python objects whose C resources the job uses
     cdef object _layer_array
     cdef object _digests
+    cdef object _lsums
+    cdef object _lmeta
     cdef char *_zeros
     cdef readonly str source_name
     cdef readonly str target_name
@@ -785,7 +821,7 @@ cdef class CopyJob:
                  uint64_t slice_size=1 << 20, int depth=4,
                  bint discard=False, uint64_t bandwidth_limit=0, uint64_t digest_chunk=0,
                  bint serialize_writes=False,
-                 uint64_t digest_size=0, bint digest_zero=False,
+                 uint64_t digest_size=0, bint digest_zero=False, layer_checks=(),
                  str source_name="source", str target_name="target"):
         cdef uint64_t[:, ::1] rows
         cdef int i, k
@@ -813,7 +849,8 @@ cdef class CopyJob:
         for i in range(rows.shape[0]):
             if rows[i, 1] > request_size:
                 raise ValueError(f"request {i} is longer than request_size")
-            if rows[i, 2] > K_ZERO:
+            if (rows[i, 2] & ROW_KIND_MASK) > K_ZERO or (
+                    rows[i, 2] & ~(<uint64_t>(ROW_KIND_MASK | ROW_HASH | ROW_NOWRITE))):
                 raise ValueError(f"request {i} has unknown kind {rows[i, 2]}")
         j.src_fd = src_fd
         j.src_direct = src_direct
@@ -839,6 +876,7 @@ cdef class CopyJob:
             raise ValueError("a file target needs a file descriptor")
         elif target_kind == TGT_NBD and len(tgt_handles) == 0:
             raise ValueError("an NBD target needs handles")
+        cdef uint64_t max_unit = self._bind_layer_checks(layer_checks, rows, digest_size)
         if j.src_nbd and len(src_handles) < workers:
             workers = len(src_handles)
         if target_kind == TGT_NBD and len(tgt_handles) < workers:
@@ -850,6 +888,14 @@ cdef class CopyJob:
         j.slice = (j.slice + cluster_size - 1) // cluster_size * cluster_size
         if j.slice > request_size:
             j.slice = request_size
+        if max_unit:
+            # hashed rows are read in slices of whole clusters of their layer
+            if request_size % max_unit:
+                raise ValueError("request_size must be a multiple of every checked layer's "
+                                 "cluster size")
+            j.slice = (j.slice + max_unit - 1) // max_unit * max_unit
+            if j.slice > request_size:
+                j.slice = request_size
         j.depth = depth if j.src_nbd else 1
         # NBD slots only need to hold the longest request; when requests are
         # small (scattered dirty clusters), keep more of them in flight so that
@@ -912,6 +958,71 @@ cdef class CopyJob:
                     j.discard_errno = EOPNOTSUPP
         if target_kind == TGT_NBD:
             j.tgt_can_zero = nbd_can_zero(self.workers[0].tgt_h) == 1
+
+    cdef uint64_t _bind_layer_checks(self, layer_checks, uint64_t[:, ::1] rows,
+                                     uint64_t size) except? 0:
+        """Set up the per-layer sums of REQ_HASH rows and check those rows;
+        return the largest checked cluster size (0: no checks)."""
+        cdef Job *j = &self.job
+        cdef Py_ssize_t i
+        cdef uint64_t layer, unit, chunk, end, max_unit = 0, total = 0
+        cdef uint64_t[:, ::1] meta
+        cdef uint64_t[::1] sums
+        layer_checks = list(layer_checks)
+        for i in range(rows.shape[0]):
+            if rows[i, 2] & ~(<uint64_t>ROW_KIND_MASK) and not layer_checks:
+                raise ValueError(f"request {i} is hashed, but no layer is checked")
+        if not layer_checks:
+            return 0
+        if len(layer_checks) != j.n_layers or j.src_nbd:
+            raise ValueError("layer_checks needs one entry per layer file")
+        self._lmeta = np.zeros((4, j.n_layers), dtype=np.uint64)
+        meta = self._lmeta
+        for i, spec in enumerate(layer_checks):
+            if spec is None:
+                continue
+            unit, chunk, count = spec
+            if unit == 0 or unit & (unit - 1) or chunk == 0 or chunk % unit:
+                raise ValueError(f"layer {i}: the digest chunk must be a multiple of the "
+                                 f"cluster size, a power of two")
+            if count < (size + chunk - 1) // chunk:
+                raise ValueError(f"layer {i}: {count} digest chunks do not cover {size} bytes")
+            meta[0, i] = total
+            meta[1, i] = chunk
+            meta[2, i] = unit
+            meta[3, i] = count
+            total += count
+            max_unit = max(max_unit, unit)
+        self._lsums = np.zeros(max(total, 1), dtype=np.uint64)
+        sums = self._lsums
+        j.lsums = &sums[0]
+        j.lfirst = &meta[0, 0]
+        j.lchunk = &meta[1, 0]
+        j.lunit = &meta[2, 0]
+        for i in range(rows.shape[0]):
+            if not rows[i, 2] & ~(<uint64_t>ROW_KIND_MASK) or rows[i, 1] == 0:
+                continue
+            layer = rows[i, 3]
+            end = rows[i, 0] + rows[i, 1]
+            if ((rows[i, 2] & ROW_KIND_MASK) != K_DATA or not rows[i, 2] & ROW_HASH
+                    or layer >= <uint64_t>j.n_layers or meta[2, layer] == 0):
+                raise ValueError(f"request {i}: only data rows of a checked layer are hashed")
+            if rows[i, 0] % meta[2, layer] or (end % meta[2, layer] and end != size):
+                raise ValueError(f"request {i} does not cover whole clusters of layer {layer}")
+            if end > size or (end - 1) // meta[1, layer] >= meta[3, layer]:
+                raise ValueError(f"request {i} lies beyond the checked size")
+        return max_unit
+
+    @property
+    def layer_sums(self):
+        """Per layer: the per-chunk sums of its REQ_HASH rows (a copy), or None
+        for a layer that is not checked; None without layer checks."""
+        if self._lsums is None:
+            return None
+        meta = self._lmeta
+        return [None if meta[2, i] == 0 else
+                self._lsums[meta[0, i]:meta[0, i] + meta[3, i]].copy()
+                for i in range(meta.shape[1])]
 
     cdef int _bind_digests(self) except -1:
         cdef uint64_t[::1] d = self._digests

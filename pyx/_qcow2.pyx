@@ -23,6 +23,7 @@ from posix.unistd cimport close, fdatasync, ftruncate, pread, pwrite
 
 from _errors cimport os_error
 from _hash cimport data_unit_digest, zero_unit_digest
+from rows cimport ROW_HASH, ROW_KIND_MASK, ROW_NOWRITE
 from sink cimport sink_ops
 from sysdeps cimport (__ATOMIC_ACQUIRE, __ATOMIC_RELAXED, __ATOMIC_SEQ_CST, atomic_add_u64,
                       atomic_cas_ptr, atomic_load_ptr, atomic_load_u64, be64toh, htobe64)
@@ -62,6 +63,9 @@ cdef extern from *:
 MAP_DATA = 1
 MAP_ZERO = 2
 MAP_UNALLOCATED = 3
+# Flags of check_plan() rows (rows.pxd)
+PLAN_HASH = ROW_HASH
+PLAN_NOWRITE = ROW_NOWRITE
 
 cdef enum:
     K_DATA = 1
@@ -477,13 +481,15 @@ cdef struct RowBuf:
 
 cdef int rows_push(RowBuf *b, uint64_t off, uint64_t length, uint64_t kind, uint64_t layer,
                    uint64_t host) except -1:
-    """Append a row, merging with the previous one when it continues it."""
+    """Append a row, merging with the previous one when it continues it (same
+    kind and flags; for data, the same layer and the next host bytes)."""
     cdef uint64_t *last
     cdef uint64_t *grown
+    cdef bint data = (kind & ROW_KIND_MASK) == K_DATA
     if b.n:
         last = b.rows + 5 * (b.n - 1)
         if (last[2] == kind and last[0] + last[1] == off and
-                (kind != K_DATA or (last[3] == layer and last[4] + last[1] == host))):
+                (not data or (last[3] == layer and last[4] + last[1] == host))):
             last[1] += length
             return 0
     if b.n == b.cap:
@@ -496,8 +502,8 @@ cdef int rows_push(RowBuf *b, uint64_t off, uint64_t length, uint64_t kind, uint
     last[0] = off
     last[1] = length
     last[2] = kind
-    last[3] = layer if kind == K_DATA else 0
-    last[4] = host if kind == K_DATA else 0
+    last[3] = layer if data else 0
+    last[4] = host if data else 0
     b.n += 1
     return 0
 
@@ -711,16 +717,166 @@ cdef class ChainMap:
         try:
             if end > offset:
                 self.resolve(0, depth, offset, end, &out)
-            result = np.empty((out.n, 5), dtype=np.uint64)
-            if out.n:
-                memcpy_(<void *>np_data(result), out.rows, out.n * 5 * sizeof(uint64_t))
-            return result
+            return rows_array(&out)
         finally:
             free(out.rows)
+
+    def layer_map(self, int layer):
+        """Rows of what layer `layer` itself holds (data and zero clusters; the
+        rest unallocated), whatever the layers above it hold."""
+        cdef RowBuf out
+        if layer < 0 or layer >= self.n:
+            raise IndexError("no such layer")
+        out.rows = NULL
+        out.n = 0
+        out.cap = 0
+        try:
+            self.resolve(layer, layer + 1, 0, self.layers[layer].virtual_size, &out)
+            return rows_array(&out)
+        finally:
+            free(out.rows)
+
+    def check_plan(self, checks, int depth=-1):
+        """Copy requests for the guest disk the first `depth` layers (all by
+        default) describe, which also check layers against their digests.
+
+        `checks` has one entry per layer: None, or (digest chunk, number of
+        chunks) for a layer to check.  The rows are those of map() (unallocated
+        ranges kept), cut so that every data cluster of a checked layer is
+        hashed exactly once and whole, in the layer's own cluster size: a
+        cluster seen whole is hashed as it is copied (ROW_HASH); the visible
+        part of a cluster that layers above partly hide is written unhashed,
+        and every cluster they hide, wholly or partly, gets an extra row that
+        reads and hashes it without writing (ROW_HASH | ROW_NOWRITE).  Zero
+        clusters are not read: their digests depend only on where they are.
+
+        Returns (rows, zero_sums): zero_sums[i] holds the per-chunk sums of the
+        zero cluster digests of checked layer i (None for the others), to add
+        to what the copy sums for its data clusters."""
+        cdef int li
+        cdef Py_ssize_t i
+        cdef uint64_t vsize = self.layers[0].virtual_size
+        cdef uint64_t off, length, kind, host, u, a, b, lo, hi
+        cdef uint64_t[:, ::1] vis
+        cdef RowBuf out
+        cdef RowBuf own
+        cdef RowBuf *covered = NULL
+        cdef uint64_t *chunk = NULL
+        cdef uint64_t *count = NULL
+        if depth < 0 or depth > self.n:
+            depth = self.n
+        if len(checks) != self.n:
+            raise ValueError("one check entry per layer is needed")
+        out.rows = own.rows = NULL
+        out.n = own.n = out.cap = own.cap = 0
+        zero_sums = [None] * self.n
+        try:
+            covered = <RowBuf *>calloc(self.n, sizeof(RowBuf))
+            chunk = <uint64_t *>calloc(self.n, sizeof(uint64_t))
+            count = <uint64_t *>calloc(self.n, sizeof(uint64_t))
+            if covered == NULL or chunk == NULL or count == NULL:
+                raise MemoryError()
+            for li in range(depth):
+                if checks[li] is None:
+                    continue
+                chunk[li], count[li] = checks[li]
+                if chunk[li] == 0 or chunk[li] % self.layers[li].cs:
+                    raise ValueError(f"{self.names[li]}: digest chunk {chunk[li]} is not a "
+                                     f"multiple of the cluster size {self.layers[li].cs}")
+                if count[li] < (vsize + chunk[li] - 1) // chunk[li]:
+                    raise ValueError(f"{self.names[li]}: {count[li]} digest chunks do not "
+                                     f"cover the virtual size")
+            vis = self.map(0, None, depth)
+            for i in range(vis.shape[0]):
+                off, length, kind, li, host = vis[i, 0], vis[i, 1], vis[i, 2], vis[i, 3], vis[i, 4]
+                if kind != K_DATA or chunk[li] == 0:
+                    rows_push(&out, off, length, kind, li, host)
+                    continue
+                # the whole clusters of this row are hashed as they are copied
+                u = self.layers[li].cs
+                a = off
+                b = off + length
+                lo = (a + u - 1) // u * u
+                hi = b if b == vsize else b // u * u
+                if lo >= hi:
+                    rows_push(&out, a, length, K_DATA, li, host)
+                    continue
+                if a < lo:
+                    rows_push(&out, a, lo - a, K_DATA, li, host)
+                rows_push(&out, lo, hi - lo, K_DATA | ROW_HASH, li, host + (lo - a))
+                if hi < b:
+                    rows_push(&out, hi, b - hi, K_DATA, li, host + (hi - a))
+                rows_push(&covered[li], lo, hi - lo, K_ZERO, 0, 0)
+            for li in range(depth):
+                if chunk[li] == 0:
+                    continue
+                sums = np.zeros(count[li], dtype=np.uint64)
+                own.n = 0
+                self.resolve(li, li + 1, 0, vsize, &own)
+                self.hidden_rows(li, &own, &covered[li], &out, sums, chunk[li])
+                zero_sums[li] = sums
+            return rows_array(&out), zero_sums
+        finally:
+            free(out.rows)
+            free(own.rows)
+            if covered != NULL:
+                for li in range(self.n):
+                    free(covered[li].rows)
+            free(covered)
+            free(chunk)
+            free(count)
+
+    cdef int hidden_rows(self, int li, RowBuf *own, RowBuf *covered, RowBuf *out,
+                         uint64_t[::1] sums, uint64_t chunk) except -1:
+        """For layer li: a read-and-hash row for each run of its data clusters
+        that `covered` (the runs hashed as they are copied, sorted) leaves out,
+        and the digests of its zero clusters summed into `sums`."""
+        cdef uint64_t u = self.layers[li].cs
+        cdef uint64_t r, k = 0, s, e, pos, nxt, ue, cs_, ce
+        cdef uint64_t *row
+        for r in range(own.n):
+            row = own.rows + 5 * r
+            s = row[0]
+            e = s + row[1]
+            pos = s
+            if row[2] == K_ZERO:
+                while pos < e:
+                    ue = pos - pos % u + u
+                    if ue > e:
+                        ue = e
+                    sums[pos // chunk] += zero_unit_digest(pos, ue - pos)
+                    pos = ue
+                continue
+            if row[2] != K_DATA:
+                continue
+            while pos < e:
+                while k < covered.n and covered.rows[5 * k] + covered.rows[5 * k + 1] <= pos:
+                    k += 1
+                if k < covered.n:
+                    cs_ = covered.rows[5 * k]
+                    ce = cs_ + covered.rows[5 * k + 1]
+                    if cs_ <= pos:
+                        pos = ce if ce < e else e
+                        continue
+                    nxt = cs_ if cs_ < e else e
+                else:
+                    nxt = e
+                rows_push(out, pos, nxt - pos, K_DATA | ROW_HASH | ROW_NOWRITE, li,
+                          row[4] + (pos - s))
+                pos = nxt
+        return 0
 
 
 cdef extern from "<string.h>" nogil:
     void *memcpy_ "memcpy"(void *d, const void *s, size_t n)
+
+
+cdef object rows_array(RowBuf *b):
+    """The rows of a RowBuf as a new (n, 5) uint64 array."""
+    result = np.empty((b.n, 5), dtype=np.uint64)
+    if b.n:
+        memcpy_(<void *>np_data(result), b.rows, b.n * 5 * sizeof(uint64_t))
+    return result
 
 
 cdef inline size_t np_data(object arr) except 0:

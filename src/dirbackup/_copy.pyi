@@ -9,6 +9,8 @@ import numpy.typing as npt
 REQ_COPY: int
 REQ_DATA: int
 REQ_ZERO: int
+REQ_HASH: int
+REQ_NOWRITE: int
 TGT_NULL: int
 TGT_FD: int
 TGT_NBD: int
@@ -43,6 +45,7 @@ class CopyJob:
         digest_chunk: int = ...,
         digest_size: int = ...,
         digest_zero: bool = ...,
+        layer_checks: Sequence[tuple[int, int, int] | None] = ...,
         serialize_writes: bool = ...,
         source_name: str = ...,
         target_name: str = ...,
@@ -66,6 +69,8 @@ class CopyJob:
     def workers_used(self) -> int: ...
     @property
     def digests(self) -> npt.NDArray[np.uint64] | None: ...
+    @property
+    def layer_sums(self) -> list[npt.NDArray[np.uint64] | None] | None: ...
     def run(
         self,
         progress: Callable[[CopyJob], None] | None = ...,

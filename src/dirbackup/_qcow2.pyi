@@ -1,5 +1,6 @@
 # Type stubs of the Cython module pyx/_qcow2.pyx.
 import os
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -8,6 +9,8 @@ import numpy.typing as npt
 MAP_DATA: int
 MAP_ZERO: int
 MAP_UNALLOCATED: int
+PLAN_HASH: int
+PLAN_NOWRITE: int
 
 def l1_entries_for(virtual_size: int, cluster_bits: int) -> int: ...
 
@@ -49,5 +52,9 @@ class ChainMap:
     def map(
         self, offset: int = ..., length: int | None = ..., depth: int = ...
     ) -> npt.NDArray[np.uint64]: ...
+    def layer_map(self, layer: int) -> npt.NDArray[np.uint64]: ...
+    def check_plan(
+        self, checks: Sequence[tuple[int, int] | None], depth: int = ...
+    ) -> tuple[npt.NDArray[np.uint64], list[npt.NDArray[np.uint64] | None]]: ...
 
 def layer_digests(chain: ChainMap, chunk: int, n_chunks: int) -> npt.NDArray[np.uint64]: ...

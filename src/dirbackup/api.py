@@ -23,14 +23,18 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
-from typing import Any
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 from dirbackup.store import VmType
+
+if TYPE_CHECKING:
+    from dirbackup.qcow2 import Chain
 
 __all__ = [
     "BackupInfo",
     "BackupProvider",
     "BitmapMode",
+    "ChainAccess",
     "ContainerInfo",
     "IncrementalChoice",
     "LogFunction",
@@ -279,3 +283,15 @@ class BackupProvider(ABC):
 
     @abstractmethod
     def restore_container_cleanup(self, volname: str, *args: Any) -> None: ...
+
+
+@runtime_checkable
+class ChainAccess(Protocol):
+    """Optional for a provider (not part of the hypervisor's API): the validated
+    qcow2 chain of one VM disk of a backup, each layer with the digests its
+    backup recorded (`qcow2.Chain.expect`).  A host then restores with its own
+    copy engine, which checks every chunk of every layer as it copies, rather
+    than through `restore_vm_volume_init`'s `qemu-img-path`.  The caller closes
+    the chain."""
+
+    def open_chain(self, volname: str, device: str) -> Chain: ...

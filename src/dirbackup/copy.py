@@ -47,6 +47,8 @@ SMALL_REGIONS = 256 * 1024
 DIRECT_ALIGNMENT = 4096
 
 REQ_COPY, REQ_DATA, REQ_ZERO = _copy.REQ_COPY, _copy.REQ_DATA, _copy.REQ_ZERO
+REQ_HASH, REQ_NOWRITE = _copy.REQ_HASH, _copy.REQ_NOWRITE
+REQ_KIND_MASK = 0x0F
 
 
 def default_workers() -> int:
@@ -180,6 +182,7 @@ class CopyStats:
     workers: int
     discard_errno: int = 0
     digests: npt.NDArray[np.uint64] | None = field(default=None, repr=False)
+    layer_sums: list[npt.NDArray[np.uint64] | None] | None = field(default=None, repr=False)
 
     @property
     def rate(self) -> float:
@@ -197,7 +200,7 @@ class CopyStats:
 Progress = Callable[[CopyStats], None]
 
 
-def _snapshot(job: Any, start: float, digests: bool = False) -> CopyStats:
+def _snapshot(job: Any, start: float, final: bool = False) -> CopyStats:
     return CopyStats(
         total_bytes=job.total_bytes,
         done_bytes=job.done_bytes,
@@ -208,7 +211,8 @@ def _snapshot(job: Any, start: float, digests: bool = False) -> CopyStats:
         seconds=time.monotonic() - start,
         workers=job.workers_used,
         discard_errno=job.discard_errno,
-        digests=job.digests if digests else None,
+        digests=job.digests if final else None,
+        layer_sums=job.layer_sums if final else None,
     )
 
 
@@ -263,7 +267,6 @@ def _run(
     progress: Progress | None,
     cancel_event: threading.Event | None,
 ) -> CopyStats:
-    digests = bool(args.get("digest_chunk"))
     job = _copy.CopyJob(
         requests,
         workers=options.workers or default_workers(),
@@ -283,7 +286,7 @@ def _run(
             report(_snapshot(j, start))
 
     job.run(callback, options.progress_interval, cancel_event)
-    return _snapshot(job, start, digests)
+    return _snapshot(job, start, final=True)
 
 
 def copy_regions(
@@ -346,6 +349,10 @@ def copy_regions(
     return _run(requests, args, options, progress, cancel_event)
 
 
+LayerSums = tuple[int, int, int]
+"""(cluster size, digest chunk, number of chunks) of a layer whose hashed rows are summed."""
+
+
 def copy_mapped(
     layers: Sequence[int],
     plan: npt.NDArray[np.uint64],
@@ -354,6 +361,8 @@ def copy_mapped(
     *,
     progress: Progress | None = None,
     cancel_event: threading.Event | None = None,
+    layer_sums: Sequence[LayerSums | None] = (),
+    size: int = 0,
 ) -> CopyStats:
     """Copy a mapped image (a qcow2 chain) into `target`.
 
@@ -361,10 +370,23 @@ def copy_mapped(
     qcow2.Chain.plan(): REQ_DATA rows are read from `layers[layer]` at the
     host offset, REQ_ZERO rows read as zero.  A file target gets the data with
     copy_file_range where the kernel can.
+
+    With `layer_sums` (one entry per layer, None for a layer not summed), REQ_DATA
+    rows flagged REQ_HASH (as qcow2.Chain.check_plan() makes them) are hashed
+    cluster by cluster as they are read, and REQ_NOWRITE rows only read and
+    hashed; the per-chunk sums come back in the stats' `layer_sums`.  `size` is
+    the virtual size (the last cluster may end there).
     """
     args = _target_args(target, options)
     args.update(layer_fds=tuple(layers), source_name="backup chain")
-    rows = _split_plan(plan, options.request_size)
+    request_size = options.request_size
+    if any(s is not None for s in layer_sums):
+        # every piece of a hashed row must hold whole clusters of its layer
+        unit = max(s[0] for s in layer_sums if s is not None)
+        request_size = -(-request_size // unit) * unit
+        options = dataclasses.replace(options, request_size=request_size)
+        args.update(layer_checks=tuple(layer_sums), digest_size=size)
+    rows = _split_plan(plan, request_size)
     if not options.workers and args.get("serialize_writes") and isinstance(target, FileTarget):
         # copy_file_range does the whole copy under the file's write lock: a
         # second thread would only wait (measured: one is faster)
@@ -384,7 +406,8 @@ def _split_plan(plan: npt.NDArray[np.uint64], request_size: int) -> npt.NDArray[
     index = (np.arange(rows.shape[0]) - first).astype(np.uint64)
     shift = index * np.uint64(request_size)
     rows[:, 0] += shift
-    rows[:, 4] += np.where(rows[:, 2] == REQ_DATA, shift, np.uint64(0))
+    data = (rows[:, 2] & np.uint64(REQ_KIND_MASK)) == REQ_DATA
+    rows[:, 4] += np.where(data, shift, np.uint64(0))
     rows[:, 1] = np.minimum(rows[:, 1] - shift, np.uint64(request_size))
     return rows
 

@@ -29,6 +29,11 @@ class ImageError(DirbackupError):
     """A qcow2 image or backing chain that is invalid, unsafe or unsupported."""
 
 
+class IntegrityError(ImageError):
+    """Data read from a backup that does not match the digests recorded when it
+    was written: the backup is damaged, and nothing it gave is to be used."""
+
+
 class UnsupportedImage(ImageError):
     """A valid qcow2 feature that dirbackup does not read (compression, encryption)."""
 

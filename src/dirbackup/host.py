@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from dirbackup import copy, extents, nbd, qcow2, qemu
-from dirbackup.api import BackupProvider, BitmapMode, LogFunction
+from dirbackup.api import BackupProvider, BitmapMode, ChainAccess, LogFunction
 from dirbackup.errors import DirbackupError
 from dirbackup.store import VmType, check_device_name
 
@@ -510,15 +510,22 @@ class Host:
             def progress(stats: copy.CopyStats) -> None:
                 report(device, stats)
 
-        open_chain = getattr(p, "open_chain", None)
-        if engine == RestoreEngine.OURS and open_chain is not None:
-            with open_chain(volname, device) as chain:
+        if engine == RestoreEngine.OURS and isinstance(p, ChainAccess):
+            with p.open_chain(volname, device) as chain:
+                if chain.unchecked:
+                    names = ", ".join(Path(chain.paths[i]).parent.name for i in chain.unchecked)
+                    self.log(
+                        "warn",
+                        f"{device}: {names} recorded no digests (written without a manifest): "
+                        "their data is restored unchecked",
+                    )
                 return self._write_target(
                     target,
                     size,
                     target_format,
                     blockdev,
                     lambda t: qcow2.restore(chain, t, progress=progress),
+                    chain.min_cluster_size,
                 )
         path = p.restore_vm_volume_init(volname, device, {})["qemu-img-path"]
         try:
@@ -563,11 +570,14 @@ class Host:
         target_format: str,
         blockdev: bool,
         run: Callable[[Any], copy.CopyStats],
+        cluster_size: int = copy.DEFAULT_CLUSTER_SIZE,
     ) -> copy.CopyStats:
+        """Run the copy into `target`; a qcow2 target gets `cluster_size`
+        (no larger than the smallest cluster of the chain it is copied from)."""
         if target_format == "qcow2":
             tmp = target.with_name(f".{target.name}.restore-{os.getpid()}")
             tmp.unlink(missing_ok=True)
-            with qcow2.Writer(tmp, size) as writer:
+            with qcow2.Writer(tmp, size, cluster_size) as writer:
                 stats = run(writer)
                 writer.finish()
             os.replace(tmp, target)

@@ -39,6 +39,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import numpy.typing as npt
 
 from dirbackup import copy, extents, nbd, qcow2, qemu
 from dirbackup.api import (
@@ -605,34 +606,111 @@ class DirectoryBackupProvider(BackupProvider):
         return out
 
     def open_chain(self, volname: str, device: str) -> qcow2.Chain:
-        """The validated qcow2 chain of one disk of a backup (for our own fast
-        restore); nothing outside the guest's directory is ever opened."""
+        """The validated qcow2 chain of one disk of a backup, with the digests
+        each layer's backup recorded (`Chain.expect`), so that a restore checks
+        every layer as it copies.
+
+        Nothing outside the guest's directory is ever opened, and each backing
+        file must be the image of the disk in the backup its layer's manifest
+        names as parent (a backing name changed to point at another backup is
+        refused).  Layers of backups without a manifest (the seed's layout)
+        have no digests: `Chain.unchecked` lists them."""
         bid, path = self._backup(volname)
         manifest = self.store.read_manifest(bid)
         check_device_name(device)
-        size = None
         if manifest is not None:
-            if device not in manifest.disks:
-                raise StoreError(
-                    f"backup {volname} has no disk {device!r} "
-                    f"(it has: {', '.join(sorted(manifest.disks)) or 'none'})"
-                )
-            record = manifest.disks[device]
-            if Path(record.file).name != record.file or record.file in ("", ".", ".."):
-                raise StoreError(f"backup {volname}: its manifest names {record.file!r}; refused")
-            image, size = path / record.file, record.size
+            image = path / self._disk_record(bid, manifest, device).file
         else:
             image = path / disk_file(device)
             if not image.exists():
                 raise StoreError(f"backup {volname} has no disk {device!r}")
         chain = qcow2.Chain(image, self.store.guest_dir(bid.vmid))
-        if size is not None and chain.virtual_size != size:
+        try:
+            self._expect_layers(chain, bid, manifest, device)
+        except BaseException:
             chain.close()
-            raise StoreError(
-                f"{image}: virtual size {chain.virtual_size} differs from the "
-                f"{size} bytes the backup's manifest records; refused"
-            )
+            raise
         return chain
+
+    def _disk_record(self, bid: BackupId, manifest: Manifest, device: str) -> DiskRecord:
+        if device not in manifest.disks:
+            raise StoreError(
+                f"backup {bid.volname} has no disk {device!r} "
+                f"(it has: {', '.join(sorted(manifest.disks)) or 'none'})"
+            )
+        record = manifest.disks[device]
+        if Path(record.file).name != record.file or record.file in ("", ".", ".."):
+            raise StoreError(f"backup {bid.volname}: its manifest names {record.file!r}; refused")
+        return record
+
+    def _expect_layers(
+        self, chain: qcow2.Chain, bid: BackupId, manifest: Manifest | None, device: str
+    ) -> None:
+        """Walk the chain with the backups it belongs to: layer i is the image
+        of `device` in backup `bid`, whose manifest names the backup of layer
+        i + 1 (a backup without a manifest is named by its directory)."""
+        gdir = os.path.realpath(self.store.guest_dir(bid.vmid))
+        for i, layer in enumerate(chain.paths):
+            label = f"backup {bid.volid(self.storeid)} {device}"
+            last = i + 1 == chain.depth
+            if manifest is None:
+                if last:
+                    return
+                bid = self._seed_parent(chain.paths[i + 1], gdir, bid, label)
+                manifest = self.store.read_manifest(bid)
+                continue
+            record = self._disk_record(bid, manifest, device)
+            if layer != os.path.join(gdir, bid.name, record.file):
+                raise StoreError(f"{label}: {layer} is not the image its manifest names; refused")
+            if record.size != chain.virtual_size:
+                raise StoreError(
+                    f"{label}: virtual size {chain.virtual_size} differs from the "
+                    f"{record.size} bytes the backup's manifest records; refused"
+                )
+            sums = _sums(record, chain.headers[i].cluster_size, label)
+            chain.expect(i, qcow2.LayerDigests(label, record.digest_chunk, sums))
+            if record.parent is None:
+                if not last:
+                    raise StoreError(
+                        f"{label}: the image has a backing file, but the manifest records no "
+                        "parent backup; refused"
+                    )
+                return
+            if last:
+                raise StoreError(
+                    f"{label}: the manifest names the parent {record.parent}, but the image has "
+                    "no backing file; refused"
+                )
+            try:
+                parent = BackupId.parse(record.parent)
+            except DirbackupError:
+                raise StoreError(f"{label}: the manifest names no valid parent; refused") from None
+            if (parent.vmid, parent.vmtype) != (bid.vmid, bid.vmtype) or not self.store.exists(
+                parent
+            ):
+                raise StoreError(f"{label}: parent {record.parent} is not a backup here; refused")
+            if os.path.dirname(chain.paths[i + 1]) != os.path.join(gdir, parent.name):
+                raise StoreError(
+                    f"{label}: the backing file {chain.headers[i].backing_name!r} does not lie "
+                    f"in {parent.volname}, the parent its manifest names; refused"
+                )
+            bid, manifest = parent, self.store.read_manifest(parent)
+
+    def _seed_parent(self, backing: str, gdir: str, bid: BackupId, label: str) -> BackupId:
+        """The backup a backing file of the seed's layout lies in."""
+        where = os.path.dirname(backing)
+        try:
+            parent = BackupId.parse(f"{bid.vmid}/{os.path.basename(where)}")
+        except DirbackupError:
+            parent = None
+        if (
+            parent is None
+            or os.path.dirname(where) != gdir
+            or parent.vmtype != bid.vmtype
+            or not self.store.exists(parent)
+        ):
+            raise StoreError(f"{label}: the backing file {backing} lies in no backup; refused")
+        return parent
 
     def restore_vm_volume_init(
         self, volname: str, device_name: str, info: Mapping[str, Any] | None = None
@@ -714,6 +792,28 @@ class DirectoryBackupProvider(BackupProvider):
             mount.unmount()
         finally:
             shutil.rmtree(rundir, ignore_errors=True)
+
+
+def _sums(record: DiskRecord, cluster_size: int, label: str) -> npt.NDArray[np.uint64]:
+    """The manifest's sparse digests of a disk as one sum per chunk."""
+    chunk = record.digest_chunk
+    if (
+        not isinstance(chunk, int)
+        or chunk <= 0
+        or chunk % cluster_size
+        or not isinstance(record.digests, dict)
+    ):
+        raise StoreError(f"{label}: the manifest's digests are damaged; refused")
+    sums = np.zeros(-(-record.size // chunk), dtype=np.uint64)
+    for key, value in record.digests.items():
+        try:
+            index, total = int(key), int(value, 16)
+        except (TypeError, ValueError):
+            index, total = -1, -1
+        if not 0 <= index < sums.size or not 0 <= total < 1 << 64:
+            raise StoreError(f"{label}: the manifest's digests are damaged; refused")
+        sums[index] = total
+    return sums
 
 
 def _cluster_size_for(regions: extents.Extents, size: int) -> int:

@@ -13,6 +13,9 @@
   gives QEMU the validated layers explicitly (`image_opts`) so that QEMU never
   resolves a backing name on its own.
 * `restore()`, `merge_into_child()` and `image_digests()` are built on those.
+  A layer given the digests its backup recorded (`Chain.expect`) is checked
+  by every copy of the chain, in the copy loop: each cluster it holds is
+  hashed once, as read, and a mismatch is an `IntegrityError`.
 
 Format reference: QEMU's docs/interop/qcow2.txt.
 """
@@ -32,7 +35,8 @@ import numpy.typing as npt
 
 from dirbackup import _qcow2
 from dirbackup import copy as copyengine
-from dirbackup.errors import ImageError, UnsupportedImage
+from dirbackup.errors import ImageError, IntegrityError, UnsupportedImage
+from dirbackup.units import human
 
 Writer = _qcow2.Qcow2Writer
 MAP_DATA, MAP_ZERO, MAP_UNALLOCATED = _qcow2.MAP_DATA, _qcow2.MAP_ZERO, _qcow2.MAP_UNALLOCATED
@@ -72,6 +76,18 @@ class Header:
     @property
     def cluster_size(self) -> int:
         return 1 << self.cluster_bits
+
+
+@dataclass(frozen=True)
+class LayerDigests:
+    """What one layer of a chain must hash to: the per-chunk sums of its own
+    clusters' digests (as `image_digests` computes them, mod 2**64) recorded
+    when the image was written, and how an error names the layer (its backup
+    and device)."""
+
+    label: str
+    chunk: int
+    sums: npt.NDArray[np.uint64]
 
 
 def _bad(path: str, why: str) -> ImageError:
@@ -288,6 +304,7 @@ class Chain:
             self._map = _qcow2.ChainMap(
                 [_layer(fd, h) for fd, h in zip(self.fds, self.headers, strict=True)]
             )
+            self.expected: list[LayerDigests | None] = [None] * len(self.paths)
         except OSError as exc:
             self.close()
             raise ImageError(f"{exc.filename or top}: {exc.strerror}") from None
@@ -318,6 +335,25 @@ class Chain:
     @property
     def min_cluster_size(self) -> int:
         return min(h.cluster_size for h in self.headers)
+
+    def expect(self, layer: int, digests: LayerDigests) -> None:
+        """Check `layer` (0: the top image) against `digests` whenever this
+        chain is copied; digests that cannot belong to it are an ImageError."""
+        cs = self.headers[layer].cluster_size
+        if digests.chunk <= 0 or digests.chunk % cs:
+            raise ImageError(
+                f"{digests.label}: digest chunk {digests.chunk} is not a multiple of the "
+                f"image's cluster size {cs}"
+            )
+        chunks = -(-self.virtual_size // digests.chunk)
+        if digests.sums.shape != (chunks,):
+            raise ImageError(f"{digests.label}: {digests.sums.size} digests for {chunks} chunks")
+        self.expected[layer] = digests
+
+    @property
+    def unchecked(self) -> list[int]:
+        """The layers no copy checks (no digests known for them)."""
+        return [i for i, e in enumerate(self.expected) if e is None]
 
     def map(
         self, offset: int = 0, length: int | None = None, depth: int = -1
@@ -372,10 +408,97 @@ def restore(
     cancel_event: threading.Event | None = None,
 ) -> copyengine.CopyStats:
     """Copy the guest disk a chain describes into `target` (a raw file or
-    device, an NBD export, or a fresh qcow2 Writer) without QEMU in the path."""
-    return copyengine.copy_mapped(
-        chain.fds, chain.plan(), target, options, progress=progress, cancel_event=cancel_event
+    device, an NBD export, or a fresh qcow2 Writer whose cluster size is at most
+    the chain's smallest) without QEMU in the path.
+
+    Every layer with digests (`Chain.expect`) is checked on the way; a mismatch
+    raises IntegrityError once the copy is over, and the target then holds
+    data that must not be used: write to a temporary name, rename on success."""
+    return copy_chain(chain, target, options, progress=progress, cancel_event=cancel_event)
+
+
+def copy_chain(
+    chain: Chain,
+    target: copyengine.Target,
+    options: copyengine.CopyOptions = copyengine.CopyOptions(),
+    *,
+    depth: int = -1,
+    progress: copyengine.Progress | None = None,
+    cancel_event: threading.Event | None = None,
+) -> copyengine.CopyStats:
+    """Copy what the first `depth` layers (all by default) hold into `target`,
+    checking the layers with digests among them.  Through the whole chain,
+    ranges no layer holds are written as zero; through part of it (a merge),
+    they are left out."""
+    whole = depth < 0 or depth >= chain.depth
+    depth = chain.depth if whole else depth
+    checks = chain.expected[:depth] + [None] * (chain.depth - depth)
+    if not any(checks):
+        rows = chain.map(depth=depth)
+        zero_sums: list[npt.NDArray[np.uint64] | None] = []
+    else:
+        rows, zero_sums = chain._map.check_plan(
+            [(e.chunk, e.sums.size) if e else None for e in checks], depth
+        )
+    if whole:
+        rows[rows[:, 2] == MAP_UNALLOCATED, 2] = MAP_ZERO
+    else:
+        rows = rows[rows[:, 2] != MAP_UNALLOCATED]
+    _check_sink(target, rows, chain.virtual_size)
+    stats = copyengine.copy_mapped(
+        chain.fds,
+        rows,
+        target,
+        options,
+        progress=progress,
+        cancel_event=cancel_event,
+        layer_sums=[
+            (h.cluster_size, e.chunk, e.sums.size) if e else None
+            for h, e in zip(chain.headers, checks, strict=True)
+        ]
+        if any(checks)
+        else (),
+        size=chain.virtual_size,
     )
+    if any(checks):
+        _compare_sums(checks, stats.layer_sums or [], zero_sums)
+    return stats
+
+
+def _check_sink(target: copyengine.Target, rows: npt.NDArray[np.uint64], size: int) -> None:
+    """A qcow2 writer takes whole clusters only: refuse, before anything is
+    written, a chain whose pieces are smaller than the writer's clusters."""
+    if isinstance(target, (copyengine.FileTarget, copyengine.NBDTarget)):
+        return
+    cs = np.uint64(target.cluster_size)
+    written = rows[(rows[:, 2] & np.uint64(copyengine.REQ_NOWRITE)) == 0]
+    ends = written[:, 0] + written[:, 1]
+    if ((written[:, 0] % cs != 0) | ((ends % cs != 0) & (ends != np.uint64(size)))).any():
+        raise ValueError(
+            f"{target.name}: its {int(cs)}-byte clusters are larger than the pieces the "
+            f"chain is made of; write it with a smaller cluster size (Chain.min_cluster_size)"
+        )
+
+
+def _compare_sums(
+    checks: Sequence[LayerDigests | None],
+    copied: Sequence[npt.NDArray[np.uint64] | None],
+    zero_sums: Sequence[npt.NDArray[np.uint64] | None],
+) -> None:
+    """Raise IntegrityError for the mismatch at the lowest guest offset."""
+    worst: tuple[int, LayerDigests] | None = None
+    for want, got, zeros in zip(checks, copied, zero_sums, strict=False):
+        if want is None or got is None or zeros is None:
+            continue
+        bad = np.flatnonzero(got + zeros != want.sums)
+        if bad.size and (worst is None or int(bad[0]) * want.chunk < worst[0]):
+            worst = (int(bad[0]) * want.chunk, want)
+    if worst is not None:
+        offset, want = worst
+        raise IntegrityError(
+            f"{want.label}: the data in the chunk at offset {offset} ({human(want.chunk)}) "
+            f"does not match its digest: the backup is damaged"
+        )
 
 
 def merge_into_child(
@@ -398,8 +521,6 @@ def merge_into_child(
             backing: str | None = os.path.relpath(chain.paths[2], os.path.dirname(child_path))
         else:
             backing = None
-        rows = chain.map(depth=2)
-        plan = rows[rows[:, 2] != MAP_UNALLOCATED]
         if output is not None:
             tmp = Path(output)
         else:
@@ -412,7 +533,7 @@ def merge_into_child(
             backing=backing,
         )
         with writer:
-            copyengine.copy_mapped(chain.fds[:2], plan, writer, options)
+            copy_chain(chain, writer, options, depth=2)
             writer.finish()
         if output is not None:
             return
