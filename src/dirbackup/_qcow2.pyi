@@ -51,3 +51,11 @@ class ChainMap:
     ) -> npt.NDArray[np.uint64]: ...
 
 def layer_digests(chain: ChainMap, chunk: int, n_chunks: int) -> npt.NDArray[np.uint64]: ...
+def layer_views(
+    chain: ChainMap,
+    chunk: int,
+    n_chunks: int,
+    unit: int = ...,
+    bottom: bool = ...,
+    shadow: npt.NDArray[np.uint64] | None = ...,
+) -> tuple[npt.NDArray[np.uint64], npt.NDArray[np.uint64] | None]: ...
