@@ -50,3 +50,8 @@ class ContainerError(DirbackupError):
 
     The message is one line meant for the user (the tool's own message included);
     partial output has already been removed when it is raised."""
+
+
+class IntegrityError(DirbackupError):
+    """Backed-up data that does not match the digests recorded when it was
+    written (or a chain that does not match its manifests): refused, never used."""
