@@ -306,6 +306,31 @@ def test_qemu_img_is_never_served_a_bad_chain(scene: ChainScene, fault: str) -> 
     restore_and_compare(scene.storage, scene.other, {DEV: state}, scene.tmp)
 
 
+def test_a_backing_name_that_names_another_backup(scene: ChainScene) -> None:
+    """One character of the newest image's backing name changed so that it
+    names the full backup instead of its parent (an existing, valid image):
+    the chain is not the one the manifests describe, and is refused."""
+    image = scene.image(2)
+    head = image.read_bytes()[:4096]
+    old, new = b"../qemu-2000/drive-scsi0.qcow2", b"../qemu-1000/drive-scsi0.qcow2"
+    assert head.count(old) == 1
+    with open(image, "r+b") as f:
+        f.seek(head.index(old))
+        f.write(new)
+    assert qcow2.read_header(image).backing_name == new.decode()
+    problem = f"{DEV}: backing file is not {scene.volname(1)}"
+    [result] = scene.storage.verify(scene.volids[2])
+    assert result.problems == (problem,)
+    target = scene.tmp / "target.raw"
+    proc = cli(
+        "restore", "--store", scene.root, "--storeid", STOREID, scene.volids[2],
+        "--disk", f"{DEV}={target}", "--engine", "qemu-img", check=1,
+    )  # fmt: skip
+    assert proc.stderr == f"error: {scene.volname(2)}: {problem}; refused\n"
+    assert not target.exists()
+    assert scene.marks() == [None, None, problem, None]  # its bases are fine
+
+
 def test_restore_help_says_what_the_qemu_img_engine_costs() -> None:
     out = " ".join(cli("restore", "--help").stdout.split())
     assert "one extra read of the backup" in out

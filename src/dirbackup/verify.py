@@ -163,7 +163,6 @@ class Checker:
         device: str,
         top: BackupId,
         record: DiskRecord | None,
-        data: bool = True,
     ) -> list[LayerProblem]:
         """The problems of every layer of the chain of disk `device` of backup
         `top` (`record`: its manifest's record, None without a manifest).  A
@@ -185,7 +184,7 @@ class Checker:
                         raise IntegrityError(f"its manifest has no disk {device}")
                 assert bid is not None
                 text = self.structure(chain, i, device, bid, rec)
-                if text is None and rec is not None and data:
+                if text is None and rec is not None:
                     problem = self.data(chain, i, device, bid, rec)
                     if problem is not None:
                         problems.append(LayerProblem(i, bid, problem))
