@@ -17,7 +17,7 @@ from cpython.pycapsule cimport PyCapsule_New
 from libc.errno cimport EEXIST, EINTR, EINVAL, EIO, ENOMEM, errno
 from libc.stdint cimport int64_t, uint16_t, uint64_t
 from libc.stdlib cimport calloc, free, malloc
-from libc.string cimport memset
+from libc.string cimport memcmp, memset
 from posix.fcntl cimport O_CREAT, O_EXCL, O_RDWR, open as c_open
 from posix.unistd cimport close, fdatasync, ftruncate, pread, pwrite
 
@@ -891,16 +891,57 @@ def layer_digests(ChainMap chain, uint64_t chunk, uint64_t n_chunks):
     """Per-chunk digest sums of the clusters the top image itself holds
     (data clusters hashed, zero clusters as their marker), computed exactly as
     the copy loop computes them while writing.  Used by verify."""
+    return layer_views(chain, chunk, n_chunks)[0]
+
+
+cdef inline bint all_zero(const char *p, uint64_t n) noexcept nogil:
+    cdef uint64_t i
+    for i in range(n if n < 16 else 16):
+        if p[i]:
+            return False
+    return n <= 16 or memcmp(p, p + 16, n - 16) == 0
+
+
+cdef inline uint64_t view_unit_digest(const char *p, uint64_t pos, uint64_t n,
+                                      bint bottom) noexcept nogil:
+    """What `n` bytes at guest offset `pos` read as: nothing where they read as
+    zero at the bottom of a chain, else the zero marker or the data's digest."""
+    if p == NULL or all_zero(p, n):
+        return 0 if bottom else zero_unit_digest(pos, n)
+    return data_unit_digest(p, pos, n)
+
+
+def layer_views(ChainMap chain, uint64_t chunk, uint64_t n_chunks, uint64_t unit=0,
+                bint bottom=False, shadow=None):
+    """Read the top image's own clusters once; return (own, view).
+
+    `own` is layer_digests().  `view` (None without `unit`) sums, per chunk,
+    what the image shows of the guest disk in `unit`-byte pieces, whatever
+    its clusters: a piece that reads as zero counts as the zero marker (or
+    nothing if `bottom`: no image lies beneath, so zero and unallocated read
+    the same), any other piece as its data's digest; pieces inside the sorted
+    (offset, length) ranges of `shadow` (hidden by images above) count
+    nothing.  Two layers whose views add up to the view of one image read,
+    together, exactly as that image does: a merge is checked that way."""
     cdef Layer *L = &chain.layers[0]
-    cdef uint64_t cs = L.cs, pos, end, unit, idx
+    cdef uint64_t cs = L.cs, pos, end, step, idx, sub, slen
     cdef uint64_t[:, ::1] rows
-    cdef Py_ssize_t i
+    cdef uint64_t[:, ::1] hidden
+    cdef Py_ssize_t i, j = 0, n_hidden = 0
     cdef ssize_t r
     cdef char *buf
+    cdef bint zero
     out = np.zeros(n_chunks, dtype=np.uint64)
+    view = np.zeros(n_chunks, dtype=np.uint64) if unit else None
     cdef uint64_t[::1] d = out
+    cdef uint64_t[::1] v = view if unit else out
     if chunk % cs:
         raise ValueError("digest chunk must be a multiple of the cluster size")
+    if unit and (cs % unit or chunk % unit):
+        raise ValueError("the view unit must divide the cluster size")
+    if unit and shadow is not None and len(shadow):
+        hidden = np.ascontiguousarray(shadow, dtype=np.uint64).reshape(-1, 2)
+        n_hidden = hidden.shape[0]
     rows = chain.map(depth=1)
     buf = <char *>malloc(cs)
     if buf == NULL:
@@ -909,24 +950,34 @@ def layer_digests(ChainMap chain, uint64_t chunk, uint64_t n_chunks):
         for i in range(rows.shape[0]):
             if rows[i, 2] == K_UNALLOC:
                 continue
+            zero = rows[i, 2] == K_ZERO
             pos = rows[i, 0]
             end = pos + rows[i, 1]
             while pos < end:
-                unit = cs if end - pos > cs else end - pos
+                step = cs if end - pos > cs else end - pos
                 idx = pos // chunk
                 if idx >= n_chunks:
                     raise ImageError(f"{chain.names[0]}: cluster beyond the digested size")
-                if rows[i, 2] == K_ZERO:
-                    d[idx] += zero_unit_digest(pos, unit)
+                if zero:
+                    d[idx] += zero_unit_digest(pos, step)
                 else:
                     with nogil:
-                        r = pread(L.fd, buf, unit, rows[i, 4] + (pos - rows[i, 0]))
+                        r = pread(L.fd, buf, step, rows[i, 4] + (pos - rows[i, 0]))
                     if r < 0:
                         raise os_error(errno, "reading", chain.names[0])
-                    if <uint64_t>r < unit:
-                        memset(buf + r, 0, unit - r)
-                    d[idx] += data_unit_digest(buf, pos, unit)
-                pos += unit
+                    if <uint64_t>r < step:
+                        memset(buf + r, 0, step - r)
+                    d[idx] += data_unit_digest(buf, pos, step)
+                sub = pos
+                while unit and sub < pos + step:
+                    slen = unit if pos + step - sub > unit else pos + step - sub
+                    while j < n_hidden and hidden[j, 0] + hidden[j, 1] <= sub:
+                        j += 1
+                    if not (j < n_hidden and hidden[j, 0] <= sub):
+                        v[sub // chunk] += view_unit_digest(
+                            NULL if zero else buf + (sub - pos), sub, slen, bottom)
+                    sub += slen
+                pos += step
     finally:
         free(buf)
-    return out
+    return out, view

@@ -70,10 +70,21 @@ def test_full_incremental_restore_cycle(vm: dict[str, Path]) -> None:
         "parent",
         "notes",
         "protected",
+        "check-failed",
     }
     assert listing[0]["notes"] == "first" and listing[0]["protected"] is False
+    assert listing[0]["check-failed"] is None
     plain = dirbackup("list", *s).stdout.splitlines()
-    assert plain[0].split() == ["VOLID", "TYPE", "CREATED", "SIZE", "PARENT", "PROT", "NOTES"]
+    assert plain[0].split() == [
+        "VOLID",
+        "TYPE",
+        "CREATED",
+        "SIZE",
+        "PARENT",
+        "PROT",
+        "CHECK",
+        "NOTES",
+    ]
     assert "MiB" in plain[1] and plain[1].rstrip().endswith("first")
     assert dirbackup("verify", *s).stdout.count(": ok") == 2
     # three spellings of a volume id

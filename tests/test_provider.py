@@ -407,7 +407,17 @@ def test_verify_detects_corruption(tmp_path: Path) -> None:
     results = {r.volid: r for r in storage.verify(vmid=100)}
     assert not results[volids[0]].ok
     assert "drive-scsi0: data does not match its digests" in results[volids[0]].problems[0]
-    assert results[volids[1]].ok
+    # the incremental built on it is no better than its base, and says which base is bad
+    base = volids[0].split(":")[1]
+    assert results[volids[1]].problems == (
+        f"drive-scsi0: its base {base} fails its check: "
+        "data does not match its digests (first difference in the chunk at offset 0)",
+    )
+    with open(img, "r+b") as f:  # repaired: both verify again, and their marks go
+        f.seek(64 * KiB + 1000)
+        f.write(byte)
+    assert all(r.ok for r in storage.verify(vmid=100))
+    assert [storage.store.check_failure(storage.backup_id(v)) for v in volids] == [None, None]
     conf = storage.store.backup_dir(storage.backup_id(volids[1])) / "guest.conf"
     conf.write_text("tampered")
     assert not storage.verify(volids[1])[0].ok

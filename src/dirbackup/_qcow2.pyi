@@ -58,3 +58,11 @@ class ChainMap:
     ) -> tuple[npt.NDArray[np.uint64], list[npt.NDArray[np.uint64] | None]]: ...
 
 def layer_digests(chain: ChainMap, chunk: int, n_chunks: int) -> npt.NDArray[np.uint64]: ...
+def layer_views(
+    chain: ChainMap,
+    chunk: int,
+    n_chunks: int,
+    unit: int = ...,
+    bottom: bool = ...,
+    shadow: npt.NDArray[np.uint64] | None = ...,
+) -> tuple[npt.NDArray[np.uint64], npt.NDArray[np.uint64] | None]: ...

@@ -193,10 +193,19 @@ def build_parser() -> argparse.ArgumentParser:
         "--engine",
         choices=[e.value for e in RestoreEngine],
         default=RestoreEngine.OURS.value,
-        help="copy with dirbackup's engine (default) or with qemu-img convert",
+        help="copy with dirbackup's engine (default; checks every chunk against its digests as "
+        "it copies) or with qemu-img convert (the whole backup chain is first read once to "
+        "check its digests: one extra read of the backup)",
     )
 
-    v = sub.add_parser("verify", help="re-read backups and check digests and chains")
+    v = sub.add_parser(
+        "verify",
+        help="re-read backups and check digests and chains",
+        description="Re-read backups and check every digest, archive and backing chain.  A "
+        "backup is only as good as the backups it builds on: a bad base fails every backup "
+        "built on it.  A failure is recorded in the backup (shown by list; no incremental is "
+        "built on it) until a verify of it succeeds.",
+    )
     store_args(v)
     v.add_argument("volid", nargs="?", metavar="VOLID", help="one backup (default: all)")
     v.add_argument("--vmid", type=_vmid, metavar="ID", help="only this guest's backups")
@@ -354,6 +363,8 @@ def cmd_backup(args: argparse.Namespace) -> int:
 def cmd_list(args: argparse.Namespace) -> int:
     storage = _storage(args)
     rows = storage.list_volumes(args.vmid)
+    for row in rows:  # why its last check (verify, restore, merge) failed, if it did
+        row["check-failed"] = storage.store.check_failure(storage.backup_id(row["volid"]))
     if args.json:
         keys = (
             "volid",
@@ -365,13 +376,14 @@ def cmd_list(args: argparse.Namespace) -> int:
             "parent",
             "notes",
             "protected",
+            "check-failed",
         )
         print(json.dumps([{k: row[k] for k in keys} for row in rows], indent=1))
         return 0
     if not rows:
         print("no backups", file=sys.stderr)
         return 0
-    table = [("VOLID", "TYPE", "CREATED", "SIZE", "PARENT", "PROT", "NOTES")]
+    table = [("VOLID", "TYPE", "CREATED", "SIZE", "PARENT", "PROT", "CHECK", "NOTES")]
     for row in rows:
         parent = row["parent"].split("/")[-1] if row["parent"] else "-"
         note = (row["notes"] or "").splitlines()[0] if row["notes"] else ""
@@ -383,6 +395,7 @@ def cmd_list(args: argparse.Namespace) -> int:
                 human(row["size"]),
                 parent,
                 "yes" if row["protected"] else "",
+                "FAILED" if row["check-failed"] else "",
                 note[:40],
             )
         )
@@ -439,11 +452,12 @@ def cmd_verify(args: argparse.Namespace) -> int:
         entries = storage.store.backups(args.vmid)
         results = []
         bar = ProgressBar()
+        verifier = storage.verifier()  # a base shared by many backups is read once
         for i, entry in enumerate(entries, 1):
             if bar.enabled:
                 sys.stderr.write(f"\rverifying {i}/{len(entries)} {entry.id.archive}\033[K")
                 sys.stderr.flush()
-            results += storage.verify(entry.id.volname)
+            results.append(verifier.verify(entry))
         if bar.enabled and entries:
             sys.stderr.write("\r\033[K")
     failed = 0

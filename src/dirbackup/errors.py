@@ -30,8 +30,9 @@ class ImageError(DirbackupError):
 
 
 class IntegrityError(ImageError):
-    """Data read from a backup that does not match the digests recorded when it
-    was written: the backup is damaged, and nothing it gave is to be used."""
+    """Backed-up data that does not match the digests recorded when it was
+    written (or a chain that does not match its manifests): the backup is
+    damaged, and nothing it gave is to be used."""
 
 
 class UnsupportedImage(ImageError):

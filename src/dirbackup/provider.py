@@ -22,7 +22,9 @@ The seed's `DirectoryExample`, done properly:
   next backup of those disks is full -- never a wrong incremental.
 * Restores serve a chain only after validating it (qcow2 only, inside the
   guest's directory, no protocol names, no cycles) and hand QEMU the layers
-  explicitly.
+  explicitly; what qemu-img reads (`qemu-img-path`) is checked against every
+  layer's digests first.  No incremental builds on a backup whose last check
+  failed.
 """
 
 from __future__ import annotations
@@ -41,7 +43,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from dirbackup import copy, extents, nbd, qcow2, qemu
+from dirbackup import copy, extents, nbd, qcow2, qemu, verify
 from dirbackup.api import (
     BackupInfo,
     BackupProvider,
@@ -219,9 +221,26 @@ class DirectoryBackupProvider(BackupProvider):
             with qcow2.Chain(image, self.store.guest_dir(vmid)) as chain:
                 if chain.virtual_size != size:
                     return None
+                failed = self._failed_check(vmid, chain)
         except (DirbackupError, OSError):
             return None
+        if failed is not None:
+            self.log("warn", f"{device}: {failed}; no incremental on it, this backup is full")
+            return None
         return bid, image
+
+    def _failed_check(self, vmid: int, chain: qcow2.Chain) -> str | None:
+        """Why no incremental may build on a chain: a backup in it whose last
+        check (verify, a restore's or a merge's) failed."""
+        for path in chain.paths:
+            try:
+                bid = BackupId.parse(f"{vmid}/{Path(path).parent.name}")
+            except DirbackupError:
+                continue
+            reason = self.store.check_failure(bid)
+            if reason is not None:
+                return f"{bid.volname} failed its last check ({reason})"
+        return None
 
     def backup_vm_query_incremental(
         self, vmid: int, volumes: Mapping[str, Mapping[str, Any]]
@@ -720,6 +739,10 @@ class DirectoryBackupProvider(BackupProvider):
             raise StoreError(f"{device_name} of {volname} is already being restored")
         with self.open_chain(volname, device_name) as chain:
             chain.map()  # every table checked: QEMU would read what lies as zeros
+            # qemu-img checks nothing: every layer's data is checked first (one read)
+            bid = self.storage_plugin.backup_id(volname)
+            for path in verify.require_chain(verify.Checker(self.store), chain, bid, device_name):
+                self.log("warn", f"{path} has no digests (made without a manifest); not checked")
             rundir = qemu.make_rundir("dirbackup-")
             job = _VolumeRestore(rundir)
             self._restores[key] = job

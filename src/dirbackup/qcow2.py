@@ -12,10 +12,11 @@
   space to (layer, host offset) | zero | unallocated for the copy engine, and
   gives QEMU the validated layers explicitly (`image_opts`) so that QEMU never
   resolves a backing name on its own.
-* `restore()`, `merge_into_child()` and `image_digests()` are built on those.
-  A layer given the digests its backup recorded (`Chain.expect`) is checked
-  by every copy of the chain, in the copy loop: each cluster it holds is
-  hashed once, as read, and a mismatch is an `IntegrityError`.
+* `restore()`, `merge_into_child()` / `merge_layers()`, `image_digests()` and
+  `layer_views()` are built on those.  A layer given the digests its backup
+  recorded (`Chain.expect`) is checked by every copy of the chain, in the copy
+  loop: each cluster it holds is hashed once, as read, and a mismatch is an
+  `IntegrityError`.
 
 Format reference: QEMU's docs/interop/qcow2.txt.
 """
@@ -389,12 +390,20 @@ class Chain:
 def image_digests(path: str | os.PathLike[str], chunk: int, size: int) -> npt.NDArray[np.uint64]:
     """Per-chunk digest sums of the clusters this one image holds (not its
     backing files), as the copy loop computed them while writing."""
+    return image_views(path, chunk, size)[0]
+
+
+def image_views(
+    path: str | os.PathLike[str], chunk: int, size: int, unit: int = 0, *, bottom: bool = False
+) -> tuple[npt.NDArray[np.uint64], npt.NDArray[np.uint64] | None]:
+    """image_digests(), and with `unit` the image's view digests (see
+    layer_views), from one read of the image."""
     name = os.fspath(path)
     fd = os.open(name, os.O_RDONLY | os.O_CLOEXEC)
     try:
         h = read_header(name, fd)
         cmap = _qcow2.ChainMap([_layer(fd, h)])
-        return _qcow2.layer_digests(cmap, chunk, (size + chunk - 1) // chunk)
+        return _qcow2.layer_views(cmap, chunk, (size + chunk - 1) // chunk, unit, bottom)
     finally:
         os.close(fd)
 
@@ -501,6 +510,37 @@ def _compare_sums(
         )
 
 
+def layer_views(
+    chain: Chain,
+    layer: int,
+    chunk: int,
+    size: int,
+    unit: int = 0,
+    *,
+    bottom: bool = False,
+    shadow: npt.NDArray[np.uint64] | None = None,
+) -> tuple[npt.NDArray[np.uint64], npt.NDArray[np.uint64] | None]:
+    """One read of layer `layer` of a chain (its own clusters, through the
+    chain's open file): its digests as image_digests() gives them, and with
+    `unit` its view digests (see _qcow2.layer_views), leaving out the
+    (offset, length) ranges of `shadow`, which must be `unit`-aligned."""
+    if unit and shadow is not None and shadow.size:
+        u = np.uint64(unit)
+        ends = shadow[:, 0] + shadow[:, 1]
+        if bool((shadow[:, 0] % u).any() or ((ends % u != 0) & (ends != np.uint64(size))).any()):
+            raise ValueError("shadow ranges must be aligned to the view unit")
+    cmap = _qcow2.ChainMap([_layer(chain.fds[layer], chain.headers[layer])])
+    return _qcow2.layer_views(cmap, chunk, (size + chunk - 1) // chunk, unit, bottom, shadow)
+
+
+def allocated(chain: Chain, layer: int = 0) -> npt.NDArray[np.uint64]:
+    """(offset, length) rows of what one layer of a chain holds itself
+    (data or zero clusters): what it hides of the layers beneath."""
+    cmap = _qcow2.ChainMap([_layer(chain.fds[layer], chain.headers[layer])])
+    rows = cmap.map(0, None, 1)
+    return np.ascontiguousarray(rows[rows[:, 2] != MAP_UNALLOCATED][:, :2])
+
+
 def merge_into_child(
     child: str | os.PathLike[str],
     allowed: str | os.PathLike[str],
@@ -515,30 +555,37 @@ def merge_into_child(
     its backing name stays relative to the child's directory)."""
     child_path = os.path.realpath(os.fspath(child))
     with Chain(child_path, allowed) as chain:
-        if chain.depth < 2:
-            raise ImageError(f"{child_path}: has no backing file to merge")
-        if chain.depth > 2:
-            backing: str | None = os.path.relpath(chain.paths[2], os.path.dirname(child_path))
-        else:
-            backing = None
         if output is not None:
-            tmp = Path(output)
-        else:
-            tmp = Path(child_path).with_name(f".{Path(child_path).name}.merge-{os.getpid()}")
-            tmp.unlink(missing_ok=True)  # left over by a crashed merge
-        writer = Writer(
-            tmp,
-            chain.virtual_size,
-            min(h.cluster_size for h in chain.headers[:2]),
-            backing=backing,
-        )
-        with writer:
-            copy_chain(chain, writer, options, depth=2)
-            writer.finish()
-        if output is not None:
+            merge_layers(chain, output, options)
             return
+        tmp = Path(child_path).with_name(f".{Path(child_path).name}.merge-{os.getpid()}")
+        tmp.unlink(missing_ok=True)  # left over by a crashed merge
+        merge_layers(chain, tmp, options)
         os.replace(tmp, child_path)
         _fsync_dir(os.path.dirname(child_path))
+
+
+def merge_layers(
+    chain: Chain,
+    output: str | os.PathLike[str],
+    options: copyengine.CopyOptions = copyengine.CopyOptions(),
+) -> int:
+    """Write the top two layers of an open chain as one new image at `output`,
+    backed by the chain's third layer (named relative to the top image's
+    directory) or by nothing; returns its cluster size.  Reads through the
+    chain's open files: what a caller checked through them is what is merged."""
+    if chain.depth < 2:
+        raise ImageError(f"{chain.paths[0]}: has no backing file to merge")
+    top_dir = os.path.dirname(chain.paths[0])
+    backing = os.path.relpath(chain.paths[2], top_dir) if chain.depth > 2 else None
+    rows = chain.map(depth=2)
+    plan = rows[rows[:, 2] != MAP_UNALLOCATED]
+    cluster = min(h.cluster_size for h in chain.headers[:2])
+    writer = Writer(Path(output), chain.virtual_size, cluster, backing=backing)
+    with writer:
+        copy_chain(chain, writer, options, depth=2)
+        writer.finish()
+    return cluster
 
 
 def _fsync_dir(path: str) -> None:

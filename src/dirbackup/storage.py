@@ -17,7 +17,6 @@ import json
 import multiprocessing
 import os
 import shutil
-import stat
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from enum import StrEnum
@@ -25,17 +24,15 @@ from pathlib import Path
 from typing import Any
 
 from dirbackup import qcow2
-from dirbackup.errors import DirbackupError, ImageError, StoreError
+from dirbackup.errors import DirbackupError, ImageError, IntegrityError, StoreError
 from dirbackup.prune import KeepRules, Mark, PruneCandidate, mark
 from dirbackup.store import (
     DEFAULT_LOCK_TIMEOUT,
-    GUEST_CONFIG,
     MANIFEST,
     PENDING_ATTRIBUTES,
-    SQUASHFS_ARCHIVE,
-    TAR_ARCHIVE,
     BackupEntry,
     BackupId,
+    DiskRecord,
     Manifest,
     Store,
     VmType,
@@ -44,11 +41,11 @@ from dirbackup.store import (
     exchange,
     fsync_path,
     read_json,
-    sha256_file,
     split_volid,
     write_atomic,
 )
 from dirbackup.units import parse_seconds
+from dirbackup.verify import Checker, MergeCheck, Verifier, VerifyResult, check_merge, check_merged
 
 PLUGIN_TYPE = "dirbackup"
 PLUGIN_API = 11
@@ -171,13 +168,14 @@ class PruneEntry:
 
 
 @dataclass(frozen=True)
-class VerifyResult:
-    """The outcome of verifying one backup."""
+class _Merge:
+    """One image of a child to merge its base into, with the checked outcome."""
 
-    volid: str
-    ok: bool
-    problems: tuple[str, ...] = ()
-    checked_bytes: int = 0
+    device: str
+    record: DiskRecord | None
+    image: Path
+    base_record: DiskRecord | None
+    check: MergeCheck
 
 
 def _link_rest(source: Path, staging: Path) -> bool:
@@ -524,26 +522,22 @@ class DirectoryStorage:
         entry = self._entry(bid.volname)
         if entry.manifest is not None and entry.manifest.protected:
             raise StoreError(f"backup {bid.volname} is protected; unprotect it first")
-        for child in self.children_of(bid):
-            self._merge_into(bid, entry, child, log)
+        checker = Checker(self.store)
+        # every merge is checked before the first one starts: a refusal changes nothing
+        merges = [(c, self._merge_plan(bid, entry, c, checker)) for c in self.children_of(bid)]
+        for child, todo in merges:
+            self._merge_into(bid, entry, child, todo, checker, log)
         self.store.remove_backup(bid)
         if log:
             log("info", f"removed backup {bid.volid(self.storeid)}")
 
-    def _merge_into(
-        self, bid: BackupId, entry: BackupEntry, child: BackupEntry, log: LogFunction | None
-    ) -> None:
-        """Fold `bid`'s images into the child's that build on them.
-
-        The merged images and the updated manifest are made in a sibling
-        staging directory (the child's other files hard-linked), which then
-        takes the child's place in one atomic exchange: a crash at any point
-        leaves either the old child or the new one, never a merged image with
-        the old manifest.  Where the file system cannot exchange directories,
-        the images are replaced one by one and the manifest last."""
+    def _merge_plan(
+        self, bid: BackupId, entry: BackupEntry, child: BackupEntry, checker: Checker
+    ) -> list[_Merge]:
+        """The child's images that build on `bid`'s, each with both layers
+        checked against their digests (IntegrityError if one fails)."""
         gdir = self.store.guest_dir(bid.vmid)
         m = child.manifest
-        parent_manifest = entry.manifest
         disks = m.disks if m is not None else {p.stem: None for p in child.path.glob("*.qcow2")}
         todo = []
         for device, record in disks.items():
@@ -553,25 +547,59 @@ class DirectoryStorage:
             with qcow2.Chain(image, gdir) as chain:
                 if chain.depth < 2 or Path(chain.paths[1]).parent != entry.path.resolve():
                     continue
-            todo.append((device, record, image))
+                base_record = None
+                if entry.manifest is not None:
+                    base_record = entry.manifest.disks.get(device)
+                    if base_record is None:
+                        raise IntegrityError(
+                            f"{child.id.volname}: {device} builds on {bid.volname}, whose "
+                            f"manifest has no disk {device}; nothing was changed"
+                        )
+                check = check_merge(checker, chain, device, child.id, record, bid, base_record)
+            todo.append(_Merge(device, record, image, base_record, check))
+        return todo
+
+    def _merge_into(
+        self,
+        bid: BackupId,
+        entry: BackupEntry,
+        child: BackupEntry,
+        todo: list[_Merge],
+        checker: Checker,
+        log: LogFunction | None,
+    ) -> None:
+        """Fold `bid`'s images into the child's that build on them.
+
+        Each merged image must read exactly as the two checked layers did
+        (check_merged) before it is used, and the child's new digests are
+        those of the merged image as written.  The merged images and the
+        updated manifest are made in a sibling staging directory (the child's
+        other files hard-linked), which then takes the child's place in one
+        atomic exchange: a crash at any point leaves either the old child or
+        the new one, never a merged image with the old manifest.  Where the
+        file system cannot exchange directories, the images are replaced one
+        by one and the manifest last."""
         if not todo:
             return
+        gdir = self.store.guest_dir(bid.vmid)
+        m = child.manifest
         if log:
             log("info", f"merging {bid.volname} into {child.id.volname} before removal")
         staging = gdir / f".{child.id.name}.merge-{os.getpid()}"
         shutil.rmtree(staging, ignore_errors=True)  # left over by a crashed merge of ours
         staging.mkdir()
         try:
-            for device, record, image in todo:
-                merged = staging / image.name
-                qcow2.merge_into_child(image, gdir, output=merged)
-                if m is not None and record is not None:
-                    grand = None
-                    if parent_manifest is not None and device in parent_manifest.disks:
-                        grand = parent_manifest.disks[device].parent
-                    digests = qcow2.image_digests(merged, record.digest_chunk, record.size)
-                    m.disks[device] = replace(
-                        record,
+            for job in todo:
+                merged = staging / job.image.name
+                with qcow2.Chain(job.image, gdir) as chain:
+                    if chain.depth < 2 or Path(chain.paths[1]).parent != entry.path.resolve():
+                        raise IntegrityError(f"{job.image} no longer builds on {bid.volname}")
+                    qcow2.merge_layers(chain, merged)
+                digests = check_merged(checker, merged, job.check, bid, child.id)
+                if m is not None and job.record is not None:
+                    grand = job.base_record.parent if job.base_record is not None else None
+                    m.disks[job.device] = replace(
+                        job.record,
                         parent=grand,
                         mode="incremental" if grand else "full",
                         digests=digest_map(digests),
@@ -588,8 +616,8 @@ class DirectoryStorage:
                 fsync_path(gdir)
                 return
             # no atomic exchange here: images first, the manifest last
-            for _device, _record, image in todo:
-                os.replace(staging / image.name, image)
+            for job in todo:
+                os.replace(staging / job.image.name, job.image)
             fsync_path(child.path)
             if m is not None:
                 self.store.write_manifest(child.id, m)
@@ -692,7 +720,8 @@ class DirectoryStorage:
     # ---------------------------------------------------------------- verify
 
     def verify(self, volname: str | None = None, vmid: int | None = None) -> list[VerifyResult]:
-        """Re-read backups and check every digest, archive and chain.
+        """Re-read backups and check every digest, archive and chain (see
+        dirbackup.verify: a bad base fails every backup built on it).
 
         Backups without a manifest (the seed's layout) are checked as far as
         possible: their chains are validated and their tables walked."""
@@ -700,90 +729,13 @@ class DirectoryStorage:
             entries = [self._entry_or_problem(volname)]
         else:
             entries = self.store.backups(vmid)
-        return [self._verify_one(e) for e in entries]
+        verifier = self.verifier()
+        return [verifier.verify(e) for e in entries]
 
-    def _verify_one(self, entry: BackupEntry) -> VerifyResult:
-        problems: list[str] = []
-        checked = 0
-        gdir = self.store.guest_dir(entry.id.vmid)
-        m = entry.manifest
-        if entry.problem is not None:
-            return VerifyResult(entry.id.volid(self.storeid), False, (entry.problem,))
-        if m is None:
-            images = sorted(entry.path.glob("*.qcow2"))
-            for img in images:
-                try:
-                    with qcow2.Chain(img, gdir) as chain:
-                        chain.map()
-                except (DirbackupError, OSError) as exc:
-                    problems.append(str(exc))
-            if entry.id.vmtype == VmType.QEMU and not images:
-                problems.append("no disk images")
-            if not (entry.path / GUEST_CONFIG).exists():
-                problems.append(f"{GUEST_CONFIG} is missing")
-            return VerifyResult(entry.id.volid(self.storeid), not problems, tuple(problems))
-        for device, disk in m.disks.items():
-            if Path(disk.file).name != disk.file or disk.file in ("", ".", ".."):
-                problems.append(f"{device}: the manifest names {disk.file!r}, not a file here")
-                continue
-            image = entry.path / disk.file
-            try:
-                with qcow2.Chain(image, gdir) as chain:
-                    if disk.parent:
-                        want = self.store.backup_dir(BackupId.parse(disk.parent)).resolve()
-                        if chain.depth < 2 or Path(chain.paths[1]).parent != want:
-                            problems.append(f"{device}: backing file is not {disk.parent}")
-                    elif chain.depth != 1:
-                        problems.append(f"{device}: a full backup image has a backing file")
-                    chain.map()
-                    if chain.virtual_size != disk.size:
-                        problems.append(
-                            f"{device}: virtual size {chain.virtual_size} differs "
-                            f"from the manifest's {disk.size}"
-                        )
-                        continue
-                    cluster = chain.headers[0].cluster_size
-                if disk.digest_chunk <= 0 or disk.digest_chunk % cluster:
-                    problems.append(f"{device}: invalid digest chunk {disk.digest_chunk}")
-                    continue
-                digests = qcow2.image_digests(image, disk.digest_chunk, disk.size)
-                if digest_map(digests) != disk.digests:
-                    bad = sorted(set(digest_map(digests).items()) ^ set(disk.digests.items()))
-                    first = int(bad[0][0]) * disk.digest_chunk if bad else 0
-                    problems.append(
-                        f"{device}: data does not match its digests "
-                        f"(first difference in the chunk at offset {first})"
-                    )
-                checked += image.stat().st_size
-            except (DirbackupError, OSError) as exc:
-                problems.append(f"{device}: {exc}")
-        for name, rec in m.files.items():
-            path = entry.path / name
-            if Path(name).name != name or name in ("", ".", ".."):
-                problems.append(f"the manifest names {name!r}, not a file here")
-                continue
-            try:
-                st = path.lstat()
-            except FileNotFoundError:
-                problems.append(f"{name} is missing")
-                continue
-            if not stat.S_ISREG(st.st_mode):
-                problems.append(f"{name} is not a regular file (a symlink?); refused")
-                continue
-            if st.st_size != rec.size:
-                problems.append(f"{name}: size {st.st_size} differs from the manifest's {rec.size}")
-                continue
-            if rec.sha256 and rec.sha256 != sha256_file(path):
-                problems.append(f"{name}: content does not match its sha256")
-            elif name in (TAR_ARCHIVE, SQUASHFS_ARCHIVE):
-                from dirbackup import container
-
-                try:
-                    container.verify_archive(path)
-                except DirbackupError as exc:
-                    problems.append(str(exc))
-            checked += st.st_size
-        return VerifyResult(entry.id.volid(self.storeid), not problems, tuple(problems), checked)
+    def verifier(self) -> Verifier:
+        """A verify run over this store: each image is read once, however many
+        backups build on it."""
+        return Verifier(self.store, self.storeid)
 
     # ---------------------------------------------------------------- not possible here
 

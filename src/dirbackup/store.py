@@ -10,6 +10,7 @@ Layout (DESIGN.md §5)::
                                 /archive.tar | archive.sqfs   containers
                                 /manifest.json  files, sizes, digests, parent, mode, notes...
                                 /backup.log
+                                /check-failed   why its last check failed, if it did
     <root>/<vmid>/.<type>-<epoch>.partial/      a backup being written (never listed)
     <root>/<vmid>/<type>-<epoch>.failed/        the log of a failed backup
 
@@ -59,6 +60,7 @@ TAR_ARCHIVE = "archive.tar"
 SQUASHFS_ARCHIVE = "archive.sqfs"
 OWNER_FILE = ".owner"
 PENDING_ATTRIBUTES = ".attributes.json"
+CHECK_FAILED = "check-failed"
 MAX_VMID = 999_999_999
 MAX_EPOCH = 1 << 40
 
@@ -415,9 +417,7 @@ class Store:
     # -- locking
 
     @contextlib.contextmanager
-    def lock(
-        self, vmid: int, timeout: float | None = None, what: str = "backup"
-    ) -> Iterator[None]:
+    def lock(self, vmid: int, timeout: float | None = None, what: str = "backup") -> Iterator[None]:
         """Serialise writers and pruning of one guest (flock on <vmid>/.lock).
 
         Waits up to `timeout` seconds (default: the store's `lock_timeout`),
@@ -578,6 +578,33 @@ class Store:
 
     def write_manifest(self, bid: BackupId, manifest: Manifest) -> None:
         write_atomic(self.require(bid) / MANIFEST, manifest.to_json())
+
+    # -- check failures
+
+    def mark_check_failed(self, bid: BackupId, reason: str) -> None:
+        """Record that a check of a backup's data failed (verify, a restore's or
+        a merge's check): no incremental is built on it, or on anything built
+        on it, until a verify of it succeeds (clear_check_failure)."""
+        text = " ".join(reason.split()) or "check failed"
+        write_atomic(self.require(bid) / CHECK_FAILED, text[:4096] + "\n")
+
+    def check_failure(self, bid: BackupId) -> str | None:
+        """Why the backup's last check failed, or None if it did not (or none
+        ran).  A marker that is not a regular file counts as a failure."""
+        try:
+            text = read_regular(self.backup_dir(bid) / CHECK_FAILED)
+        except FileNotFoundError:
+            return None
+        except (StoreError, OSError) as exc:
+            return str(exc)
+        return text.decode("utf-8", "replace").strip() or "check failed"
+
+    def clear_check_failure(self, bid: BackupId) -> None:
+        """Forget a recorded check failure (after a verify that succeeded)."""
+        path = self.require(bid) / CHECK_FAILED
+        if os.path.lexists(path):
+            path.unlink()
+            fsync_path(path.parent)
 
     def guest_ids(self) -> list[int]:
         """Guests with a directory in the store."""
