@@ -578,8 +578,6 @@ def merge_layers(
         raise ImageError(f"{chain.paths[0]}: has no backing file to merge")
     top_dir = os.path.dirname(chain.paths[0])
     backing = os.path.relpath(chain.paths[2], top_dir) if chain.depth > 2 else None
-    rows = chain.map(depth=2)
-    plan = rows[rows[:, 2] != MAP_UNALLOCATED]
     cluster = min(h.cluster_size for h in chain.headers[:2])
     writer = Writer(Path(output), chain.virtual_size, cluster, backing=backing)
     with writer:
