@@ -240,13 +240,24 @@ def find_by_removal(scene: ChainScene) -> None:
     remove_base(scene, "free_image")
 
 
-@pytest.mark.parametrize("found_by", ["verify", "qemu-img-restore", "removal"])
+def find_by_restore(scene: ChainScene) -> None:
+    """Our engine's restore of the newest backup checks the base in its copy loop."""
+    target = scene.tmp / "t.raw"
+    cli(
+        "restore", "--store", scene.root, "--storeid", STOREID, scene.volids[2],
+        "--disk", f"{DEV}={target}", check=1,
+    )  # fmt: skip
+    assert not target.exists()
+
+
+@pytest.mark.parametrize("found_by", ["verify", "qemu-img-restore", "removal", "restore"])
 def test_no_incremental_on_a_backup_whose_check_failed(scene: ChainScene, found_by: str) -> None:
     flip_data_byte(scene.image(0), 0)
     {
         "verify": find_by_verify,
         "qemu-img-restore": find_by_qemu_img_restore,
         "removal": find_by_removal,
+        "restore": find_by_restore,
     }[found_by](scene)
     assert scene.marks()[0] is not None
     scene.guest.change(DEV, "write -P 0x66 7M 64k")
@@ -260,6 +271,10 @@ def test_no_incremental_on_a_backup_whose_check_failed(scene: ChainScene, found_
     if found_by == "qemu-img-restore":  # the restored backup is marked too
         why = f"{scene.volname(2)} failed its last check ({DEV}: its base {scene.volname(0)} "
         why += f"fails its check: {base_problem(scene)})"
+    elif found_by == "restore":  # only the damaged layer is marked, by the copy loop
+        why = f"{scene.volname(0)} failed its last check (backup {scene.volids[0]} {DEV}: the "
+        why += "data in the chunk at offset 0 (16.0 MiB) does not match its digest: the backup "
+        why += "is damaged)"
     else:
         why = f"{scene.volname(0)} failed its last check ({DEV}: {base_problem(scene)})"
     assert f"warn: {DEV}: {why}; no incremental on it, this backup is full" in lines, lines
@@ -326,9 +341,13 @@ def test_a_backing_name_that_names_another_backup(scene: ChainScene) -> None:
         "restore", "--store", scene.root, "--storeid", STOREID, scene.volids[2],
         "--disk", f"{DEV}={target}", "--engine", "qemu-img", check=1,
     )  # fmt: skip
-    assert proc.stderr == f"error: {scene.volname(2)}: {problem}; refused\n"
+    refusal = (
+        f"backup {scene.volids[2]} {DEV}: the backing file '../qemu-1000/{DEV}.qcow2' does not "
+        f"lie in {scene.volname(1)}, the parent its manifest names; refused"
+    )
+    assert proc.stderr == f"error: {refusal}\n"
     assert not target.exists()
-    assert scene.marks() == [None, None, problem, None]  # its bases are fine
+    assert scene.marks() == [None, None, refusal, None]  # its bases are fine
 
 
 def test_restore_help_says_what_the_qemu_img_engine_costs() -> None:

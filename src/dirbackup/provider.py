@@ -30,6 +30,7 @@ The seed's `DirectoryExample`, done properly:
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 import shutil
@@ -55,7 +56,7 @@ from dirbackup.api import (
     RestoreMechanism,
     VolumeInfo,
 )
-from dirbackup.errors import DirbackupError, StoreError
+from dirbackup.errors import DirbackupError, IntegrityError, StoreError
 from dirbackup.store import (
     DEFAULT_LOCK_TIMEOUT,
     FIREWALL_CONFIG,
@@ -680,40 +681,67 @@ class DirectoryBackupProvider(BackupProvider):
                 continue
             record = self._disk_record(bid, manifest, device)
             if layer != os.path.join(gdir, bid.name, record.file):
-                raise StoreError(f"{label}: {layer} is not the image its manifest names; refused")
+                raise self._mismatch(
+                    bid, f"{label}: {layer} is not the image its manifest names; refused"
+                )
             if record.size != chain.virtual_size:
-                raise StoreError(
+                raise self._mismatch(
+                    bid,
                     f"{label}: virtual size {chain.virtual_size} differs from the "
-                    f"{record.size} bytes the backup's manifest records; refused"
+                    f"{record.size} bytes the backup's manifest records; refused",
                 )
             sums = _sums(record, chain.headers[i].cluster_size, label)
-            chain.expect(i, qcow2.LayerDigests(label, record.digest_chunk, sums))
+            chain.expect(
+                i,
+                qcow2.LayerDigests(
+                    label, record.digest_chunk, sums, functools.partial(self._mark_failed, bid)
+                ),
+            )
             if record.parent is None:
                 if not last:
-                    raise StoreError(
+                    raise self._mismatch(
+                        bid,
                         f"{label}: the image has a backing file, but the manifest records no "
-                        "parent backup; refused"
+                        "parent backup; refused",
                     )
                 return
             if last:
-                raise StoreError(
+                raise self._mismatch(
+                    bid,
                     f"{label}: the manifest names the parent {record.parent}, but the image has "
-                    "no backing file; refused"
+                    "no backing file; refused",
                 )
             try:
                 parent = BackupId.parse(record.parent)
             except DirbackupError:
-                raise StoreError(f"{label}: the manifest names no valid parent; refused") from None
+                raise self._mismatch(
+                    bid, f"{label}: the manifest names no valid parent; refused"
+                ) from None
             if (parent.vmid, parent.vmtype) != (bid.vmid, bid.vmtype) or not self.store.exists(
                 parent
             ):
-                raise StoreError(f"{label}: parent {record.parent} is not a backup here; refused")
+                raise self._mismatch(
+                    bid, f"{label}: parent {record.parent} is not a backup here; refused"
+                )
             if os.path.dirname(chain.paths[i + 1]) != os.path.join(gdir, parent.name):
-                raise StoreError(
+                raise self._mismatch(
+                    bid,
                     f"{label}: the backing file {chain.headers[i].backing_name!r} does not lie "
-                    f"in {parent.volname}, the parent its manifest names; refused"
+                    f"in {parent.volname}, the parent its manifest names; refused",
                 )
             bid, manifest = parent, self.store.read_manifest(parent)
+
+    def _mark_failed(self, bid: BackupId, reason: str) -> None:
+        """Record a failed check of a backup's data (no incremental builds on it)."""
+        try:
+            self.store.mark_check_failed(bid, reason)
+        except (DirbackupError, OSError) as exc:
+            self.log("warn", f"could not record the failed check of {bid.volname}: {exc}")
+
+    def _mismatch(self, bid: BackupId, message: str) -> IntegrityError:
+        """A chain that is not what its manifests describe: recorded, refused."""
+        self._mark_failed(bid, message)
+        return IntegrityError(message)
 
     def _seed_parent(self, backing: str, gdir: str, bid: BackupId, label: str) -> BackupId:
         """The backup a backing file of the seed's layout lies in."""

@@ -27,7 +27,7 @@ import os
 import stat
 import struct
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -89,6 +89,7 @@ class LayerDigests:
     label: str
     chunk: int
     sums: npt.NDArray[np.uint64]
+    on_mismatch: Callable[[str], None] | None = None  # told before IntegrityError is raised
 
 
 def _bad(path: str, why: str) -> ImageError:
@@ -494,20 +495,26 @@ def _compare_sums(
     copied: Sequence[npt.NDArray[np.uint64] | None],
     zero_sums: Sequence[npt.NDArray[np.uint64] | None],
 ) -> None:
-    """Raise IntegrityError for the mismatch at the lowest guest offset."""
-    worst: tuple[int, LayerDigests] | None = None
+    """Tell every layer that does not match (`on_mismatch`), then raise
+    IntegrityError for the mismatch at the lowest guest offset."""
+    worst: tuple[int, str] | None = None
     for want, got, zeros in zip(checks, copied, zero_sums, strict=False):
         if want is None or got is None or zeros is None:
             continue
         bad = np.flatnonzero(got + zeros != want.sums)
-        if bad.size and (worst is None or int(bad[0]) * want.chunk < worst[0]):
-            worst = (int(bad[0]) * want.chunk, want)
-    if worst is not None:
-        offset, want = worst
-        raise IntegrityError(
+        if not bad.size:
+            continue
+        offset = int(bad[0]) * want.chunk
+        message = (
             f"{want.label}: the data in the chunk at offset {offset} ({human(want.chunk)}) "
             f"does not match its digest: the backup is damaged"
         )
+        if want.on_mismatch is not None:
+            want.on_mismatch(message)
+        if worst is None or offset < worst[0]:
+            worst = (offset, message)
+    if worst is not None:
+        raise IntegrityError(worst[1])
 
 
 def layer_views(
