@@ -12,6 +12,7 @@ restore point is compared with the guest as it was, by qemu-img compare."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import signal
 import subprocess
@@ -20,10 +21,10 @@ import threading
 from pathlib import Path
 
 import pytest
-from faultlib import MiB, assert_store_sound, backup_args, cli, leftovers, volids
-from guests import Guest, restore_and_compare
+from faultlib import KiB, MiB, assert_store_sound, backup_args, cli, leftovers, volids
+from guests import STOREID, Guest, make_storage, restore_and_compare
 
-from dirbackup import qemu
+from dirbackup import qcow2, qemu
 from dirbackup.api import BACKING_KEY, BITMAPS_KEY
 from dirbackup.errors import DirbackupError, StoreError
 from dirbackup.host import Disk, Host
@@ -407,3 +408,79 @@ def test_store_identity(tmp_path: Path) -> None:
     )
     assert "Traceback" not in res.stderr
     assert (root / "store-id").read_text() == "garbage\n"
+
+
+# ---------------------------------------------------------------------- chain depth
+
+
+def test_a_chain_never_grows_deeper_than_a_restore_follows(tmp_path: Path) -> None:
+    """The hypervisor's way, 1 MiB disk, one 64 KiB change per backup: backup 65
+    of a chain would be an image restore refuses ("backing chain deeper than
+    64 images"); it is full instead, and every backup verifies and restores."""
+    storage = make_storage(tmp_path)
+    src = tmp_path / "disk.raw"
+    src.write_bytes(bytes(range(256)) * (MiB // 256))
+    lines: list[str] = []
+    modes, states = [], {}
+    total = qcow2.MAX_DEPTH + 2
+    for i in range(total):
+        offset = (i * 64 * KiB) % MiB
+        with open(src, "r+b") as f:
+            f.seek(offset)
+            f.write(bytes([i + 1]) * 64 * KiB)
+        p = DirectoryBackupProvider(storage, storage.scfg, STOREID, lambda _lvl, m: lines.append(m))
+        p.job_init(1000 + i)
+        p.backup_init(100, "qemu", 1000 + i)
+        choice = p.backup_vm_query_incremental(100, {S0: {"size": MiB}})[S0]
+        regions = iter([(offset, 64 * KiB)] if choice == "use" else [(0, MiB)])
+        fd = os.open(src, os.O_RDONLY)
+        try:
+            vol = {
+                "size": MiB,
+                "bitmap-mode": "reuse" if choice == "use" else "new",
+                "file-handle": fd,
+                "next-dirty-region": lambda it=regions: next(it, None),
+            }
+            p.backup_vm(100, "", {S0: vol}, {})
+            p.backup_cleanup(100, "qemu", True, {})
+        finally:
+            os.close(fd)
+            p.job_cleanup()
+        modes.append(choice)
+        if i in (0, total - 3, total - 2, total - 1):
+            states[i] = tmp_path / f"state{i}.raw"
+            shutil.copyfile(src, states[i])
+    depth = qcow2.MAX_DEPTH
+    assert modes == ["new"] + ["use"] * (depth - 1) + ["new", "use"]
+    listing = volids(storage)
+    assert [ln for ln in lines if ln.endswith("; full backup")] == [
+        f"{S0}: the chain of its last backup {listing[depth - 1].split('/')[-1]} is {depth} "
+        f"images deep, the most a restore follows is {depth}; full backup"
+    ]
+    assert_store_sound(storage)  # every backup verifies
+    for i, state in states.items():
+        restore_and_compare(storage, listing[i], {S0: state}, tmp_path)
+
+
+def test_chain_depth_limit_through_the_host(tmp_path: Path) -> None:
+    """The same with bitmaps and generations, the limit lowered to 3 images."""
+    s = Scene(tmp_path)
+
+    class ShortChains(Host):
+        def __init__(self, storage, storeid, **kw):  # type: ignore[no-untyped-def]
+            provider = DirectoryBackupProvider(storage, storage.scfg, storeid, kw.get("log"))
+            provider.max_chain_depth = 3
+            super().__init__(storage, storeid, provider=provider, **kw)
+
+    modes = []
+    for i in range(6):
+        s.guest.change(S0, f"write -P 0x{0xC0 + i:02x} {i}M 64k")
+        modes.append(s.backup(host=ShortChains)[S0])
+        if i == 3:
+            assert s.why_full() == [
+                f"{S0}: the chain of its last backup {volids(s.store())[2].split('/')[-1]} is 3 "
+                "images deep, the most a restore follows is 3; full backup"
+            ]
+    assert modes == ["full", "incremental", "incremental", "full", "incremental", "incremental"]
+    assert [n for n in s.bitmaps() if n.startswith("dirbackup-")] == [s.generation()]
+    s.every_restore_point_is_exact()
