@@ -484,3 +484,16 @@ def test_chain_depth_limit_through_the_host(tmp_path: Path) -> None:
     assert modes == ["full", "incremental", "incremental", "full", "incremental", "incremental"]
     assert [n for n in s.bitmaps() if n.startswith("dirbackup-")] == [s.generation()]
     s.every_restore_point_is_exact()
+
+
+def test_one_image_under_two_device_names_is_refused(tmp_path: Path) -> None:
+    """Two devices would fight over one image's bitmaps: refused before anything."""
+    s = Scene(tmp_path)
+    link = tmp_path / "link.qcow2"
+    link.symlink_to(s.disk())
+    root = s.store().scfg.path
+    res = cli(*backup_args(root, 100, s.disk(), "--disk", f"drive-scsi1={link}"), check=1)
+    assert res.stderr.strip().splitlines() == [
+        f"error: {link} is given as both {S0} and drive-scsi1"
+    ], res.stderr
+    assert not volids(s.store()) and s.bitmaps() == {}

@@ -160,12 +160,16 @@ class Host:
         if not disks:
             raise HostError("a VM backup needs at least one disk")
         seen: set[str] = set()
+        images: dict[str, str] = {}  # real path -> device: one image, one bitmap chain
         for d in disks:
             check_device_name(d.device)
             if d.device in seen:
                 raise HostError(f"device {d.device} given twice")
             seen.add(d.device)
             _check_disk(d.path)
+            other = images.setdefault(os.path.realpath(d.path), d.device)
+            if other != d.device:
+                raise HostError(f"{d.path} is given as both {other} and {d.device}")
         return self._run_backup(
             vmid,
             VmType.QEMU,
