@@ -66,16 +66,12 @@ def state(bitmap: Mapping[str, Any]) -> str:
     return USABLE if "auto" in flags else DISABLED
 
 
-def backing_identity(image: Path) -> list[dict[str, Any]] | None:
-    """What lies below a qcow2 disk's top image, layer by layer: real path,
-    format, device, inode, size, mtime and ctime.  Writes into a backing
-    file are in no bitmap of the top image; they change its mtime and ctime.
-    None when a layer is not a local regular file (its changes cannot be
-    seen) or the chain cannot be read."""
-    try:
-        chain = qemu.img_info(image, fmt="qcow2", chain=True)
-    except DirbackupError:
-        return None
+def backing_identity(chain: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]] | None:
+    """What lies below a qcow2 disk's top image, layer by layer (`chain` is
+    `qemu-img info --backing-chain` of the disk): real path, format, device,
+    inode, size, mtime and ctime.  Writes into a backing file are in no
+    bitmap of the top image; they change its mtime and ctime.  None when a
+    layer is not a local regular file (its changes cannot be seen)."""
     layers = []
     for entry in chain[1:]:
         name = str(entry.get("filename", ""))
@@ -142,10 +138,13 @@ class Bitmaps:
         """The extension keys of backup_vm_query_incremental for one disk."""
         if not self.generations or fmt != "qcow2":
             return {}
-        found = {b["name"]: state(b) for b in qemu.bitmaps(path) if b["name"] != self.next}
+        chain = qemu.img_info(path, fmt="qcow2", chain=True)
+        top = chain[0].get("format-specific", {}).get("data", {}).get("bitmaps", [])
+        found = {b["name"]: state(b) for b in top if self._ours(b["name"])}
+        found.pop(self.next, None)
         return {
-            BITMAPS_KEY: {n: s for n, s in sorted(found.items()) if self._ours(n)},
-            BACKING_KEY: backing_identity(path),
+            BITMAPS_KEY: dict(sorted(found.items())),
+            BACKING_KEY: backing_identity(chain),
         }
 
     def prepare(

@@ -826,7 +826,7 @@ class DirectoryBackupProvider(BackupProvider):
 def _canonical(value: Any) -> str:
     """A JSON value in one spelling, to compare what the host passed with
     what previous-info recorded."""
-    return json.dumps(value, sort_keys=True)
+    return json.dumps(value, sort_keys=True, default=repr)
 
 
 def _cluster_size_for(regions: extents.Extents, size: int) -> int:
