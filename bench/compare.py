@@ -41,6 +41,7 @@ import images
 from images import CLUSTER, GiB, KiB, MiB, TiB
 
 from dirbackup import extents, nbd, qemu
+from dirbackup.storage import DirectoryStorage
 
 BENCH = Path(__file__).resolve().parent
 REPO = BENCH.parent
@@ -578,7 +579,6 @@ def w3_incremental(ctx: Ctx) -> Result:
     store = w / "w3-store"
     store.mkdir(exist_ok=True)
     storeid, vmid = "bench", "100"
-    bitmap = f"dirbackup-{storeid}"  # the name Host gives a store's bitmap
     ctx.say(f"  making a {human(sc.guest)} guest with {human(sc.guest_data)} of data")
     raw = w / "w3-guest0.raw"
     images.sparse_raw(raw, sc.guest, sc.guest_data, seed=3)
@@ -592,10 +592,22 @@ def w3_incremental(ctx: Ctx) -> Result:
     same(full, raw, "qcow2", "raw")
     _remove(raw)
     # The guest from then on: an overlay whose base is exactly what was backed up
-    # (saves a second copy of the data), with the store's bitmap, then dirtied.
+    # (saves a second copy of the data), then dirtied.  The product backs it up
+    # once more (full: its bitmap generation starts there), so that the product's
+    # own incremental is proven; every tool reads the generation's bitmap.
     guest = w / "w3-guest.qcow2"
     images.qemu_img("create", "-q", "-f", "qcow2", "-b", str(full), "-F", "qcow2", str(guest))
-    images.qemu_img("bitmap", "--add", "--enable", str(guest), bitmap)
+    generation = str(STORE_EPOCH + 1)
+    run_child(
+        [PY, OURS, "product-backup", str(store), storeid, vmid, DEVICE, str(guest), generation],
+        ctx.logs,
+        "w3-setup-generation",
+    )
+    provider = DirectoryStorage(storeid, {"path": str(store)}).new_backup_provider()
+    bitmap = provider.expected_bitmap(int(vmid), DEVICE)
+    prefix = provider.bitmap_prefix()
+    if bitmap is None:
+        raise ToolFailed("the product's full backup of the guest started no bitmap generation")
     n_clusters = sc.guest // CLUSTER
     dirty_clusters = images.scattered_clusters(sc.guest, int(n_clusters * sc.dirty_fraction), 33)
     ctx.say(f"  dirtying {len(dirty_clusters)} clusters with qemu-io")
@@ -624,18 +636,25 @@ def w3_incremental(ctx: Ctx) -> Result:
         while export:
             ctx.stop(export.pop())
 
-    new_dir = store / vmid / f"qemu-{STORE_EPOCH + 1}"
+    new_dir = store / vmid / f"qemu-{STORE_EPOCH + 2}"
 
     def restore_bitmap() -> None:
-        """Host clears the bitmap after a good backup: put the dirty set back at
-        once, before any other tool reads it."""
-        images.qemu_img("bitmap", "--merge", "saved", "-f", "qcow2", str(guest), bitmap)
+        """After a good backup Host replaces the bitmap by the next generation:
+        put the old generation with its dirty set back at once, before any
+        other tool reads it."""
+        for b in qemu.bitmaps(guest):
+            if b["name"].startswith(prefix):
+                images.qemu_img("bitmap", "--remove", str(guest), b["name"])
+        images.qemu_img(
+            "bitmap", "--add", "--enable", "--merge", "saved", "-f", "qcow2", str(guest), bitmap
+        )
 
     def reset_store() -> None:
         """Undo the previous product run: the new backup goes, the old record
         comes back."""
+        kept = (full.parent.name, f"qemu-{STORE_EPOCH + 1}")
         for p in (store / vmid).iterdir():
-            if p.name.startswith("qemu-") and p.name != full.parent.name:
+            if p.name.startswith("qemu-") and p.name not in kept:
                 _remove(p)
         (store / vmid / "previous-info").write_bytes(previous_info)
         restore_bitmap()
@@ -667,7 +686,7 @@ def w3_incremental(ctx: Ctx) -> Result:
                 vmid,
                 DEVICE,
                 str(guest),
-                str(STORE_EPOCH + 1),
+                str(STORE_EPOCH + 2),
             ),
             Role.INFO,
             [new_dir],

@@ -85,3 +85,11 @@ def restore_and_compare(
         assert not Path(path).exists()
         assert_same(raw, out)
     provider.restore_vm_cleanup(volname)
+
+
+def store_bitmap(storage: DirectoryStorage, device: str, vmid: int = 100) -> str:
+    """The bitmap of the store that the next incremental of `device` must
+    continue from (the generation its last backup started)."""
+    name = storage.new_backup_provider().expected_bitmap(vmid, device)
+    assert name is not None, f"no bitmap generation recorded for {device}"
+    return name

@@ -11,8 +11,10 @@ from pathlib import Path
 
 import pytest
 from conftest import MiB, assert_same
+from guests import store_bitmap
 
 from dirbackup import qemu
+from dirbackup.storage import DirectoryStorage
 
 
 def dirbackup(*args: str, check: int | None = 0) -> subprocess.CompletedProcess[str]:
@@ -414,7 +416,8 @@ def test_bitmap_made_for_a_failed_backup_is_dropped(vm: dict[str, Path]) -> None
     s = ["--store", str(vm["store"])]
     disk = ["--disk", f"drive-scsi0={vm['disk0']}"]
     dirbackup("backup", *s, "--vmid", "100", *disk)
-    name = "dirbackup-dirbackup"
+    storage = DirectoryStorage("dirbackup", {"path": str(vm["store"])})
+    name = store_bitmap(storage, "drive-scsi0")
     qemu.bitmap(vm["disk0"], "remove", name)  # lost, e.g. by an image copied around
     qemu.io(vm["disk0"], "write -P 6 2M 1M")  # a change no bitmap saw
     proc = subprocess.Popen(
@@ -428,7 +431,8 @@ def test_bitmap_made_for_a_failed_backup_is_dropped(vm: dict[str, Path]) -> None
     proc.send_signal(signal.SIGINT)
     proc.communicate(timeout=30)
     assert proc.returncode == 130
-    assert name not in {b["name"] for b in qemu.bitmaps(vm["disk0"])}
+    prefix = storage.new_backup_provider().bitmap_prefix()
+    assert not [b for b in qemu.bitmaps(vm["disk0"]) if b["name"].startswith(prefix)]
     qemu.io(vm["disk0"], "write -P 7 10M 64k")
     state = snapshot(vm["disk0"], vm["tmp"] / "state.raw")
     out = dirbackup("backup", *s, "--vmid", "100", *disk).stdout

@@ -12,11 +12,11 @@ from pathlib import Path
 
 import pytest
 from conftest import KiB, MiB
-from guests import STOREID, Guest, make_storage, restore_and_compare
+from guests import STOREID, Guest, make_storage, restore_and_compare, store_bitmap
 
 from dirbackup import qemu
 from dirbackup.errors import ImageError, StoreError, VolumeNameError
-from dirbackup.host import Host, bitmap_name
+from dirbackup.host import Host
 from dirbackup.storage import DirectoryStorage, StorageOperationError
 from dirbackup.store import BackupId, PreviousInfo, VmType
 
@@ -101,7 +101,8 @@ def test_query_incremental_and_full_mode(tmp_path: Path) -> None:
     # full mode: the host removes the bitmap and every backup is self-contained
     report = Host(full, STOREID).backup_vm(100, guest.disks, start_time=2000)
     assert report.bitmap_modes == {"drive-scsi0": "none"}
-    assert bitmap_name(STOREID) not in {b["name"] for b in qemu.bitmaps(guest.disks[0].path)}
+    prefix = provider.bitmap_prefix()
+    assert not [b for b in qemu.bitmaps(guest.disks[0].path) if b["name"].startswith(prefix)]
     assert full.list_volumes(100)[-1]["parent"] is None
 
 
@@ -129,21 +130,22 @@ def test_failure_in_the_middle_keeps_everything_consistent(tmp_path: Path, nbd_s
     p = storage.new_backup_provider()
     p.job_init(2000)
     archive = p.backup_init(100, "qemu", 2000)["archive-name"]
-    s0 = nbd_server(guest.disks[0].path, export="drive-scsi0", bitmap=bitmap_name(STOREID))
-    s1 = nbd_server(guest.disks[1].path, export="drive-scsi1", bitmap=bitmap_name(STOREID))
+    b0, b1 = store_bitmap(storage, "drive-scsi0"), store_bitmap(storage, "drive-scsi1")
+    s0 = nbd_server(guest.disks[0].path, export="drive-scsi0", bitmap=b0)
+    s1 = nbd_server(guest.disks[1].path, export="drive-scsi1", bitmap=b1)
     s1.stop()
     volumes = {
         "drive-scsi0": {
             "size": 16 * MiB,
             "bitmap-mode": "reuse",
             "nbd-path": s0.socket,
-            "bitmap-name": bitmap_name(STOREID),
+            "bitmap-name": b0,
         },
         "drive-scsi1": {
             "size": 8 * MiB,
             "bitmap-mode": "reuse",
             "nbd-path": s1.socket,
-            "bitmap-name": bitmap_name(STOREID),
+            "bitmap-name": b1,
         },
     }
     with pytest.raises(OSError, match="connecting to"):
@@ -459,11 +461,22 @@ def test_seed_layout_store(tmp_path: Path) -> None:
     assert all(r.ok for r in storage.verify()), storage.verify()
     state = guest.snapshot()
     restore_and_compare(storage, listing[1]["volid"], state, tmp_path)
-    # our provider builds on the seed's last backup
-    qemu.bitmap(guest.disks[0].path, "add", bitmap_name(STOREID))
+    # the hypervisor's API (no bitmap generations) builds on the seed's last backup
+    provider = storage.new_backup_provider()
+    answer = provider.backup_vm_query_incremental(100, {"drive-scsi0": {"size": 8 * MiB}})
+    assert answer == {"drive-scsi0": "use"}
+    # our host cannot prove that a bitmap continues the seed's backup: full, then
+    # incremental on the generation that full backup started
+    qemu.bitmap(guest.disks[0].path, "add", "dirbackup-" + STOREID)  # the old single bitmap
     guest.change("drive-scsi0", "write -P 0x6b 5M 64k")
     state = guest.snapshot()
     report = Host(storage, STOREID).backup_vm(100, guest.disks, start_time=3000)
+    assert report.bitmap_modes == {"drive-scsi0": "new"}
+    assert "dirbackup-" + STOREID not in {b["name"] for b in qemu.bitmaps(guest.disks[0].path)}
+    restore_and_compare(storage, report.volid, state, tmp_path)
+    guest.change("drive-scsi0", "write -P 0x6c 6M 64k")
+    state = guest.snapshot()
+    report = Host(storage, STOREID).backup_vm(100, guest.disks, start_time=4000)
     assert report.bitmap_modes == {"drive-scsi0": "reuse"}
     restore_and_compare(storage, report.volid, state, tmp_path)
     storage.update_volume_attribute(listing[0]["volid"], "notes", "from the seed")

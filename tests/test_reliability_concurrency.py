@@ -2,13 +2,15 @@
 
 Two backups of one guest (the second waits for the per-guest lock, or gives
 up clearly after its timeout; they never interleave), backups of different
-guests at once (both succeed), prune while a backup runs (it waits; both
+guests at once (both succeed), two threads of one process backing up one
+guest (excluded like two processes), prune while a backup runs (it waits; both
 results stay consistent), and backup times that stay in creation order when
 several land in one second or the clock steps back."""
 
 from __future__ import annotations
 
 import json
+import threading
 import time
 from pathlib import Path
 
@@ -27,8 +29,9 @@ from faultlib import (
 from guests import STOREID, Guest, make_storage, restore_and_compare
 
 from dirbackup.errors import StoreError
-from dirbackup.host import Host
+from dirbackup.host import BackupReport, Host
 from dirbackup.provider import DirectoryBackupProvider
+from dirbackup.store import Store
 
 DEV = "drive-scsi0"
 
@@ -227,3 +230,65 @@ def test_backup_times_stay_in_creation_order(tmp_path: Path) -> None:
     assert_store_sound(storage)
     restore_and_compare(storage, volid, {DEV: states[volid]}, tmp_path)
     cli("verify", "--store", storage.scfg.path, "--storeid", STOREID)
+
+
+def test_the_guest_lock_excludes_other_threads(tmp_path: Path) -> None:
+    """The lock is re-entrant for the thread holding it (the host prunes and
+    sets attributes from it), and excludes every other thread."""
+    store = Store(tmp_path, lock_timeout=0.3)
+    held, release = threading.Event(), threading.Event()
+
+    def holder() -> None:
+        with store.lock(100), store.lock(100):  # the same thread: re-entrant
+            held.set()
+            release.wait(30)
+
+    t = threading.Thread(target=holder)
+    t.start()
+    try:
+        assert held.wait(30)
+        started = time.monotonic()
+        locked = r"guest 100 is locked by another backup or prune"
+        with pytest.raises(StoreError, match=locked), store.lock(100):
+            pass
+        assert time.monotonic() - started >= 0.3
+    finally:
+        release.set()
+        t.join()
+    with store.lock(100, timeout=0):  # free again
+        pass
+
+
+def test_same_guest_from_two_threads(tmp_path: Path) -> None:
+    """Two threads of one process back up the same guest at once: the second
+    waits for the first, then builds on it (nothing is dirty by then)."""
+    storage = make_storage(tmp_path)
+    guest = Guest(tmp_path, {DEV: 16 * MiB})
+    state = guest.snapshot()[DEV]
+    reports: dict[str, object] = {}
+
+    def run(name: str, bwlimit: int) -> None:
+        try:
+            reports[name] = Host(storage, STOREID).backup_vm(
+                100, guest.disks, bandwidth_limit=bwlimit
+            )
+        except BaseException as exc:  # reported by the main thread
+            reports[name] = exc
+
+    first = threading.Thread(target=run, args=("first", 4 * MiB))
+    first.start()
+    wait_for(lambda: partial_dirs(storage, 100))
+    second = threading.Thread(target=run, args=("second", 0))
+    second.start()
+    first.join(120)
+    second.join(120)
+    a, b = reports["first"], reports["second"]
+    assert isinstance(a, BackupReport) and isinstance(b, BackupReport), reports
+    assert a.bitmap_modes == {DEV: "new"} and b.bitmap_modes == {DEV: "reuse"}
+    assert volids(storage) == [a.volid, b.volid]
+    assert storage.list_volumes(100)[1]["parent"] == a.volid
+    assert manifest(storage, b.volid)["disks"][DEV]["dirty_bytes"] == 0
+    assert_store_sound(storage)
+    assert not leftovers(Path(storage.scfg.path))
+    for volid in (a.volid, b.volid):
+        restore_and_compare(storage, volid, {DEV: state}, tmp_path)

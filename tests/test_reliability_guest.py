@@ -26,13 +26,12 @@ from faultlib import (
     servers_for,
     wait_for,
 )
-from guests import STOREID, Guest, make_storage, restore_and_compare
+from guests import STOREID, Guest, make_storage, restore_and_compare, store_bitmap
 
 from dirbackup import qemu
-from dirbackup.host import Disk, Host, bitmap_name
+from dirbackup.host import Disk, Host
 
 S0, S1 = "drive-scsi0", "drive-scsi1"
-BITMAP = bitmap_name(STOREID)
 
 
 class Scene:
@@ -104,10 +103,10 @@ def test_bitmap_removed_or_disabled(tmp_path: Path) -> None:
     s.backup()
     s.guest.change(S0, "write -P 0x81 1M 1M")
     s.guest.change(S1, "write -P 0x82 1M 1M")
-    qemu.bitmap(s.disk(S0), "remove", BITMAP)
+    qemu.bitmap(s.disk(S0), "remove", store_bitmap(s.storage, S0))
     assert s.backup() == {S0: "full", S1: "incremental"}
     s.guest.change(S0, "write -P 0x83 3M 1M")
-    qemu.bitmap(s.disk(S1), "disable", BITMAP)
+    qemu.bitmap(s.disk(S1), "disable", store_bitmap(s.storage, S1))
     s.guest.change(S1, "write -P 0x84 3M 1M")  # not tracked
     assert s.backup() == {S0: "incremental", S1: "full"}
     s.every_restore_point_is_exact()
@@ -128,7 +127,7 @@ def test_bitmap_left_in_use_by_a_killed_writer(tmp_path: Path) -> None:
         writer.send_signal(signal.SIGKILL)
     finally:
         writer.wait()
-    flags = {b["name"]: b["flags"] for b in qemu.bitmaps(s.disk(S0))}[BITMAP]
+    flags = {b["name"]: b["flags"] for b in qemu.bitmaps(s.disk(S0))}[store_bitmap(s.storage, S0)]
     assert "in-use" in flags, flags
     assert s.backup() == {S0: "full"}
     s.guest.change(S0, "write -P 0x92 4M 64k")
@@ -144,7 +143,7 @@ def test_backup_after_a_lost_bitmap_dies(tmp_path: Path, how: str) -> None:
     s = Scene(tmp_path, {S0: 16 * MiB})
     s.backup()
     s.guest.change(S0, "write -P 0xa1 1M 1M")  # made while the bitmap is lost
-    qemu.bitmap(s.disk(S0), "remove", BITMAP)
+    qemu.bitmap(s.disk(S0), "remove", store_bitmap(s.storage, S0))
     store = ["--store", s.storage.scfg.path, "--storeid", STOREID]
     args = ["backup", *store, "--vmid", "100", "--disk", f"{S0}={s.disk(S0)}"]
     if how == "killed":
@@ -204,9 +203,9 @@ def test_write_right_after_the_export_stops(tmp_path: Path, first: str) -> None:
     state = s.snap(S0)
 
     class WriteInTheGap(Host):
-        def _advance_bitmaps(self, disks, modes):  # type: ignore[no-untyped-def]
+        def _advance_bitmaps(self, marks):  # type: ignore[no-untyped-def]
             s.guest.change(S0, "write -P 0xc2 6M 64k")  # the VM, in the gap
-            super()._advance_bitmaps(disks, modes)
+            super()._advance_bitmaps(marks)
 
     report = WriteInTheGap(s.storage, STOREID).backup_vm(100, s.guest.disks)
     s.points.append((report.volid, {S0: state}))

@@ -35,14 +35,13 @@ from faultlib import (
     volids,
     wait_for,
 )
-from guests import STOREID, Guest, make_storage, restore_and_compare
+from guests import STOREID, Guest, make_storage, restore_and_compare, store_bitmap
 
 from dirbackup import qemu
-from dirbackup.host import Host, bitmap_name
+from dirbackup.host import Host
 
 DEV = "drive-scsi0"
 SIZE = 16 * MiB
-BITMAP = bitmap_name(STOREID)
 NBD_ERROR = re.compile(
     rf"reading nbd\+unix:///{DEV}\?socket=\S+ at offset (\d+): .*"
     r"(Input/output error|Transport endpoint is not connected|closed the connection"
@@ -64,6 +63,7 @@ class Scene:
         self.guest.change(DEV, "write -P 0x31 1M 3M", "write -z 9M 1M", "discard 12M 1M")
         self.state = self.guest.snapshot()[DEV]
         self.image = self.guest.disks[0].path
+        self.bitmap = store_bitmap(self.storage, DEV)
         self.before = self.snapshot()
 
     def fleecing(self) -> Path:
@@ -76,7 +76,7 @@ class Scene:
         return copy
 
     def snapshot(self) -> tuple[object, ...]:
-        return store_state(self.storage, 100, self.image, BITMAP, self.sock_dir)
+        return store_state(self.storage, 100, self.image, self.bitmap, self.sock_dir)
 
     def assert_untouched(self) -> None:
         """Nothing of the failed backup remains, and nothing else moved."""
@@ -180,7 +180,7 @@ def test_eio_at_one_guest_offset_of_a_real_incremental(scene: Scene, sock_dir: P
         f"file.image.driver=file,file.image.filename={scene.image}"
     )
     server = qemu.start_nbd(
-        None, str(sock_dir / "bd.sock"), export=DEV, fmt=None, image_opts=opts, bitmap=BITMAP
+        None, str(sock_dir / "bd.sock"), export=DEV, fmt=None, image_opts=opts, bitmap=scene.bitmap
     )
     try:
         volumes = {
@@ -188,7 +188,7 @@ def test_eio_at_one_guest_offset_of_a_real_incremental(scene: Scene, sock_dir: P
                 "size": SIZE,
                 "bitmap-mode": "reuse",
                 "nbd-path": server.socket,
-                "bitmap-name": BITMAP,
+                "bitmap-name": scene.bitmap,
             }
         }
         err = provider_backup(scene.storage, 100, volumes, 2000, request_size=256 * 1024)

@@ -30,13 +30,12 @@ from faultlib import (
     store_state,
     volids,
 )
-from guests import STOREID, Guest, restore_and_compare
+from guests import STOREID, Guest, restore_and_compare, store_bitmap
 
-from dirbackup.host import Host, bitmap_name
+from dirbackup.host import Host
 from dirbackup.storage import DirectoryStorage
 
 DEV = "drive-scsi0"
-BITMAP = bitmap_name(STOREID)
 
 
 class FullStore:
@@ -55,10 +54,11 @@ class FullStore:
         self.first = self.host.backup_vm(100, self.guest.disks, start_time=1000).volid
         self.guest.change(DEV, "write -P 0x41 0 3M", "write -P 0x42 10M 3M", "write -z 15M 64k")
         self.state = self.guest.snapshot()[DEV]
+        self.bitmap = store_bitmap(self.storage, DEV)
         self.before = self.snapshot()
 
     def snapshot(self) -> tuple[object, ...]:
-        return store_state(self.storage, 100, self.image, BITMAP, self.sock_dir)
+        return store_state(self.storage, 100, self.image, self.bitmap, self.sock_dir)
 
     def assert_untouched(self) -> None:
         assert not partial_dirs(self.storage, 100)

@@ -31,8 +31,11 @@ if TYPE_CHECKING:
     from dirbackup.qcow2 import Chain
 
 __all__ = [
+    "BACKING_KEY",
+    "BITMAPS_KEY",
     "BackupInfo",
     "BackupProvider",
+    "BitmapGenerations",
     "BitmapMode",
     "ChainAccess",
     "ContainerInfo",
@@ -295,3 +298,59 @@ class ChainAccess(Protocol):
     the chain."""
 
     def open_chain(self, volname: str, device: str) -> Chain: ...
+
+
+# ---------------------------------------------------------------------- extension
+
+BITMAPS_KEY = "dirbackup-bitmaps"
+"""Volume key of backup_vm_query_incremental (BitmapGenerations hosts only):
+{bitmap name: state} for every bitmap of this store on the disk (names that
+start with bitmap_prefix() + '-'), state 'usable' (enabled and consistent),
+'disabled' or 'in-use' (left inconsistent by a writer that died)."""
+
+BACKING_KEY = "dirbackup-backing"
+"""Volume key of backup_vm_query_incremental (BitmapGenerations hosts only):
+the identity of the disk below its top image, one mapping per backing layer
+from the top down ({'path': real path, 'format', 'dev', 'ino', 'size',
+'mtime_ns', 'ctime_ns'}); [] for a disk without a backing file; None when a
+layer cannot be identified (not a local regular file)."""
+
+
+@runtime_checkable
+class BitmapGenerations(Protocol):
+    """An optional extension of the API, offered by dirbackup's provider and
+    used by dirbackup's own host: it proves that a disk's dirty bitmap holds
+    every change since exactly the backup an incremental builds on.
+
+    The hypervisor's API leaves the bitmap to the host (one bitmap per
+    storage, whose name the provider never checks), so a bitmap cleared by a
+    backup into another store, or under another device name, or a disk
+    replaced under the same path, still looks usable.  With this extension
+    each store names its bitmaps itself, and each successful backup starts a
+    new generation:
+
+    1. The host lists the bitmaps whose names start with bitmap_prefix() on
+       each qcow2 disk and passes them, and the identity of the layers below
+       the top image, in backup_vm_query_incremental (BITMAPS_KEY,
+       BACKING_KEY).
+    2. The provider answers 'use' only if expected_bitmap() is among them and
+       usable, the identity and size are those recorded with the disk's last
+       backup, and that backup can be built on; otherwise 'new', with a log
+       line saying why.
+    3. For 'use' the host exports expected_bitmap() as the bitmap to read.
+    4. Once backup_vm returned, expected_bitmap() names the generation that
+       starts with this backup: the host creates it from the bitmap it
+       started at the snapshot point (`<prefix>.next`) and removes the old one.
+
+    A host without the extension gets today's answers; a provider without it
+    gets the host's single bitmap per storage."""
+
+    def bitmap_prefix(self) -> str:
+        """The prefix of this store's bitmap names (holds the store's
+        identity): generations are `<prefix>-<token>`, the bitmap of a
+        running backup `<prefix>.next`.  Bitmaps of other prefixes are not
+        this store's and are left alone."""
+
+    def expected_bitmap(self, vmid: int, device: str) -> str | None:
+        """The exact bitmap an incremental of `device` must continue from (after
+        backup_vm returned: the one starting with that backup), or None."""

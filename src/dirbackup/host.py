@@ -5,8 +5,9 @@ program that plays the hypervisor's part.  `Host` sets up the "snapshot
 access" each mechanism needs -- a read-only qemu-nbd export per disk on a
 private Unix socket (export name = device name) with the disk's persistent
 dirty bitmap, and for `file-handle` an nbdfuse file opened with O_DIRECT --
-manages the bitmaps (one per store, named like the hypervisor's
-`snapshot-access:<storeid>`), calls the provider in the hypervisor's order
+manages the bitmaps (per store and backup generation with our provider, see
+`dirbackup.bitmaps`; one per store, like the hypervisor's
+`snapshot-access:<storeid>`, with any other), calls the provider in the hypervisor's order
 with its abort paths, and stops and unmounts everything it started on every
 exit path, Ctrl-C included.
 
@@ -31,7 +32,7 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
-from dirbackup import copy, extents, nbd, qcow2, qemu
+from dirbackup import bitmaps, copy, extents, nbd, qcow2, qemu
 from dirbackup.api import BackupProvider, BitmapMode, ChainAccess, LogFunction
 from dirbackup.errors import DirbackupError
 from dirbackup.store import VmType, check_device_name
@@ -42,14 +43,9 @@ class HostError(DirbackupError):
 
 
 def bitmap_name(storeid: str) -> str:
-    """The persistent bitmap a store uses on guest disks."""
-    return f"dirbackup-{storeid}"
-
-
-def next_bitmap_name(storeid: str) -> str:
-    """The bitmap that records writes from the snapshot point of a running
-    backup on; it becomes the store's bitmap when the backup is in."""
-    return f"{bitmap_name(storeid)}.next"
+    """The single bitmap per store the host keeps for a provider without
+    bitmap generations (api.BitmapGenerations)."""
+    return bitmaps.legacy_name(storeid)
 
 
 @dataclass(frozen=True)
@@ -164,12 +160,16 @@ class Host:
         if not disks:
             raise HostError("a VM backup needs at least one disk")
         seen: set[str] = set()
+        images: dict[str, str] = {}  # real path -> device: one image, one bitmap chain
         for d in disks:
             check_device_name(d.device)
             if d.device in seen:
                 raise HostError(f"device {d.device} given twice")
             seen.add(d.device)
             _check_disk(d.path)
+            other = images.setdefault(os.path.realpath(d.path), d.device)
+            if other != d.device:
+                raise HostError(f"{d.path} is given as both {other} and {d.device}")
         return self._run_backup(
             vmid,
             VmType.QEMU,
@@ -240,22 +240,27 @@ class Host:
         report: BackupReport,
         outcome: _Outcome,
     ) -> None:
-        modes: dict[str, BitmapMode] = {}
+        marks = bitmaps.Bitmaps(p, self.storeid, vmid, self.log)
         # backup_vm returned: the bitmaps advance (while the provider still
         # holds the guest's lock, so a second backup waiting for it finds them
         # advanced); before that, a failure drops the bitmaps made for this one
-        outcome.stored = lambda: self._advance_bitmaps(disks, modes)
-        outcome.failed = lambda: self._drop_next_bitmaps(disks, modes)
+        outcome.stored = lambda: self._advance_bitmaps(marks)
+        outcome.failed = marks.drop
         with contextlib.ExitStack() as stack:
             mechanism = mechanism_override or p.backup_get_mechanism(vmid, VmType.QEMU)
             if mechanism not in ("nbd", "file-handle"):
                 raise HostError(f"provider chose unknown VM mechanism {mechanism!r}")
             sizes = {d.device: {"size": _disk_size(d.path)} for d in disks}
-            choices = p.backup_vm_query_incremental(vmid, sizes) or {}
-            modes.update(self._prepare_bitmaps(disks, choices))
+            formats = {d.device: d.format for d in disks}
+            query = {
+                d.device: {**sizes[d.device], **marks.query_facts(d.path, formats[d.device])}
+                for d in disks
+            }
+            choices = p.backup_vm_query_incremental(vmid, query) or {}
+            modes = marks.prepare([(d.device, d.path, formats[d.device]) for d in disks], choices)
             report.bitmap_modes = {dev: str(m) for dev, m in modes.items()}
             rundir = Path(stack.enter_context(_private_dir()))
-            volumes = self._snapshot_access(stack, rundir, disks, modes, sizes, mechanism)
+            volumes = self._snapshot_access(stack, rundir, disks, marks, sizes, mechanism)
             info: dict[str, Any] = {"bandwidth-limit": bwlimit}
             if firewall is not None:
                 info["firewall-config"] = firewall
@@ -285,78 +290,9 @@ class Host:
 
     # -- bitmaps
 
-    def _prepare_bitmaps(
-        self, disks: Sequence[Disk], choices: Mapping[str, str]
-    ) -> dict[str, BitmapMode]:
-        """The hypervisor's bitmap lifecycle, with qcow2 persistent bitmaps:
-        use + present and consistent -> reuse; use + missing or inconsistent,
-        or new -> new; not asked -> none; raw disks -> none.
-
-        For `new` and `none` the old bitmap is removed now.  For `reuse` and
-        `new`, a second bitmap (`<name>.next`) starts now, before the export:
-        it records every write after the snapshot point, also those made
-        between the end of the export and _advance_bitmaps, which turns it
-        into the bitmap once the backup is in.  A backup that fails or is
-        killed so leaves no bitmap behind that began with it (the provider's
-        last good backup of the disk is older: a younger bitmap would make the
-        next incremental miss changes), and a leftover .next is dropped here."""
-        name = bitmap_name(self.storeid)
-        following = next_bitmap_name(self.storeid)
-        modes: dict[str, BitmapMode] = {}
-        for d in disks:
-            choice = choices.get(d.device)
-            if d.format != "qcow2":
-                modes[d.device] = BitmapMode.NONE
-                continue
-            present = {b["name"]: b for b in qemu.bitmaps(d.path)}
-            if following in present:  # left by a killed backup
-                qemu.bitmap(d.path, "remove", following)
-            bm = present.get(name)
-            flags = bm.get("flags", []) if bm is not None else []
-            # enabled ("auto") and consistent (not left "in-use" by a crash)
-            usable = bm is not None and "auto" in flags and "in-use" not in flags
-            if choice == "use" and usable:
-                modes[d.device] = BitmapMode.REUSE
-            else:
-                if bm is not None:
-                    qemu.bitmap(d.path, "remove", name)
-                if choice in ("use", "new"):
-                    modes[d.device] = BitmapMode.NEW
-                    if choice == "use":
-                        self.log(
-                            "info",
-                            f"{d.device}: dirty bitmap missing or inconsistent; full backup, "
-                            "a new bitmap starts with it",
-                        )
-                else:
-                    modes[d.device] = BitmapMode.NONE
-            if modes[d.device] != BitmapMode.NONE:
-                qemu.bitmap(d.path, "add", following)
-        return modes
-
-    def _advance_bitmaps(self, disks: Sequence[Disk], modes: Mapping[str, BitmapMode]) -> None:
-        """After backup_vm returned, the bitmap holds what changed since the
-        snapshot point: exactly the .next bitmap, which then goes."""
-        name = bitmap_name(self.storeid)
-        following = next_bitmap_name(self.storeid)
-        for d in disks:
-            mode = modes.get(d.device)
-            if mode == BitmapMode.REUSE:
-                ops = ["--clear", "--merge", following]
-            elif mode == BitmapMode.NEW:
-                ops = ["--add", "--enable", "--merge", following]
-            else:
-                continue
-            qemu.run(["qemu-img", "bitmap", *ops, "-f", "qcow2", str(d.path), name])
-            qemu.bitmap(d.path, "remove", following)
-
-    def _drop_next_bitmaps(self, disks: Sequence[Disk], modes: Mapping[str, BitmapMode]) -> None:
-        """After a failure: the bitmap stays as it was (reuse) or absent (new)."""
-        following = next_bitmap_name(self.storeid)
-        for d in disks:
-            if modes.get(d.device) in (BitmapMode.REUSE, BitmapMode.NEW):
-                with contextlib.suppress(DirbackupError):
-                    qemu.bitmap(d.path, "remove", following)
+    def _advance_bitmaps(self, marks: bitmaps.Bitmaps) -> None:
+        """After backup_vm returned: the bitmaps start the new generation."""
+        marks.advance()
 
     # -- snapshot access
 
@@ -365,15 +301,15 @@ class Host:
         stack: contextlib.ExitStack,
         rundir: Path,
         disks: Sequence[Disk],
-        modes: Mapping[str, BitmapMode],
+        marks: bitmaps.Bitmaps,
         sizes: Mapping[str, Mapping[str, int]],
         mechanism: str,
     ) -> dict[str, dict[str, Any]]:
-        name = bitmap_name(self.storeid)
         volumes: dict[str, dict[str, Any]] = {}
         socket = rundir / "nbd.sock"
         for i, d in enumerate(disks):
-            mode = modes[d.device]
+            mode = marks.disks[d.device].mode
+            name = marks.reading(d.device)
             sock = socket if mechanism == "nbd" and len(disks) == 1 else rundir / f"nbd{i}.sock"
             server = qemu.start_nbd(
                 d.path,

@@ -20,6 +20,12 @@ The seed's `DirectoryExample`, done properly:
   published backup; if a published backup has to be removed again because
   the hypervisor reports a later failure, `previous-info` forgets it and the
   next backup of those disks is full -- never a wrong incremental.
+* An incremental is taken only when the chain is proven (with a host that
+  offers the bitmap generations of api.BitmapGenerations, as ours does): the
+  disk's bitmap is the generation recorded with its last backup in this
+  store, usable, the disk below its top image and its size are unchanged,
+  and the last backup is a valid chain short enough for one more layer.
+  Anything else is a full backup, with a log line saying why.
 * Restores serve a chain only after validating it (qcow2 only, inside the
   guest's directory, no protocol names, no cycles) and hand QEMU the layers
   explicitly; what qemu-img reads (`qemu-img-path`) is checked against every
@@ -33,6 +39,7 @@ import contextlib
 import functools
 import json
 import os
+import secrets
 import shutil
 import stat
 import time
@@ -46,6 +53,8 @@ import numpy.typing as npt
 
 from dirbackup import copy, extents, nbd, qcow2, qemu, verify
 from dirbackup.api import (
+    BACKING_KEY,
+    BITMAPS_KEY,
     BackupInfo,
     BackupProvider,
     BitmapMode,
@@ -105,6 +114,12 @@ class _GuestBackup:
     old_previous: PreviousInfo | None = None
     old_previous_raw: bytes | None = None
     started: float = field(default_factory=time.monotonic)
+    # per device, when the host takes part in the bitmap generations: the
+    # generation that starts with this backup, the bitmap it must read (if
+    # incremental), and the identity of the disk below its top image
+    generations: dict[str, str] = field(default_factory=dict)
+    reads: dict[str, str] = field(default_factory=dict)
+    backing: dict[str, list[dict[str, Any]] | None] = field(default_factory=dict)
 
 
 @dataclass
@@ -118,7 +133,13 @@ class _VolumeRestore:
 
 
 class DirectoryBackupProvider(BackupProvider):
-    """Back up into, and restore from, a dirbackup store (see the module doc)."""
+    """Back up into, and restore from, a dirbackup store (see the module doc).
+
+    It offers the bitmap generations of api.BitmapGenerations."""
+
+    max_chain_depth = qcow2.MAX_DEPTH
+    """An incremental is taken only while its chain stays this short: a
+    restore follows no deeper chain."""
 
     def __init__(
         self,
@@ -198,13 +219,19 @@ class DirectoryBackupProvider(BackupProvider):
             return str(self.storage_plugin.vm_backup_mechanism())
         raise DirbackupError(f"unsupported guest type '{vmtype}'")
 
-    def _previous_base(self, vmid: int, device: str, size: int) -> tuple[BackupId, Path] | None:
+    def _previous_base(
+        self, vmid: int, device: str, size: int, why: list[str] | None = None
+    ) -> tuple[BackupId, Path] | None:
         """The image the next incremental of `device` can build on, if any:
-        the last good backup of that device, still present, of the same size."""
+        the last good backup of that device, still present, of the same size,
+        with room for one more layer.  Without one, `why` gets the reason
+        (nothing when the device has no record at all)."""
+        why = [] if why is None else why
         prev = self.store.read_previous(vmid, VmType.QEMU)
         if device in prev.devices:
             rec = prev.devices[device]
             if rec.size != size:
+                why.append(f"its size changed since its last backup ({rec.size} -> {size} bytes)")
                 return None
             name, file = rec.backup, rec.file
         elif prev.backup and not prev.devices:
@@ -214,16 +241,26 @@ class DirectoryBackupProvider(BackupProvider):
         try:
             bid = BackupId.parse(f"{vmid}/{name}")
         except DirbackupError:
+            why.append(f"its previous-info names no backup ({name!r})")
             return None
         if file != disk_file(device) or not self.store.exists(bid):
+            why.append(f"its last backup {name} is gone")
             return None  # a record naming anything else is no base
         image = self.store.backup_dir(bid) / file
         try:  # a base is a valid chain inside the guest's directory
             with qcow2.Chain(image, self.store.guest_dir(vmid)) as chain:
                 if chain.virtual_size != size:
+                    why.append(f"its last backup {name} holds another size")
+                    return None
+                if chain.depth >= self.max_chain_depth:
+                    why.append(
+                        f"the chain of its last backup {name} is {chain.depth} images deep, "
+                        f"the most a restore follows is {self.max_chain_depth}"
+                    )
                     return None
                 failed = self._failed_check(vmid, chain)
-        except (DirbackupError, OSError):
+        except (DirbackupError, OSError) as exc:
+            why.append(f"its last backup {name} is no valid base ({exc})")
             return None
         if failed is not None:
             self.log("warn", f"{device}: {failed}; no incremental on it, this backup is full")
@@ -243,17 +280,72 @@ class DirectoryBackupProvider(BackupProvider):
                 return f"{bid.volname} failed its last check ({reason})"
         return None
 
+    def _unproven(self, vmid: int, device: str, vol: Mapping[str, Any]) -> str | None:
+        """Why the disk's bitmap is not proven to hold every change since its
+        last backup in this store (BitmapGenerations hosts), or None."""
+        rec = self.store.read_previous(vmid, VmType.QEMU).devices.get(device)
+        found = vol.get(BITMAPS_KEY)
+        if rec is None or rec.bitmap is None:
+            return (
+                "its last backup started no bitmap generation of this store "
+                "(made by another host or an older dirbackup)"
+            )
+        if not isinstance(found, Mapping):
+            return f"the host passed no list of bitmaps ({BITMAPS_KEY})"
+        if rec.bitmap not in found:
+            others = ", ".join(sorted(found)) or "none"
+            return f"bitmap {rec.bitmap} not found on the disk (found: {others})"
+        if found[rec.bitmap] != "usable":
+            return f"bitmap {rec.bitmap} is {found[rec.bitmap]}"
+        backing = vol.get(BACKING_KEY)
+        if backing is None:
+            return "a layer below its top image cannot be identified (not a local file)"
+        if _canonical(backing) != _canonical(rec.backing):
+            return "the disk below its top image changed since its last backup"
+        return None
+
     def backup_vm_query_incremental(
         self, vmid: int, volumes: Mapping[str, Mapping[str, Any]]
     ) -> dict[str, str]:
+        """`use` where an incremental can build on the device's last backup:
+        see _previous_base, and, when the host passes the bitmap generation
+        keys (api.BitmapGenerations), _unproven.  `new` otherwise, with a log
+        line saying why."""
         if str(self.storage_plugin.vm_backup_mode()) != "incremental":
             return {}
+        g = self._guests.get(int(vmid))
         answer = {}
         for device, vol in volumes.items():
             check_device_name(device)
-            base = self._previous_base(int(vmid), device, int(vol["size"]))
+            why: list[str] = []
+            base = self._previous_base(int(vmid), device, int(vol["size"]), why)
+            proving = BITMAPS_KEY in vol
+            if base is not None and proving:
+                reason = self._unproven(int(vmid), device, vol)
+                if reason is not None:
+                    base = None
+                    why.append(reason)
+            if g is not None and proving:
+                token = f"{g.bid.name}-{secrets.token_hex(4)}"
+                g.generations[device] = f"{self.bitmap_prefix()}-{token}"
+                g.backing[device] = vol.get(BACKING_KEY)
+                expected = self.expected_bitmap(int(vmid), device)
+                if base is not None and expected is not None:
+                    g.reads[device] = expected
+            if base is None and why:
+                self.log("info", f"{device}: {why[0]}; full backup")
             answer[device] = (IncrementalChoice.USE if base else IncrementalChoice.NEW).value
         return answer
+
+    # -- api.BitmapGenerations
+
+    def bitmap_prefix(self) -> str:
+        """`dirbackup-<store identity>` (the identity is made on first use)."""
+        return f"dirbackup-{self.store.identity()}"
+
+    def expected_bitmap(self, vmid: int, device: str) -> str | None:
+        rec = self.store.read_previous(int(vmid), VmType.QEMU).devices.get(device)
+        return rec.bitmap if rec is not None else None
 
     # ------------------------------------------------------------------ backup: VM
 
@@ -298,6 +390,15 @@ class DirectoryBackupProvider(BackupProvider):
                     f"{device}: the hypervisor reuses a dirty bitmap, but there is no previous "
                     "backup of this disk (of the same size) to build on"
                 )
+            if device in g.generations and (
+                device not in g.reads or (vol.nbd_path and vol.bitmap_name != g.reads[device])
+            ):
+                raise DirbackupError(
+                    f"{device}: the host reuses bitmap {vol.bitmap_name or '(unnamed)'}, but "
+                    f"an incremental may only continue {g.reads.get(device) or 'none'}"
+                )
+        if vol.bitmap_mode == BitmapMode.NONE:
+            g.generations.pop(device, None)  # the host keeps no bitmap of this disk
         handles: list[Any] = []
         source: copy.Source
         try:
@@ -439,7 +540,13 @@ class DirectoryBackupProvider(BackupProvider):
             g.old_previous = old
             new = PreviousInfo(devices=dict(old.devices), backup=g.bid.name)
             for device, disk in g.disks.items():
-                new.devices[device] = PreviousDevice(g.bid.name, disk.size, disk.file)
+                new.devices[device] = PreviousDevice(
+                    g.bid.name,
+                    disk.size,
+                    disk.file,
+                    bitmap=g.generations.get(device),
+                    backing=g.backing.get(device) if device in g.generations else None,
+                )
             self.store.write_previous(g.bid.vmid, new)
         self.log("info", f"backup {g.bid.volid(self.storeid)} complete")
 
@@ -865,6 +972,12 @@ def _sums(record: DiskRecord, cluster_size: int, label: str) -> npt.NDArray[np.u
             raise StoreError(f"{label}: the manifest's digests are damaged; refused")
         sums[index] = total
     return sums
+
+
+def _canonical(value: Any) -> str:
+    """A JSON value in one spelling, to compare what the host passed with
+    what previous-info recorded."""
+    return json.dumps(value, sort_keys=True, default=repr)
 
 
 def _cluster_size_for(regions: extents.Extents, size: int) -> int:

@@ -2,6 +2,7 @@
 
 Layout (DESIGN.md §5)::
 
+    <root>/store-id                             the store's identity (made once)
     <root>/<vmid>/previous-info                 last good backup per device
     <root>/<vmid>/.lock                         per-guest lock (flock)
     <root>/<vmid>/<type>-<epoch>/guest.conf     raw guest config
@@ -31,8 +32,10 @@ import hashlib
 import json
 import os
 import re
+import secrets
 import shutil
 import stat
+import threading
 import time
 from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass, field
@@ -61,11 +64,14 @@ SQUASHFS_ARCHIVE = "archive.sqfs"
 OWNER_FILE = ".owner"
 PENDING_ATTRIBUTES = ".attributes.json"
 CHECK_FAILED = "check-failed"
+STORE_ID_FILE = "store-id"
 MAX_VMID = 999_999_999
 MAX_EPOCH = 1 << 40
 
-# guest directories this process holds the lock of: (real path, pid) -> depth
-_HELD_LOCKS: dict[tuple[str, int], int] = {}
+# guest directories whose lock a thread of this process holds:
+# (real path, pid, thread id) -> depth
+_HELD_LOCKS: dict[tuple[str, int, int], int] = {}
+_STORE_ID_RE = re.compile(r"[0-9a-f]{16}")
 
 _NAME_RE = re.compile(r"(qemu|lxc)-([0-9]{1,13})")
 _DEVICE_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.+-]{0,63}")
@@ -204,11 +210,18 @@ class Manifest:
 
 @dataclass
 class PreviousDevice:
-    """The last good backup of one device, to build the next incremental on."""
+    """The last good backup of one device, to build the next incremental on.
+
+    `bitmap` and `backing` are recorded when the host takes part in the
+    bitmap generations (api.BitmapGenerations): the name of the dirty bitmap
+    that starts with this backup, and the identity of the disk's layers below
+    its top image.  The next incremental needs both to match the disk."""
 
     backup: str  # backup directory name, e.g. qemu-1700000000
     size: int
     file: str
+    bitmap: str | None = None
+    backing: list[dict[str, Any]] | None = None
 
 
 @dataclass
@@ -414,6 +427,50 @@ class Store:
         if not self.root.is_dir():
             raise StoreError(f"backup store {self.root} does not exist or is not a directory")
 
+    # -- identity
+
+    def identity(self, create: bool = True) -> str | None:
+        """The store's identity: 16 random hex digits, made once (by its
+        first backup that needs it) and kept in `<root>/store-id`.
+
+        It names the store's dirty bitmaps on guest disks, so that two stores
+        -- even opened with the same storage id -- never share one.  A copy
+        of the store keeps it; a store without the file gets a new one, and
+        every disk's next backup into it is then full.  Two processes
+        creating it at once agree: the file appears whole, by a hard link
+        that fails if another process linked its file first."""
+        path = self.root / STORE_ID_FILE
+        try:
+            return self._read_identity(path)
+        except FileNotFoundError:
+            if not create:
+                return None
+        self.check()
+        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{threading.get_ident()}")
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
+            try:
+                os.write(fd, (secrets.token_hex(8) + "\n").encode())
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            with contextlib.suppress(FileExistsError):  # another process was first: use theirs
+                os.link(tmp, path)
+        finally:
+            tmp.unlink(missing_ok=True)
+        fsync_path(self.root)
+        return self._read_identity(path)
+
+    @staticmethod
+    def _read_identity(path: Path) -> str:
+        text = read_regular(path).decode("ascii", "replace").strip()
+        if not _STORE_ID_RE.fullmatch(text):
+            raise StoreError(
+                f"{path} is damaged (it holds no store identity); remove it to give the "
+                "store a new one (the next backup of every disk is then full)"
+            )
+        return text
+
     # -- locking
 
     @contextlib.contextmanager
@@ -422,11 +479,14 @@ class Store:
 
         Waits up to `timeout` seconds (default: the store's `lock_timeout`),
         then raises StoreError naming the guest.
-        Re-entrant within a process: the hypervisor prunes and sets attributes
-        from the same process while its backup of the guest holds the lock."""
+        Re-entrant within a thread: the hypervisor prunes and sets attributes
+        from the thread whose backup of the guest holds the lock.  Another
+        thread of the same process waits like another process would (each
+        opens the lock file itself, and flock excludes open files, not
+        processes)."""
         gdir = self.guest_dir(vmid)
         gdir.mkdir(parents=True, exist_ok=True)
-        key = (os.path.realpath(gdir), os.getpid())
+        key = (os.path.realpath(gdir), os.getpid(), threading.get_ident())
         if key in _HELD_LOCKS:
             _HELD_LOCKS[key] += 1
             try:
