@@ -12,6 +12,7 @@ data."""
 from __future__ import annotations
 
 import random
+import struct
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -66,9 +67,15 @@ scenarios = st.tuples(
 def damage(image: Path, d: Damage) -> str:
     """Apply one damage to an image; say what was done (for failure reports)."""
     rng = random.Random(d.seed)
-    h = qcow2.read_header(image)
+    try:
+        h = qcow2.read_header(image)
+    except DirbackupError:  # an earlier damage broke the header
+        return f"{d.kind}: header unreadable, nothing to damage"
     if d.kind in ("data", "l2"):
-        table = imagefaults.entries(image)
+        try:
+            table = imagefaults.entries(image)
+        except (OSError, ValueError, struct.error):  # an earlier damage broke the tables
+            return f"{d.kind}: tables unreadable, nothing to damage"
         pool = [e for e in table if e.data] if d.kind == "data" else table
         if not pool:
             return f"{d.kind}: nothing to damage"
@@ -81,6 +88,8 @@ def damage(image: Path, d: Damage) -> str:
         where = h.l1_offset + rng.randrange(h.l1_size * 8)
     else:
         where = rng.randrange(104)
+    if where >= image.stat().st_size:  # an earlier damage sent an entry past the end
+        return f"{d.kind}: byte {where} lies past the end of {image.name}"
     bit = rng.randrange(8)
     imagefaults.flip_bit(image, where, bit)
     return f"{d.kind}: bit {bit} of byte {where} of {image.name}"
