@@ -81,7 +81,6 @@ from dirbackup.store import (
 from dirbackup.units import human
 
 DEFAULT_CLUSTER = 64 * 1024
-MIN_CLUSTER = 512
 DIGEST_CHUNK = 16 << 20
 CONTAINER_RESULT = ".container-result.json"
 PROGRESS_INTERVAL = 10.0
@@ -286,7 +285,10 @@ class DirectoryBackupProvider(BackupProvider):
                 source = copy.FileSource(vol.fileno(), f"{device} (file handle)")
                 regions = self._regions_from_iterator(device, vol)
             dirty = extents.total(regions)
-            cluster = _cluster_size_for(regions, size) if base else DEFAULT_CLUSTER
+            if base:
+                cluster = _cluster_size_for(device, regions, size)
+            else:
+                cluster = max(DEFAULT_CLUSTER, qcow2.smallest_cluster_size(size))
             regions = extents.align(regions, cluster, size)
             image = self.store.partial_dir(g.bid) / disk_file(device)
             backing = os.path.relpath(base[1], image.parent) if base else None
@@ -716,13 +718,27 @@ class DirectoryBackupProvider(BackupProvider):
             shutil.rmtree(rundir, ignore_errors=True)
 
 
-def _cluster_size_for(regions: extents.Extents, size: int) -> int:
+def _cluster_size_for(device: str, regions: extents.Extents, size: int) -> int:
     """The largest cluster size up to 64 KiB that every dirty region's bounds
-    are aligned to, so an incremental never reads clean parts of the source."""
-    cluster = DEFAULT_CLUSTER
+    are aligned to, so an incremental never reads clean parts of the source
+    (the hypervisor forbids that).  Never below the smallest size whose L1
+    table QEMU accepts for this disk: dirty regions finer than that cannot be
+    stored in a readable image, and the backup fails rather than publish one."""
+    smallest = qcow2.smallest_cluster_size(size)
+    cluster = max(DEFAULT_CLUSTER, smallest)
     if regions.shape[0]:
         bounds = np.concatenate([regions[:, 0], regions[:, 0] + regions[:, 1]])
         bounds = bounds[bounds != np.uint64(size)]
-        while cluster > MIN_CLUSTER and bounds.size and bool((bounds % np.uint64(cluster)).any()):
+        while cluster > smallest and bounds.size and bool((bounds % np.uint64(cluster)).any()):
             cluster //= 2
+        odd = bounds[(bounds % np.uint64(cluster)) != 0]
+        if odd.size:
+            raise DirbackupError(
+                f"{device}: the dirty bitmap marks a region that starts or ends at offset "
+                f"{int(odd.min())}, not a multiple of {human(cluster)}, the smallest qcow2 "
+                f"cluster size a disk of {human(size)} can have (QEMU limits its L1 table); "
+                "an incremental backup of it could not be read back; use a dirty bitmap "
+                f"granularity of at least {human(cluster)}, or take a full backup (storage option "
+                "vm-backup-mode full, or --mode full on the command line)"
+            )
     return cluster
