@@ -70,6 +70,8 @@ from dirbackup.store import (
     Store,
     VmType,
     check_device_name,
+    check_start_time,
+    check_vmid,
     digest_map,
     dir_usage,
     disk_file,
@@ -158,7 +160,13 @@ class DirectoryBackupProvider(BackupProvider):
     # ------------------------------------------------------------------ backup: setup
 
     def backup_init(self, vmid: int, vmtype: str, start_time: int) -> dict[str, str]:
-        vmid = int(vmid)
+        """Lock the guest and start its backup's partial directory.  A guest
+        id, type or start time that no volume name could address is refused
+        before anything is written."""
+        vmid = check_vmid(vmid)
+        start_time = check_start_time(start_time)
+        if vmtype not in tuple(VmType):
+            raise DirbackupError(f"unsupported guest type {vmtype!r}")
         kind = VmType(vmtype)
         if vmid in self._guests:
             raise StoreError(f"a backup of guest {vmid} is already running in this job")

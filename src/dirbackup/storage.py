@@ -38,6 +38,7 @@ from dirbackup.store import (
     BackupId,
     Manifest,
     Store,
+    StoreProblem,
     VmType,
     digest_map,
     dir_usage,
@@ -178,6 +179,28 @@ class VerifyResult:
     ok: bool
     problems: tuple[str, ...] = ()
     checked_bytes: int = 0
+
+
+class PruneError(StoreError):
+    """Prune removed what it could, but part of the store could not be pruned
+    (reported one by one in the log); `entries` are its marks, as
+    prune_backups returns them."""
+
+    def __init__(self, message: str, entries: list[dict[str, Any]]) -> None:
+        super().__init__(message)
+        self.entries = entries
+
+
+def _failed(failures: list[str], log: LogFunction | None, message: str) -> None:
+    failures.append(message)
+    if log:
+        log("err", message)
+
+
+def _one_line(exc: BaseException) -> str:
+    if isinstance(exc, OSError) and exc.strerror:
+        return f"{exc.filename}: {exc.strerror}" if exc.filename else exc.strerror
+    return " ".join(str(exc).split()) or type(exc).__name__
 
 
 def _link_rest(source: Path, staging: Path) -> bool:
@@ -353,9 +376,9 @@ class DirectoryStorage:
         """_entry(), but a damaged manifest becomes the entry's problem."""
         try:
             return self._entry(volname)
-        except StoreError as exc:
+        except (StoreError, OSError) as exc:
             bid = self.backup_id(volname)
-            return BackupEntry(bid, self.store.require(bid), None, str(exc))
+            return BackupEntry(bid, self.store.require(bid), None, _one_line(exc))
 
     def parent_of(self, entry: BackupEntry) -> BackupId | None:
         """The backup an incremental builds on (the newest one its disks name)."""
@@ -524,6 +547,13 @@ class DirectoryStorage:
         entry = self._entry(bid.volname)
         if entry.manifest is not None and entry.manifest.protected:
             raise StoreError(f"backup {bid.volname} is protected; unprotect it first")
+        for later in self.store.backups(bid.vmid):
+            if later.problem and later.id.epoch > bid.epoch:
+                # it may build on this one: removing it could break its chain
+                raise StoreError(
+                    f"the later backup {later.id.volname} cannot be read and may build "
+                    f"on {bid.volname} ({later.problem})"
+                )
         for child in self.children_of(bid):
             self._merge_into(bid, entry, child, log)
         self.store.remove_backup(bid)
@@ -619,7 +649,10 @@ class DirectoryStorage:
             rules = KeepRules.parse(keep)
         else:
             rules = KeepRules.from_mapping(keep)
-        result = self._prune_marks(rules, vmid, vmtype)
+        if vmid is not None:
+            self.store.check_guest_dir(vmid)
+        failures: list[str] = []
+        result = self._prune_marks(rules, vmid, vmtype, failures, log)
         if not dryrun:
             guests = {e.vmid for e in result if e.mark == Mark.REMOVE}
             guests.update(
@@ -628,18 +661,42 @@ class DirectoryStorage:
                 if self.store.failed_logs(v)
             )
             for gvmid in sorted(guests):
-                with self.store.lock(gvmid, what="prune"):
-                    # marked again under the lock: a backup or removal that ran
-                    # while we waited for it changes what keep-last means
-                    fresh = self._prune_marks(rules, gvmid, vmtype)
-                    result = [e for e in result if e.vmid != gvmid] + fresh
-                    self.store.clean_stale(gvmid)
-                    doomed = [p for p in fresh if p.mark == Mark.REMOVE]
-                    for p in sorted(doomed, key=lambda p: -p.ctime):
-                        self._remove(self.backup_id(p.volid), log)
-                    self._prune_failed_logs(gvmid, vmtype, fresh, log)
+                try:
+                    result = self._prune_guest(rules, gvmid, vmtype, result, failures, log)
+                except (DirbackupError, OSError) as exc:  # e.g. locked: the other guests go on
+                    _failed(failures, log, f"guest {gvmid} was not pruned: {_one_line(exc)}")
         result.sort(key=lambda e: (e.vmid, e.type, -e.ctime))
-        return [e.as_dict() for e in result]
+        entries = [e.as_dict() for e in result]
+        if failures:
+            more = f" (and {len(failures) - 1} more)" if len(failures) > 1 else ""
+            raise PruneError(f"prune: {failures[0]}{more}", entries)
+        return entries
+
+    def _prune_guest(
+        self,
+        rules: KeepRules,
+        vmid: int,
+        vmtype: str | None,
+        result: list[PruneEntry],
+        failures: list[str],
+        log: LogFunction | None,
+    ) -> list[PruneEntry]:
+        """Remove what the rules mark in one guest, under its lock; a backup
+        that cannot be removed is reported and the others still go."""
+        with self.store.lock(vmid, what="prune"):
+            # marked again under the lock: a backup or removal that ran
+            # while we waited for it changes what keep-last means
+            fresh = self._prune_marks(rules, vmid, vmtype)
+            result = [e for e in result if e.vmid != vmid] + fresh
+            self.store.clean_stale(vmid)
+            doomed = [p for p in fresh if p.mark == Mark.REMOVE]
+            for p in sorted(doomed, key=lambda p: -p.ctime):
+                try:
+                    self._remove(self.backup_id(p.volid), log)
+                except (DirbackupError, OSError) as exc:
+                    _failed(failures, log, f"{p.volid} could not be removed: {_one_line(exc)}")
+            self._prune_failed_logs(vmid, vmtype, fresh, log)
+        return result
 
     def _prune_failed_logs(
         self, vmid: int, vmtype: str | None, marks: list[PruneEntry], log: LogFunction | None
@@ -660,12 +717,22 @@ class DirectoryStorage:
                 log("info", f"removed the log of failed backup {bid.archive}")
 
     def _prune_marks(
-        self, rules: KeepRules, vmid: int | None, vmtype: str | None
+        self,
+        rules: KeepRules,
+        vmid: int | None,
+        vmtype: str | None,
+        failures: list[str] | None = None,
+        log: LogFunction | None = None,
     ) -> list[PruneEntry]:
+        """The marks of every group; what the listing could not read (and the
+        backups kept because their manifest is unreadable) go to `failures`."""
         groups: dict[tuple[int, str], list[BackupEntry]] = {}
-        for entry in self.store.backups(vmid):
+        problems: list[StoreProblem] = []
+        for entry in self.store.backups(vmid, problems):
             if vmtype and str(entry.id.vmtype) != vmtype:
                 continue
+            if entry.problem and failures is not None:
+                _failed(failures, log, f"{entry.id.volid(self.storeid)} kept: {entry.problem}")
             groups.setdefault((entry.id.vmid, str(entry.id.vmtype)), []).append(entry)
         result: list[PruneEntry] = []
         for (gvmid, gtype), entries in sorted(groups.items()):
@@ -687,6 +754,9 @@ class DirectoryStorage:
                         e.id.volid(self.storeid), gtype, e.id.epoch, gvmid, marks[e.id.volname]
                     )
                 )
+        if failures is not None:
+            for problem in problems:
+                _failed(failures, log, str(problem))
         return result
 
     # ---------------------------------------------------------------- verify
@@ -696,11 +766,20 @@ class DirectoryStorage:
 
         Backups without a manifest (the seed's layout) are checked as far as
         possible: their chains are validated and their tables walked."""
+        problems: list[StoreProblem] = []
         if volname is not None:
             entries = [self._entry_or_problem(volname)]
         else:
-            entries = self.store.backups(vmid)
-        return [self._verify_one(e) for e in entries]
+            entries = self.store.backups(vmid, problems)
+        results = [self._verify_entry(e) for e in entries]
+        return results + [VerifyResult(str(p.path), False, (p.message,)) for p in problems]
+
+    def _verify_entry(self, entry: BackupEntry) -> VerifyResult:
+        """_verify_one, but an error it did not foresee fails this backup only."""
+        try:
+            return self._verify_one(entry)
+        except (DirbackupError, OSError) as exc:
+            return VerifyResult(entry.id.volid(self.storeid), False, (_one_line(exc),))
 
     def _verify_one(self, entry: BackupEntry) -> VerifyResult:
         problems: list[str] = []
