@@ -28,6 +28,7 @@ from dirbackup.store import (
     BackupId,
     StoreProblem,
     VmType,
+    future_horizon,
     split_volid,
 )
 from dirbackup.units import human, parse_seconds, parse_size
@@ -215,7 +216,9 @@ def build_parser() -> argparse.ArgumentParser:
         description="Keep backups by the hypervisor's rules (newest first: keep-last, then "
         "hourly, daily, weekly, monthly, yearly); protected backups are never removed; a "
         "removed base of a kept incremental is merged into it first; the kept logs of failed "
-        "backups older than the oldest backup left are removed too.",
+        "backups older than the oldest backup left are removed too.  A backup stamped more "
+        "than a day in the future is kept outside the rules.  A damaged backup is reported "
+        "and kept, the rest pruned, and the exit status is 1.",
     )
     store_args(pr, locks=True)
     pr.add_argument("--vmid", required=True, type=_vmid, metavar="ID", help="guest id")
@@ -503,8 +506,10 @@ def _print_marks(entries: list[dict[str, Any]], as_json: bool) -> None:
     if as_json:
         print(json.dumps(entries, indent=1))
         return
+    horizon = future_horizon()
     for e in entries:
-        print(f"{e['volid']}  {e['mark']}")
+        future = " (stamped in the future)" if e["ctime"] > horizon else ""
+        print(f"{e['volid']}  {e['mark']}{future}")
 
 
 def cmd_remove(args: argparse.Namespace) -> int:

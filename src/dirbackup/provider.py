@@ -220,6 +220,10 @@ class DirectoryBackupProvider(BackupProvider):
             return None
         if file != disk_file(device) or not self.store.exists(bid):
             return None  # a record naming anything else is no base
+        g = self._guests.get(vmid)
+        if g is not None and bid.epoch >= g.bid.epoch:  # stamped in the future
+            self.log("info", f"{device}: {bid.name} is stamped after this backup; full backup")
+            return None  # (an incremental would sort before its base)
         image = self.store.backup_dir(bid) / file
         try:  # a base is a valid chain inside the guest's directory
             with qcow2.Chain(image, self.store.guest_dir(vmid)) as chain:

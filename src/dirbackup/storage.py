@@ -18,6 +18,7 @@ import multiprocessing
 import os
 import shutil
 import stat
+import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from enum import StrEnum
@@ -44,6 +45,7 @@ from dirbackup.store import (
     dir_usage,
     exchange,
     fsync_path,
+    future_horizon,
     read_json,
     sha256_file,
     split_volid,
@@ -160,6 +162,7 @@ class PruneEntry:
     ctime: int
     vmid: int
     mark: Mark
+    future: bool = False  # stamped in the future: kept outside the rules
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -195,6 +198,10 @@ def _failed(failures: list[str], log: LogFunction | None, message: str) -> None:
     failures.append(message)
     if log:
         log("err", message)
+
+
+def _date(epoch: int) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(epoch))
 
 
 def _one_line(exc: BaseException) -> str:
@@ -636,8 +643,10 @@ class DirectoryStorage:
     ) -> list[dict[str, Any]]:
         """Mark (and unless `dryrun`, remove) backups by the hypervisor's keep rules.
 
-        Groups are (guest, type); protected backups are never removed.  Removal
-        runs newest first, so a removed base with a kept child is merged into it.
+        Groups are (guest, type); protected backups are never removed.  Backups
+        stamped more than a day after now (a wrong clock) are kept, take no slot
+        of any rule, and are logged.  Removal runs newest first, so a removed
+        base with a kept child is merged into it.
         The kept logs of failed backups go with the backups around them: those
         older than the oldest backup kept in their group are removed too.
         Returns the hypervisor's entries: volid, type, ctime, vmid, mark."""
@@ -702,11 +711,11 @@ class DirectoryStorage:
         self, vmid: int, vmtype: str | None, marks: list[PruneEntry], log: LogFunction | None
     ) -> None:
         """Remove the failed-backup logs older than the oldest kept backup of
-        their group; a group with no backup left keeps them all (they are all
-        there is to read about it)."""
+        their group (one stamped in the future does not count); a group with
+        no backup left keeps them all (they are all there is to read about it)."""
         oldest_kept: dict[str, int] = {}
         for e in marks:
-            if e.mark != Mark.REMOVE:
+            if e.mark != Mark.REMOVE and not e.future:
                 oldest_kept[e.type] = min(oldest_kept.get(e.type, e.ctime), e.ctime)
         for bid in self.store.failed_logs(vmid):
             limit = oldest_kept.get(str(bid.vmtype))
@@ -735,6 +744,7 @@ class DirectoryStorage:
                 _failed(failures, log, f"{entry.id.volid(self.storeid)} kept: {entry.problem}")
             groups.setdefault((entry.id.vmid, str(entry.id.vmtype)), []).append(entry)
         result: list[PruneEntry] = []
+        horizon = future_horizon()
         for (gvmid, gtype), entries in sorted(groups.items()):
             marks = mark(
                 [
@@ -747,12 +757,19 @@ class DirectoryStorage:
                     for e in entries
                 ],
                 rules,
+                future_after=horizon,
             )
             for e in sorted(entries, key=lambda e: -e.id.epoch):
-                result.append(
-                    PruneEntry(
-                        e.id.volid(self.storeid), gtype, e.id.epoch, gvmid, marks[e.id.volname]
+                future = e.id.epoch > horizon
+                volid = e.id.volid(self.storeid)
+                if future and failures is not None and log:
+                    log(
+                        "warn",
+                        f"{volid} is stamped {_date(e.id.epoch)}, in the future: kept, "
+                        "and counted by no keep rule",
                     )
+                result.append(
+                    PruneEntry(volid, gtype, e.id.epoch, gvmid, marks[e.id.volname], future)
                 )
         if failures is not None:
             for problem in problems:

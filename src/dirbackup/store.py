@@ -64,6 +64,10 @@ MAX_VMID = 999_999_999  # the hypervisor's largest guest id
 # milliseconds is refused, and every time is one the calendar (prune's
 # periods, listings) can represent in any time zone.
 MAX_EPOCH = 99_999_999_999
+# A backup stamped more than this after now is "in the future" (a clock that
+# was wrong when it was made): prune keeps it outside every rule, and new
+# backups neither take ids after it nor build on it.
+FUTURE_SLACK = 86_400
 
 # guest directories this process holds the lock of: (real path, pid) -> depth
 _HELD_LOCKS: dict[tuple[str, int], int] = {}
@@ -87,6 +91,11 @@ def _whole_number(value: object) -> int | None:
     if isinstance(value, str) and value.isascii() and value.isdigit() and len(value) < 20:
         return int(value)
     return None
+
+
+def future_horizon(now: float | None = None) -> int:
+    """Backups stamped later than this are in the future (FUTURE_SLACK)."""
+    return int(time.time() if now is None else now) + FUTURE_SLACK
 
 
 def check_vmid(vmid: object) -> int:
@@ -563,13 +572,16 @@ class Store:
         so never overwrite) a directory, and a new backup never sorts before
         the one it builds on -- not after a clock step back, nor when a backup
         whose time was moved up has been removed -- so that `keep-last` and
-        listings keep the newest."""
+        listings keep the newest.  Backups stamped in the future (see
+        future_horizon) are passed over: one wrong clock must not push every
+        later id past it (and no incremental builds on such a backup)."""
+        horizon = min(future_horizon(max(epoch, int(time.time()))), MAX_EPOCH)
         gdir = self.guest_dir(vmid)
         if gdir.is_dir():
             for p in gdir.iterdir():
                 m = _NAME_RE.fullmatch(p.name)
                 # (names beyond the valid range are no backup of ours)
-                if m and epoch <= int(m.group(2)) < MAX_EPOCH:
+                if m and epoch <= int(m.group(2)) <= horizon:
                     epoch = int(m.group(2)) + 1
         while True:
             bid = BackupId(vmid, vmtype, epoch)
