@@ -244,6 +244,8 @@ def test_unreadable_entries_are_reported_and_the_rest_goes_on(scene: Scene, what
         probe = cli_without_dac("list", *s)
         if probe.returncode != 0 and "Operation not permitted" in probe.stderr:
             pytest.skip(f"cannot drop capabilities: {probe.stderr.strip()}")
+        assert probe.returncode == 0, probe  # listed all the same
+        assert scene.volid(100, 3000) in probe.stdout
         proc = cli_without_dac("verify", *s)
         assert proc.returncode == 1, proc
         assert "Traceback" not in proc.stderr

@@ -426,7 +426,10 @@ class DirectoryStorage:
             return []
         out = []
         for entry in self.store.backups(vmid):
-            size, _used = dir_usage(entry.path)
+            try:
+                size, _used = dir_usage(entry.path)
+            except OSError:  # unreadable: still listed (verify says why)
+                size = 0
             parent = self.parent_of(entry)
             m = entry.manifest
             out.append(
