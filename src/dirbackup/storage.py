@@ -41,6 +41,7 @@ from dirbackup.store import (
     Store,
     StoreProblem,
     VmType,
+    describe_error,
     digest_map,
     dir_usage,
     exchange,
@@ -202,12 +203,6 @@ def _failed(failures: list[str], log: LogFunction | None, message: str) -> None:
 
 def _date(epoch: int) -> str:
     return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(epoch))
-
-
-def _one_line(exc: BaseException) -> str:
-    if isinstance(exc, OSError) and exc.strerror:
-        return f"{exc.filename}: {exc.strerror}" if exc.filename else exc.strerror
-    return " ".join(str(exc).split()) or type(exc).__name__
 
 
 def _link_rest(source: Path, staging: Path) -> bool:
@@ -385,7 +380,7 @@ class DirectoryStorage:
             return self._entry(volname)
         except (StoreError, OSError) as exc:
             bid = self.backup_id(volname)
-            return BackupEntry(bid, self.store.require(bid), None, _one_line(exc))
+            return BackupEntry(bid, self.store.require(bid), None, describe_error(exc))
 
     def parent_of(self, entry: BackupEntry) -> BackupId | None:
         """The backup an incremental builds on (the newest one its disks name)."""
@@ -532,10 +527,13 @@ class DirectoryStorage:
 
     # ---------------------------------------------------------------- removal
 
-    def children_of(self, bid: BackupId) -> list[BackupEntry]:
-        """Backups whose images build on `bid`."""
+    def children_of(
+        self, bid: BackupId, entries: list[BackupEntry] | None = None
+    ) -> list[BackupEntry]:
+        """Backups whose images build on `bid` (among `entries`, default: the
+        guest's backups)."""
         out = []
-        for entry in self.store.backups(bid.vmid):
+        for entry in self.store.backups(bid.vmid) if entries is None else entries:
             if entry.id == bid:
                 continue
             if entry.manifest is not None:
@@ -557,14 +555,15 @@ class DirectoryStorage:
         entry = self._entry(bid.volname)
         if entry.manifest is not None and entry.manifest.protected:
             raise StoreError(f"backup {bid.volname} is protected; unprotect it first")
-        for later in self.store.backups(bid.vmid):
+        entries = self.store.backups(bid.vmid)
+        for later in entries:
             if later.problem and later.id.epoch > bid.epoch:
                 # it may build on this one: removing it could break its chain
                 raise StoreError(
                     f"the later backup {later.id.volname} cannot be read and may build "
                     f"on {bid.volname} ({later.problem})"
                 )
-        for child in self.children_of(bid):
+        for child in self.children_of(bid, entries):
             self._merge_into(bid, entry, child, log)
         self.store.remove_backup(bid)
         if log:
@@ -676,7 +675,7 @@ class DirectoryStorage:
                 try:
                     result = self._prune_guest(rules, gvmid, vmtype, result, failures, log)
                 except (DirbackupError, OSError) as exc:  # e.g. locked: the other guests go on
-                    _failed(failures, log, f"guest {gvmid} was not pruned: {_one_line(exc)}")
+                    _failed(failures, log, f"guest {gvmid} was not pruned: {describe_error(exc)}")
         result.sort(key=lambda e: (e.vmid, e.type, -e.ctime))
         entries = [e.as_dict() for e in result]
         if failures:
@@ -706,7 +705,7 @@ class DirectoryStorage:
                 try:
                     self._remove(self.backup_id(p.volid), log)
                 except (DirbackupError, OSError) as exc:
-                    _failed(failures, log, f"{p.volid} could not be removed: {_one_line(exc)}")
+                    _failed(failures, log, f"{p.volid} could not be removed: {describe_error(exc)}")
             self._prune_failed_logs(vmid, vmtype, fresh, log)
         return result
 
@@ -799,7 +798,7 @@ class DirectoryStorage:
         try:
             return self._verify_one(entry)
         except (DirbackupError, OSError) as exc:
-            return VerifyResult(entry.id.volid(self.storeid), False, (_one_line(exc),))
+            return VerifyResult(entry.id.volid(self.storeid), False, (describe_error(exc),))
 
     def _verify_one(self, entry: BackupEntry) -> VerifyResult:
         problems: list[str] = []

@@ -519,7 +519,9 @@ class Store:
     # -- locking
 
     @contextlib.contextmanager
-    def lock(self, vmid: int, timeout: float | None = None, what: str = "backup") -> Iterator[None]:
+    def lock(
+        self, vmid: int, timeout: float | None = None, what: str = "backup"
+    ) -> Iterator[None]:
         """Serialise writers and pruning of one guest (flock on <vmid>/.lock).
 
         Waits up to `timeout` seconds (default: the store's `lock_timeout`),
@@ -757,7 +759,7 @@ class Store:
                 try:
                     entries.append(BackupEntry(bid, p, self.read_manifest(bid)))
                 except (StoreError, OSError) as exc:  # one damaged backup hides no other
-                    entries.append(BackupEntry(bid, p, None, _describe(exc)))
+                    entries.append(BackupEntry(bid, p, None, describe_error(exc)))
         entries.sort(key=lambda e: (e.id.vmid, e.id.epoch, e.id.vmtype))
         return entries
 
@@ -798,11 +800,11 @@ def _note(problems: list[StoreProblem] | None, path: Path, message: str) -> None
         problems.append(StoreProblem(path, message))
 
 
-def _describe(exc: BaseException) -> str:
-    """An error as one line naming its file (OSError's str() is clumsy)."""
+def describe_error(exc: BaseException) -> str:
+    """An error as one line, naming its file (OSError's str() is clumsy)."""
     if isinstance(exc, OSError) and exc.strerror:
         return f"{exc.filename}: {exc.strerror}" if exc.filename else exc.strerror
-    return str(exc)
+    return " ".join(str(exc).split()) or type(exc).__name__
 
 
 def _remove_tree(path: Path) -> None:
