@@ -73,6 +73,9 @@ cdef enum:
     K_UNALLOC = 3
     REFCOUNT_ORDER = 4
 
+# QEMU's own limit on an L1 table (QCOW_MAX_L1_SIZE): it refuses larger ones
+MAX_L1_BYTES = 32 << 20
+
 
 def l1_entries_for(uint64_t virtual_size, int cluster_bits):
     """Number of L1 entries an image of this size needs."""
@@ -227,6 +230,10 @@ cdef class Qcow2Writer:
         self.w.l2_entries = cluster_size // 8
         self.w.virtual_size = virtual_size
         self.w.l1_size = l1_entries_for(virtual_size, bits)
+        if self.w.l1_size * 8 > MAX_L1_BYTES:
+            # an image no reader (ours or QEMU's) would open: never make one
+            raise ValueError(f"a virtual size of {virtual_size} bytes needs an L1 table larger "
+                             f"than {MAX_L1_BYTES >> 20} MiB with {cluster_size}-byte clusters")
         self.w.records_zero = (self.backing is not None) if records_zero is None else records_zero
         self.w.next_host = cluster_size
         self.w.tables = <uint64_t **>calloc(self.w.l1_size, sizeof(uint64_t *))
@@ -589,7 +596,7 @@ cdef class ChainMap:
             if l1_size < need:
                 raise ImageError(f"{name}: L1 table has {l1_size} entries, "
                                  f"the virtual size needs {need}")
-            if l1_size > (32 << 20) // 8:
+            if l1_size > MAX_L1_BYTES // 8:
                 raise ImageError(f"{name}: L1 table of {l1_size} entries is too large")
             if l1_offset % L.cs or l1_offset + l1_size * 8 > file_size:
                 raise ImageError(f"{name}: L1 table offset {l1_offset} is invalid "

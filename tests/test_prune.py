@@ -702,3 +702,40 @@ def test_property_to_string_round_trips(rules: KeepRules) -> None:
         KeepRules.from_mapping(dict(part.split("=") for part in rules.to_string().split(",")))
         == again
     )
+
+
+# ----------------------------------------- backups stamped in the future (our addition)
+
+
+def test_future_stamped_backup_takes_no_slot() -> None:
+    """One backup stamped a year ahead (a wrong clock) must not make keep-last
+    or keep-daily remove the newest real backups: it is kept outside the rules."""
+    now = at("2024-06-10T12:00")
+    ctimes = [now - 3 * DAY, now - 2 * DAY, now - DAY, now, now + 365 * DAY]
+    for rules, expected in (
+        (KeepRules(keep_last=1), [R, R, R, K, K]),
+        (KeepRules(keep_daily=2), [R, R, K, K, K]),
+        (KeepRules(keep_last=1, keep_monthly=1), [R, R, R, K, K]),
+    ):
+        cands = [PruneCandidate(f"b{i}", t) for i, t in enumerate(ctimes)]
+        assert list(mark(cands, rules, UTC, future_after=now + DAY).values()) == expected
+    # PVE's own behaviour (no horizon): the future backup takes the slot
+    cands = [PruneCandidate(f"b{i}", t) for i, t in enumerate(ctimes)]
+    assert list(mark(cands, KeepRules(keep_last=1), UTC).values()) == [R, R, R, R, K]
+    # protected stays protected; keep-all keeps all; only later than the horizon counts
+    cands = [PruneCandidate("a", now), PruneCandidate("b", now + 2 * DAY, True)]
+    assert mark(cands, KeepRules(keep_last=1), UTC, future_after=now + DAY) == {"a": K, "b": P}
+    cands = [PruneCandidate("a", now), PruneCandidate("b", now + DAY)]
+    assert mark(cands, KeepRules(keep_last=1), UTC, future_after=now + DAY) == {"a": R, "b": K}
+
+
+@settings(max_examples=150, deadline=None)
+@given(cands=candidate_lists(), rules=rules_st, futures=st.lists(offsets, max_size=5))
+def test_property_future_stamped_backups_change_no_other_mark(
+    cands: list[PruneCandidate], rules: KeepRules, futures: list[int]
+) -> None:
+    horizon = START + 4 * 365 * DAY
+    ahead = [PruneCandidate(f"f{i}", horizon + 1 + t) for i, t in enumerate(futures)]
+    got = mark(cands + ahead, rules, UTC, future_after=horizon)
+    assert {k: got[k] for k in (c.key for c in cands)} == mark(cands, rules, UTC)
+    assert all(got[c.key] is K for c in ahead)

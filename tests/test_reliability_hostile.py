@@ -28,7 +28,7 @@ from guests import STOREID, Guest, make_storage, restore_and_compare
 from dirbackup import extents, qcow2, qemu
 from dirbackup.errors import DirbackupError, MapFormatError
 from dirbackup.host import Disk, Host
-from dirbackup.storage import DirectoryStorage
+from dirbackup.storage import DirectoryStorage, PruneError
 
 DEV = "drive-scsi0"
 SIZE = 16 * MiB
@@ -304,8 +304,11 @@ def test_backup_directory_replaced_by_a_symlink(hs: HostileStore) -> None:
     with pytest.raises(DirbackupError):
         provider.archive_get_guest_config("backup/100/qemu-3000")
     assert not servers_for(str(hs.tmp))
-    hs.storage.prune_backups("keep-last=1", vmid=100)
+    # prune does the rest, reports the link and fails at the end
+    with pytest.raises(PruneError, match=r"qemu-3000: named like a backup, but not a directory"):
+        hs.storage.prune_backups("keep-last=1", vmid=100)
     assert outside.is_dir() and any(outside.iterdir())
+    assert volids(hs.storage, 100) == [hs.incr]
 
 
 def test_container_archive_replaced_by_a_symlink(tmp_path: Path) -> None:

@@ -7,6 +7,7 @@ import numpy as np
 import numpy.typing as npt
 
 MAP_DATA: int
+MAX_L1_BYTES: int
 MAP_ZERO: int
 MAP_UNALLOCATED: int
 PLAN_HASH: int

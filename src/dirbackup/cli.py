@@ -14,14 +14,23 @@ import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from dirbackup import __version__
 from dirbackup.errors import DirbackupError
 from dirbackup.host import Disk, Host, RestoreEngine
 from dirbackup.progress import ProgressBar
 from dirbackup.provider import DirectoryBackupProvider
-from dirbackup.storage import DirectoryStorage
-from dirbackup.store import DEFAULT_LOCK_TIMEOUT, BackupId, VmType, split_volid
+from dirbackup.storage import DirectoryStorage, PruneError, VerifyResult
+from dirbackup.store import (
+    DEFAULT_LOCK_TIMEOUT,
+    MAX_VMID,
+    BackupId,
+    StoreProblem,
+    VmType,
+    future_horizon,
+    split_volid,
+)
 from dirbackup.units import human, parse_seconds, parse_size
 
 DEFAULT_STOREID = "dirbackup"
@@ -56,7 +65,7 @@ def _seconds(text: str) -> float:
 
 
 def _vmid(text: str) -> int:
-    if not text.isdigit() or not 0 < int(text) <= 999_999_999:
+    if not text.isascii() or not text.isdigit() or not 0 < int(text) <= MAX_VMID:
         raise argparse.ArgumentTypeError(f"invalid guest id {text!r} (a positive number)")
     return int(text)
 
@@ -216,7 +225,9 @@ def build_parser() -> argparse.ArgumentParser:
         description="Keep backups by the hypervisor's rules (newest first: keep-last, then "
         "hourly, daily, weekly, monthly, yearly); protected backups are never removed; a "
         "removed base of a kept incremental is merged into it first; the kept logs of failed "
-        "backups older than the oldest backup left are removed too.",
+        "backups older than the oldest backup left are removed too.  A backup stamped more "
+        "than a day in the future is kept outside the rules.  A damaged backup is reported "
+        "and kept, the rest pruned, and the exit status is 1.",
     )
     store_args(pr, locks=True)
     pr.add_argument("--vmid", required=True, type=_vmid, metavar="ID", help="guest id")
@@ -449,8 +460,9 @@ def cmd_verify(args: argparse.Namespace) -> int:
         bid = _volid(storage, args.volid)
         results = storage.verify(bid.volname)
     else:
-        entries = storage.store.backups(args.vmid)
-        results = []
+        problems: list[StoreProblem] = []
+        entries = storage.store.backups(args.vmid, problems)
+        results = [VerifyResult(str(p.path), False, (p.message,)) for p in problems]
         bar = ProgressBar()
         verifier = storage.verifier()  # a base shared by many backups is read once
         for i, entry in enumerate(entries, 1):
@@ -488,18 +500,30 @@ def cmd_prune(args: argparse.Namespace) -> int:
     if not any(rules.values()):
         raise UsageError("give at least one --keep-* option (prune keeps everything otherwise)")
     printer = _Printer(args.verbose, ProgressBar(enabled=False))
-    entries = storage.prune_backups(
-        {k: v for k, v in rules.items() if v}, vmid=args.vmid, dryrun=args.dry_run, log=printer
-    )
+    try:
+        entries = storage.prune_backups(
+            {k: v for k, v in rules.items() if v}, vmid=args.vmid, dryrun=args.dry_run, log=printer
+        )
+    except PruneError as exc:  # the rest was pruned: show the marks, then fail
+        _print_marks(exc.entries, args.json)
+        raise
+    _print_marks(entries, args.json)
     if args.json:
-        print(json.dumps(entries, indent=1))
         return 0
-    for e in entries:
-        print(f"{e['volid']}  {e['mark']}")
     removed = sum(1 for e in entries if e["mark"] == "remove")
     verb = "would remove" if args.dry_run else "removed"
     print(f"{verb} {removed} of {len(entries)} backups", file=sys.stderr)
     return 0
+
+
+def _print_marks(entries: list[dict[str, Any]], as_json: bool) -> None:
+    if as_json:
+        print(json.dumps(entries, indent=1))
+        return
+    horizon = future_horizon()
+    for e in entries:
+        future = " (stamped in the future)" if e["ctime"] > horizon else ""
+        print(f"{e['volid']}  {e['mark']}{future}")
 
 
 def cmd_remove(args: argparse.Namespace) -> int:

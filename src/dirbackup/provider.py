@@ -83,6 +83,8 @@ from dirbackup.store import (
     Store,
     VmType,
     check_device_name,
+    check_start_time,
+    check_vmid,
     digest_map,
     dir_usage,
     disk_file,
@@ -94,7 +96,6 @@ from dirbackup.store import (
 from dirbackup.units import human
 
 DEFAULT_CLUSTER = 64 * 1024
-MIN_CLUSTER = 512
 DIGEST_CHUNK = 16 << 20
 CONTAINER_RESULT = ".container-result.json"
 PROGRESS_INTERVAL = 10.0
@@ -184,7 +185,13 @@ class DirectoryBackupProvider(BackupProvider):
     # ------------------------------------------------------------------ backup: setup
 
     def backup_init(self, vmid: int, vmtype: str, start_time: int) -> dict[str, str]:
-        vmid = int(vmid)
+        """Lock the guest and start its backup's partial directory.  A guest
+        id, type or start time that no volume name could address is refused
+        before anything is written."""
+        vmid = check_vmid(vmid)
+        start_time = check_start_time(start_time)
+        if vmtype not in tuple(VmType):
+            raise DirbackupError(f"unsupported guest type {vmtype!r}")
         kind = VmType(vmtype)
         if vmid in self._guests:
             raise StoreError(f"a backup of guest {vmid} is already running in this job")
@@ -246,6 +253,10 @@ class DirectoryBackupProvider(BackupProvider):
         if file != disk_file(device) or not self.store.exists(bid):
             why.append(f"its last backup {name} is gone")
             return None  # a record naming anything else is no base
+        g = self._guests.get(vmid)
+        if g is not None and bid.epoch >= g.bid.epoch:  # stamped in the future
+            self.log("info", f"{device}: {bid.name} is stamped after this backup; full backup")
+            return None  # (an incremental would sort before its base)
         image = self.store.backup_dir(bid) / file
         try:  # a base is a valid chain inside the guest's directory
             with qcow2.Chain(image, self.store.guest_dir(vmid)) as chain:
@@ -408,7 +419,10 @@ class DirectoryBackupProvider(BackupProvider):
                 source = copy.FileSource(vol.fileno(), f"{device} (file handle)")
                 regions = self._regions_from_iterator(device, vol)
             dirty = extents.total(regions)
-            cluster = _cluster_size_for(regions, size) if base else DEFAULT_CLUSTER
+            if base:
+                cluster = _cluster_size_for(device, regions, size)
+            else:
+                cluster = max(DEFAULT_CLUSTER, qcow2.smallest_cluster_size(size))
             regions = extents.align(regions, cluster, size)
             image = self.store.partial_dir(g.bid) / disk_file(device)
             backing = os.path.relpath(base[1], image.parent) if base else None
@@ -980,13 +994,27 @@ def _canonical(value: Any) -> str:
     return json.dumps(value, sort_keys=True, default=repr)
 
 
-def _cluster_size_for(regions: extents.Extents, size: int) -> int:
+def _cluster_size_for(device: str, regions: extents.Extents, size: int) -> int:
     """The largest cluster size up to 64 KiB that every dirty region's bounds
-    are aligned to, so an incremental never reads clean parts of the source."""
-    cluster = DEFAULT_CLUSTER
+    are aligned to, so an incremental never reads clean parts of the source
+    (the hypervisor forbids that).  Never below the smallest size whose L1
+    table QEMU accepts for this disk: dirty regions finer than that cannot be
+    stored in a readable image, and the backup fails rather than publish one."""
+    smallest = qcow2.smallest_cluster_size(size)
+    cluster = max(DEFAULT_CLUSTER, smallest)
     if regions.shape[0]:
         bounds = np.concatenate([regions[:, 0], regions[:, 0] + regions[:, 1]])
         bounds = bounds[bounds != np.uint64(size)]
-        while cluster > MIN_CLUSTER and bounds.size and bool((bounds % np.uint64(cluster)).any()):
+        while cluster > smallest and bounds.size and bool((bounds % np.uint64(cluster)).any()):
             cluster //= 2
+        odd = bounds[(bounds % np.uint64(cluster)) != 0]
+        if odd.size:
+            raise DirbackupError(
+                f"{device}: the dirty bitmap marks a region that starts or ends at offset "
+                f"{int(odd.min())}, not a multiple of {human(cluster)}, the smallest qcow2 "
+                f"cluster size a disk of {human(size)} can have (QEMU limits its L1 table); "
+                "an incremental backup of it could not be read back; use a dirty bitmap "
+                f"granularity of at least {human(cluster)}, or take a full backup (storage option "
+                "vm-backup-mode full, or --mode full on the command line)"
+            )
     return cluster

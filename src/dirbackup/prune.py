@@ -24,6 +24,9 @@ The rules, as PVE applies them:
   two months and two years).
 * Whatever no rule kept is removed.  ``keep-all=1``, or no positive option at
   all, keeps everything (protected backups stay `protected`).
+
+One addition of ours, off unless asked for (`future_after`): backups stamped
+in the future are kept outside the rules (see `mark`).
 """
 
 from __future__ import annotations
@@ -285,7 +288,10 @@ def _local_time(candidate: PruneCandidate, tz: dt.tzinfo | None) -> dt.datetime:
 
 
 def mark(
-    candidates: Sequence[PruneCandidate], rules: KeepRules, tz: dt.tzinfo | None = None
+    candidates: Sequence[PruneCandidate],
+    rules: KeepRules,
+    tz: dt.tzinfo | None = None,
+    future_after: int | None = None,
 ) -> dict[str, Mark]:
     """Mark every backup of one group `keep`, `remove` or `protected`, as PVE would.
 
@@ -295,6 +301,12 @@ def mark(
     result does not depend on the order of `candidates`: backups with equal
     ctimes are taken in key order.  Note that PVE's keep-last counts distinct
     ctimes, so of several backups with the same ctime only one is kept by it.
+
+    `future_after` (epoch seconds; None = PVE's behaviour) is our one
+    addition: backups stamped later than it were made by a wrong clock, and
+    are kept outside the rules -- like protected ones they take no slot and
+    cover no period -- so that one of them never makes keep-last or a
+    calendar rule remove the newest real backups.
 
     Raises ValueError if two candidates share a key, since the result could not
     tell them apart.
@@ -309,8 +321,12 @@ def mark(
         return {c.key: Mark.PROTECTED if c.protected else Mark.KEEP for c in candidates}
 
     # Newest first; the key breaks ties so that input order cannot change the result.
-    # Protected backups take no part: no rule keeps, removes or counts them.
-    ordered = sorted((c for c in candidates if not c.protected), key=lambda c: (-c.ctime, c.key))
+    # Protected and future-stamped backups take no part: no rule keeps, removes or counts them.
+    future = {c.key for c in candidates if future_after is not None and c.ctime > future_after}
+    ordered = sorted(
+        (c for c in candidates if not c.protected and c.key not in future),
+        key=lambda c: (-c.ctime, c.key),
+    )
     decided: dict[str, Mark] = {}
     _apply_rule(ordered, [c.ctime for c in ordered], rules.keep_last, decided)
     calendar_counts = [getattr(rules, attr) for _, attr in _COUNT_OPTIONS[1:]]
@@ -321,7 +337,11 @@ def mark(
                 _apply_rule(ordered, [period(t) for t in local], count, decided)
 
     return {
-        c.key: Mark.PROTECTED if c.protected else decided.get(c.key, Mark.REMOVE)
+        c.key: Mark.PROTECTED
+        if c.protected
+        else Mark.KEEP
+        if c.key in future
+        else decided.get(c.key, Mark.REMOVE)
         for c in candidates
     }
 

@@ -44,7 +44,7 @@ MAP_DATA, MAP_ZERO, MAP_UNALLOCATED = _qcow2.MAP_DATA, _qcow2.MAP_ZERO, _qcow2.M
 
 MAGIC = b"QFI\xfb"
 MAX_DEPTH = 64
-MAX_L1_BYTES = 32 << 20
+MAX_L1_BYTES = _qcow2.MAX_L1_BYTES  # QEMU refuses larger L1 tables
 INCOMPAT_DIRTY = 1 << 0
 INCOMPAT_CORRUPT = 1 << 1
 INCOMPAT_DATA_FILE = 1 << 2
@@ -213,6 +213,16 @@ def _parse_header(name: str, file_size: int, head: bytes, fd: int) -> Header:
         backing_name=backing_name,
         backing_format=backing_format,
     )
+
+
+def smallest_cluster_size(virtual_size: int) -> int:
+    """The smallest cluster size (512 B .. 2 MiB) whose L1 table fits in
+    MAX_L1_BYTES for an image of `virtual_size` bytes: with smaller clusters
+    the image would be one that neither QEMU nor our reader opens."""
+    for bits in range(9, 22):
+        if _qcow2.l1_entries_for(virtual_size, bits) * 8 <= MAX_L1_BYTES:
+            return 1 << bits
+    raise ImageError(f"a disk of {virtual_size} bytes is too large for a qcow2 image")
 
 
 def _layer(fd: int, h: Header) -> tuple[int, str, int, int, int, int, int, int]:

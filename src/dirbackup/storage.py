@@ -17,6 +17,7 @@ import json
 import multiprocessing
 import os
 import shutil
+import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from enum import StrEnum
@@ -35,11 +36,14 @@ from dirbackup.store import (
     DiskRecord,
     Manifest,
     Store,
+    StoreProblem,
     VmType,
+    describe_error,
     digest_map,
     dir_usage,
     exchange,
     fsync_path,
+    future_horizon,
     read_json,
     split_volid,
     write_atomic,
@@ -156,6 +160,7 @@ class PruneEntry:
     ctime: int
     vmid: int
     mark: Mark
+    future: bool = False  # stamped in the future: kept outside the rules
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -176,6 +181,26 @@ class _Merge:
     image: Path
     base_record: DiskRecord | None
     check: MergeCheck
+
+
+class PruneError(StoreError):
+    """Prune removed what it could, but part of the store could not be pruned
+    (reported one by one in the log); `entries` are its marks, as
+    prune_backups returns them."""
+
+    def __init__(self, message: str, entries: list[dict[str, Any]]) -> None:
+        super().__init__(message)
+        self.entries = entries
+
+
+def _failed(failures: list[str], log: LogFunction | None, message: str) -> None:
+    failures.append(message)
+    if log:
+        log("err", message)
+
+
+def _date(epoch: int) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(epoch))
 
 
 def _link_rest(source: Path, staging: Path) -> bool:
@@ -351,9 +376,9 @@ class DirectoryStorage:
         """_entry(), but a damaged manifest becomes the entry's problem."""
         try:
             return self._entry(volname)
-        except StoreError as exc:
+        except (StoreError, OSError) as exc:
             bid = self.backup_id(volname)
-            return BackupEntry(bid, self.store.require(bid), None, str(exc))
+            return BackupEntry(bid, self.store.require(bid), None, describe_error(exc))
 
     def parent_of(self, entry: BackupEntry) -> BackupId | None:
         """The backup an incremental builds on (the newest one its disks name)."""
@@ -394,7 +419,10 @@ class DirectoryStorage:
             return []
         out = []
         for entry in self.store.backups(vmid):
-            size, _used = dir_usage(entry.path)
+            try:
+                size, _used = dir_usage(entry.path)
+            except OSError:  # unreadable: still listed (verify says why)
+                size = 0
             parent = self.parent_of(entry)
             m = entry.manifest
             out.append(
@@ -497,10 +525,13 @@ class DirectoryStorage:
 
     # ---------------------------------------------------------------- removal
 
-    def children_of(self, bid: BackupId) -> list[BackupEntry]:
-        """Backups whose images build on `bid`."""
+    def children_of(
+        self, bid: BackupId, entries: list[BackupEntry] | None = None
+    ) -> list[BackupEntry]:
+        """Backups whose images build on `bid` (among `entries`, default: the
+        guest's backups)."""
         out = []
-        for entry in self.store.backups(bid.vmid):
+        for entry in self.store.backups(bid.vmid) if entries is None else entries:
             if entry.id == bid:
                 continue
             if entry.manifest is not None:
@@ -522,9 +553,19 @@ class DirectoryStorage:
         entry = self._entry(bid.volname)
         if entry.manifest is not None and entry.manifest.protected:
             raise StoreError(f"backup {bid.volname} is protected; unprotect it first")
+        entries = self.store.backups(bid.vmid)
+        for later in entries:
+            if later.problem and later.id.epoch > bid.epoch:
+                # it may build on this one: removing it could break its chain
+                raise StoreError(
+                    f"the later backup {later.id.volname} cannot be read and may build "
+                    f"on {bid.volname} ({later.problem})"
+                )
         checker = Checker(self.store)
         # every merge is checked before the first one starts: a refusal changes nothing
-        merges = [(c, self._merge_plan(bid, entry, c, checker)) for c in self.children_of(bid)]
+        merges = [
+            (c, self._merge_plan(bid, entry, c, checker)) for c in self.children_of(bid, entries)
+        ]
         for child, todo in merges:
             self._merge_into(bid, entry, child, todo, checker, log)
         self.store.remove_backup(bid)
@@ -634,8 +675,10 @@ class DirectoryStorage:
     ) -> list[dict[str, Any]]:
         """Mark (and unless `dryrun`, remove) backups by the hypervisor's keep rules.
 
-        Groups are (guest, type); protected backups are never removed.  Removal
-        runs newest first, so a removed base with a kept child is merged into it.
+        Groups are (guest, type); protected backups are never removed.  Backups
+        stamped more than a day after now (a wrong clock) are kept, take no slot
+        of any rule, and are logged.  Removal runs newest first, so a removed
+        base with a kept child is merged into it.
         The kept logs of failed backups go with the backups around them: those
         older than the oldest backup kept in their group are removed too.
         Returns the hypervisor's entries: volid, type, ctime, vmid, mark."""
@@ -647,7 +690,10 @@ class DirectoryStorage:
             rules = KeepRules.parse(keep)
         else:
             rules = KeepRules.from_mapping(keep)
-        result = self._prune_marks(rules, vmid, vmtype)
+        if vmid is not None:
+            self.store.check_guest_dir(vmid)
+        failures: list[str] = []
+        result = self._prune_marks(rules, vmid, vmtype, failures, log)
         if not dryrun:
             guests = {e.vmid for e in result if e.mark == Mark.REMOVE}
             guests.update(
@@ -656,28 +702,52 @@ class DirectoryStorage:
                 if self.store.failed_logs(v)
             )
             for gvmid in sorted(guests):
-                with self.store.lock(gvmid, what="prune"):
-                    # marked again under the lock: a backup or removal that ran
-                    # while we waited for it changes what keep-last means
-                    fresh = self._prune_marks(rules, gvmid, vmtype)
-                    result = [e for e in result if e.vmid != gvmid] + fresh
-                    self.store.clean_stale(gvmid)
-                    doomed = [p for p in fresh if p.mark == Mark.REMOVE]
-                    for p in sorted(doomed, key=lambda p: -p.ctime):
-                        self._remove(self.backup_id(p.volid), log)
-                    self._prune_failed_logs(gvmid, vmtype, fresh, log)
+                try:
+                    result = self._prune_guest(rules, gvmid, vmtype, result, failures, log)
+                except (DirbackupError, OSError) as exc:  # e.g. locked: the other guests go on
+                    _failed(failures, log, f"guest {gvmid} was not pruned: {describe_error(exc)}")
         result.sort(key=lambda e: (e.vmid, e.type, -e.ctime))
-        return [e.as_dict() for e in result]
+        entries = [e.as_dict() for e in result]
+        if failures:
+            more = f" (and {len(failures) - 1} more)" if len(failures) > 1 else ""
+            raise PruneError(f"prune: {failures[0]}{more}", entries)
+        return entries
+
+    def _prune_guest(
+        self,
+        rules: KeepRules,
+        vmid: int,
+        vmtype: str | None,
+        result: list[PruneEntry],
+        failures: list[str],
+        log: LogFunction | None,
+    ) -> list[PruneEntry]:
+        """Remove what the rules mark in one guest, under its lock; a backup
+        that cannot be removed is reported and the others still go."""
+        with self.store.lock(vmid, what="prune"):
+            # marked again under the lock: a backup or removal that ran
+            # while we waited for it changes what keep-last means
+            fresh = self._prune_marks(rules, vmid, vmtype)
+            result = [e for e in result if e.vmid != vmid] + fresh
+            self.store.clean_stale(vmid)
+            doomed = [p for p in fresh if p.mark == Mark.REMOVE]
+            for p in sorted(doomed, key=lambda p: -p.ctime):
+                try:
+                    self._remove(self.backup_id(p.volid), log)
+                except (DirbackupError, OSError) as exc:
+                    _failed(failures, log, f"{p.volid} could not be removed: {describe_error(exc)}")
+            self._prune_failed_logs(vmid, vmtype, fresh, log)
+        return result
 
     def _prune_failed_logs(
         self, vmid: int, vmtype: str | None, marks: list[PruneEntry], log: LogFunction | None
     ) -> None:
         """Remove the failed-backup logs older than the oldest kept backup of
-        their group; a group with no backup left keeps them all (they are all
-        there is to read about it)."""
+        their group (one stamped in the future does not count); a group with
+        no backup left keeps them all (they are all there is to read about it)."""
         oldest_kept: dict[str, int] = {}
         for e in marks:
-            if e.mark != Mark.REMOVE:
+            if e.mark != Mark.REMOVE and not e.future:
                 oldest_kept[e.type] = min(oldest_kept.get(e.type, e.ctime), e.ctime)
         for bid in self.store.failed_logs(vmid):
             limit = oldest_kept.get(str(bid.vmtype))
@@ -688,14 +758,25 @@ class DirectoryStorage:
                 log("info", f"removed the log of failed backup {bid.archive}")
 
     def _prune_marks(
-        self, rules: KeepRules, vmid: int | None, vmtype: str | None
+        self,
+        rules: KeepRules,
+        vmid: int | None,
+        vmtype: str | None,
+        failures: list[str] | None = None,
+        log: LogFunction | None = None,
     ) -> list[PruneEntry]:
+        """The marks of every group; what the listing could not read (and the
+        backups kept because their manifest is unreadable) go to `failures`."""
         groups: dict[tuple[int, str], list[BackupEntry]] = {}
-        for entry in self.store.backups(vmid):
+        problems: list[StoreProblem] = []
+        for entry in self.store.backups(vmid, problems):
             if vmtype and str(entry.id.vmtype) != vmtype:
                 continue
+            if entry.problem and failures is not None:
+                _failed(failures, log, f"{entry.id.volid(self.storeid)} kept: {entry.problem}")
             groups.setdefault((entry.id.vmid, str(entry.id.vmtype)), []).append(entry)
         result: list[PruneEntry] = []
+        horizon = future_horizon()
         for (gvmid, gtype), entries in sorted(groups.items()):
             marks = mark(
                 [
@@ -708,13 +789,23 @@ class DirectoryStorage:
                     for e in entries
                 ],
                 rules,
+                future_after=horizon,
             )
             for e in sorted(entries, key=lambda e: -e.id.epoch):
-                result.append(
-                    PruneEntry(
-                        e.id.volid(self.storeid), gtype, e.id.epoch, gvmid, marks[e.id.volname]
+                future = e.id.epoch > horizon
+                volid = e.id.volid(self.storeid)
+                if future and failures is not None and log:
+                    log(
+                        "warn",
+                        f"{volid} is stamped {_date(e.id.epoch)}, in the future: kept, "
+                        "and counted by no keep rule",
                     )
+                result.append(
+                    PruneEntry(volid, gtype, e.id.epoch, gvmid, marks[e.id.volname], future)
                 )
+        if failures is not None:
+            for problem in problems:
+                _failed(failures, log, str(problem))
         return result
 
     # ---------------------------------------------------------------- verify
@@ -725,12 +816,14 @@ class DirectoryStorage:
 
         Backups without a manifest (the seed's layout) are checked as far as
         possible: their chains are validated and their tables walked."""
+        problems: list[StoreProblem] = []
         if volname is not None:
             entries = [self._entry_or_problem(volname)]
         else:
-            entries = self.store.backups(vmid)
+            entries = self.store.backups(vmid, problems)
         verifier = self.verifier()
-        return [verifier.verify(e) for e in entries]
+        results = [verifier.verify(e) for e in entries]
+        return results + [VerifyResult(str(p.path), False, (p.message,)) for p in problems]
 
     def verifier(self) -> Verifier:
         """A verify run over this store: each image is read once, however many

@@ -37,11 +37,11 @@ import shutil
 import stat
 import threading
 import time
-from collections.abc import Iterable, Iterator
-from dataclasses import asdict, dataclass, field
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import asdict, dataclass, field, fields
 from enum import StrEnum
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from dirbackup import __version__
 from dirbackup.errors import StoreError, VolumeNameError
@@ -65,14 +65,22 @@ OWNER_FILE = ".owner"
 PENDING_ATTRIBUTES = ".attributes.json"
 CHECK_FAILED = "check-failed"
 STORE_ID_FILE = "store-id"
-MAX_VMID = 999_999_999
-MAX_EPOCH = 1 << 40
+MAX_VMID = 999_999_999  # the hypervisor's largest guest id
+# Backup times have at most 11 digits (up to the year 5138): a time in
+# milliseconds is refused, and every time is one the calendar (prune's
+# periods, listings) can represent in any time zone.
+MAX_EPOCH = 99_999_999_999
+# A backup stamped more than this after now is "in the future" (a clock that
+# was wrong when it was made): prune keeps it outside every rule, and new
+# backups neither take ids after it nor build on it.
+FUTURE_SLACK = 86_400
 
 # guest directories whose lock a thread of this process holds:
 # (real path, pid, thread id) -> depth
 _HELD_LOCKS: dict[tuple[str, int, int], int] = {}
 _STORE_ID_RE = re.compile(r"[0-9a-f]{16}")
 
+_R = TypeVar("_R")
 _NAME_RE = re.compile(r"(qemu|lxc)-([0-9]{1,13})")
 _DEVICE_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.+-]{0,63}")
 
@@ -84,13 +92,55 @@ def check_device_name(device: str) -> str:
     return device
 
 
+def _whole_number(value: object) -> int | None:
+    """An int (not a bool) or a string of ASCII digits as an int, else None."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.isascii() and value.isdigit() and len(value) < 20:
+        return int(value)
+    return None
+
+
+def future_horizon(now: float | None = None) -> int:
+    """Backups stamped later than this are in the future (FUTURE_SLACK)."""
+    return int(time.time() if now is None else now) + FUTURE_SLACK
+
+
+def check_vmid(vmid: object) -> int:
+    """A guest id as the hypervisor's: a whole number from 1 to MAX_VMID (an
+    int or its decimal digits).  Anything else raises VolumeNameError: it
+    would name a backup that no volume name can address."""
+    number = _whole_number(vmid)
+    if number is None or not 1 <= number <= MAX_VMID:
+        raise VolumeNameError(f"invalid guest id {vmid!r}: a whole number from 1 to {MAX_VMID}")
+    return number
+
+
+def check_start_time(start_time: object) -> int:
+    """A backup's start time: whole seconds since 1970, at most MAX_EPOCH (a
+    time in milliseconds is refused).  Anything else raises VolumeNameError."""
+    number = _whole_number(start_time)
+    if number is None or not 1 <= number <= MAX_EPOCH:
+        raise VolumeNameError(
+            f"invalid start time {start_time!r}: whole seconds since 1970, at most "
+            f"{MAX_EPOCH} (not milliseconds)"
+        )
+    return number
+
+
 @dataclass(frozen=True, order=True)
 class BackupId:
-    """One backup of one guest: `<vmid>/<type>-<epoch>`."""
+    """One backup of one guest: `<vmid>/<type>-<epoch>`.  Only ids that a
+    volume name can address exist (VolumeNameError otherwise)."""
 
     vmid: int
     vmtype: VmType
     epoch: int
+
+    def __post_init__(self) -> None:
+        check_vmid(self.vmid)
+        if _whole_number(self.epoch) != self.epoch or not 0 <= self.epoch <= MAX_EPOCH:
+            raise VolumeNameError(f"invalid backup time {self.epoch!r} of guest {self.vmid}")
 
     @property
     def name(self) -> str:
@@ -131,7 +181,7 @@ class BackupId:
                 f"invalid volume name {text!r}: expected backup/<vmid>/<qemu|lxc>-<epoch>"
             )
         vmid, epoch = int(parts[0]), int(m.group(2))
-        if parts[0] != str(vmid) or vmid > MAX_VMID or epoch > MAX_EPOCH:
+        if parts[0] != str(vmid) or not 1 <= vmid <= MAX_VMID or epoch > MAX_EPOCH:
             raise VolumeNameError(f"invalid volume name {text!r}: number out of range")
         return cls(vmid, VmType(m.group(1)), epoch)
 
@@ -195,13 +245,44 @@ class Manifest:
 
     @classmethod
     def from_json(cls, text: str, where: str = "manifest") -> Manifest:
+        """Parse a manifest; one whose JSON or field types are wrong raises
+        StoreError (a listing reports it as that backup's problem, and no
+        later check trips over a list where a table belongs)."""
         try:
             raw = json.loads(text)
-            disks = {k: DiskRecord(**v) for k, v in raw.pop("disks", {}).items()}
-            files = {k: FileRecord(**v) for k, v in raw.pop("files", {}).items()}
-            return cls(disks=disks, files=files, **raw)
+            if not isinstance(raw, dict):
+                raise TypeError("not a JSON object")
+            disks = {k: _typed(DiskRecord(**v), k) for k, v in _table(raw.pop("disks", {}))}
+            files = {k: _typed(FileRecord(**v), k) for k, v in _table(raw.pop("files", {}))}
+            return _typed(cls(disks=disks, files=files, **raw), "manifest")
         except (ValueError, TypeError) as exc:
             raise StoreError(f"{where}: unreadable manifest ({exc})") from None
+
+
+def _table(value: object) -> list[tuple[str, dict[str, Any]]]:
+    """The items of a JSON object of objects (disks, files), or TypeError."""
+    if not isinstance(value, dict) or not all(isinstance(v, dict) for v in value.values()):
+        raise TypeError("disks and files must be objects of objects")
+    return list(value.items())
+
+
+_FIELD_TYPES: dict[str, Callable[[object], bool]] = {
+    "int": lambda v: isinstance(v, int) and not isinstance(v, bool),
+    "str": lambda v: isinstance(v, str),
+    "bool": lambda v: isinstance(v, bool),
+    "str | None": lambda v: v is None or isinstance(v, str),
+    "dict[str, str]": lambda v: isinstance(v, dict) and all(isinstance(x, str) for x in v.values()),
+}
+
+
+def _typed(record: _R, what: str) -> _R:
+    """`record`, after checking that its fields hold the JSON types they are
+    declared with (fields of other types are checked where they are made)."""
+    for f in fields(record):  # type: ignore[arg-type]
+        check = _FIELD_TYPES.get(str(f.type))
+        if check is not None and not check(getattr(record, f.name)):
+            raise TypeError(f"{what}: {f.name} is not of type {f.type}")
+    return record
 
 
 # ----------------------------------------------------------------------------
@@ -352,6 +433,19 @@ def owner_alive(line: str) -> bool:
 
 
 @dataclass(frozen=True)
+class StoreProblem:
+    """Something in the store that looks like a guest or a backup but cannot
+    be listed as one (a symlink, a file, an unreadable directory, a time or id
+    out of range): verify and prune report it and go on."""
+
+    path: Path
+    message: str
+
+    def __str__(self) -> str:
+        return f"{self.path}: {self.message}"
+
+
+@dataclass(frozen=True)
 class BackupEntry:
     """A published backup as listing sees it.  `problem` says why its
     manifest could not be read (the backup is then listed, and fails verify)."""
@@ -406,7 +500,8 @@ class Store:
     # -- paths
 
     def guest_dir(self, vmid: int) -> Path:
-        return self.root / str(vmid)
+        """`<root>/<vmid>`; a guest id out of range raises VolumeNameError."""
+        return self.root / str(check_vmid(vmid))
 
     def backup_dir(self, bid: BackupId) -> Path:
         return self.guest_dir(bid.vmid) / bid.name
@@ -471,6 +566,15 @@ class Store:
             )
         return text
 
+    def check_guest_dir(self, vmid: int) -> Path:
+        """The guest's directory, which must be a real directory or absent: a
+        symlink (or a file) in its place is refused with StoreError, so that
+        nothing is written, locked, cleaned or removed through it."""
+        gdir = self.guest_dir(vmid)
+        if (gdir.is_symlink() or gdir.exists()) and not real_dir(gdir):
+            raise StoreError(f"{gdir} is not a directory of this store (a symbolic link?); refused")
+        return gdir
+
     # -- locking
 
     @contextlib.contextmanager
@@ -483,9 +587,13 @@ class Store:
         from the thread whose backup of the guest holds the lock.  Another
         thread of the same process waits like another process would (each
         opens the lock file itself, and flock excludes open files, not
-        processes)."""
-        gdir = self.guest_dir(vmid)
-        gdir.mkdir(parents=True, exist_ok=True)
+        processes).  A guest directory that is a symlink is refused
+        (check_guest_dir)."""
+        gdir = self.check_guest_dir(vmid)
+        try:
+            gdir.mkdir(parents=True)
+        except FileExistsError:
+            self.check_guest_dir(vmid)  # made by another process: a directory, or refused
         key = (os.path.realpath(gdir), os.getpid(), threading.get_ident())
         if key in _HELD_LOCKS:
             _HELD_LOCKS[key] += 1
@@ -526,13 +634,16 @@ class Store:
         so never overwrite) a directory, and a new backup never sorts before
         the one it builds on -- not after a clock step back, nor when a backup
         whose time was moved up has been removed -- so that `keep-last` and
-        listings keep the newest."""
+        listings keep the newest.  Backups stamped in the future (see
+        future_horizon) are passed over: one wrong clock must not push every
+        later id past it (and no incremental builds on such a backup)."""
+        horizon = min(future_horizon(max(epoch, int(time.time()))), MAX_EPOCH)
         gdir = self.guest_dir(vmid)
         if gdir.is_dir():
             for p in gdir.iterdir():
                 m = _NAME_RE.fullmatch(p.name)
                 # (names beyond the valid range are no backup of ours)
-                if m and epoch <= int(m.group(2)) < MAX_EPOCH:
+                if m and epoch <= int(m.group(2)) <= horizon:
                     epoch = int(m.group(2)) + 1
         while True:
             bid = BackupId(vmid, vmtype, epoch)
@@ -609,7 +720,11 @@ class Store:
                 p.unlink(missing_ok=True)
                 removed.append(p.name)
             elif p.is_dir() and (_NAME_RE.fullmatch(p.name) or p.name.endswith(".failed")):
-                for q in p.iterdir():
+                try:
+                    inside = list(p.iterdir())
+                except OSError:
+                    continue  # unreadable: verify reports it, the rest is cleaned
+                for q in inside:
                     if _stale_temporary(q.name, ".tmp-") or _stale_temporary(q.name, ".merge-"):
                         q.unlink(missing_ok=True)
                         removed.append(f"{p.name}/{q.name}")
@@ -623,6 +738,7 @@ class Store:
     def require(self, bid: BackupId) -> Path:
         """The directory of a published backup, or StoreError."""
         path = self.backup_dir(bid)
+        self.check_guest_dir(bid.vmid)
         if not self.exists(bid):
             raise StoreError(f"backup {bid.volname} does not exist in {self.root}")
         return path
@@ -666,33 +782,71 @@ class Store:
             path.unlink()
             fsync_path(path.parent)
 
-    def guest_ids(self) -> list[int]:
-        """Guests with a directory in the store."""
+    def guest_ids(self, problems: list[StoreProblem] | None = None) -> list[int]:
+        """Guests with a directory in the store.  Entries named like a guest
+        that are no directory of ours (a symlink, a file, an id out of range)
+        are left out, and described in `problems` if given."""
         self.check()
         out = []
         for p in self.root.iterdir():
-            if real_dir(p) and p.name.isdigit() and str(int(p.name)) == p.name:
+            if not (p.name.isascii() and p.name.isdigit()):
+                continue
+            if str(int(p.name)) != p.name or not 1 <= int(p.name) <= MAX_VMID:
+                _note(problems, p, "named like a guest, but not a guest id in range")
+            elif not real_dir(p):
+                _note(problems, p, "named like a guest, but not a directory (a symbolic link?)")
+            else:
                 out.append(int(p.name))
         return sorted(out)
 
-    def backups(self, vmid: int | None = None) -> list[BackupEntry]:
-        """Published backups (oldest first), with their manifests."""
+    def backups(
+        self, vmid: int | None = None, problems: list[StoreProblem] | None = None
+    ) -> list[BackupEntry]:
+        """Published backups (oldest first), with their manifests.
+
+        One damaged backup hides no other: one whose manifest cannot be read
+        is listed with its `problem`; what cannot be listed at all (an
+        unreadable guest directory, an entry named like a backup that is a
+        symlink, a file or out of range) is left out and described in
+        `problems` if given."""
         self.check()
-        vmids = [vmid] if vmid is not None else self.guest_ids()
+        vmids = [vmid] if vmid is not None else self.guest_ids(problems)
         entries = []
         for v in vmids:
             gdir = self.guest_dir(v)
             if not real_dir(gdir):
+                if vmid is not None and (gdir.exists() or gdir.is_symlink()):
+                    _note(
+                        problems, gdir, "named like a guest, but not a directory (a symbolic link?)"
+                    )
                 continue
-            for p in gdir.iterdir():
-                m = _NAME_RE.fullmatch(p.name)
-                if not m or not real_dir(p):
+            try:
+                names = sorted(p.name for p in gdir.iterdir())
+            except OSError as exc:
+                _note(problems, gdir, f"cannot be read: {exc.strerror}")
+                continue
+            for name in names:
+                m = _NAME_RE.fullmatch(name)
+                if not m:
+                    continue
+                p = gdir / name
+                if int(m.group(2)) > MAX_EPOCH:
+                    _note(
+                        problems,
+                        p,
+                        "named like a backup, but its time is beyond the supported range",
+                    )
+                    continue
+                if not real_dir(p):
+                    _note(
+                        problems, p, "named like a backup, but not a directory (a symbolic link?)"
+                    )
                     continue
                 bid = BackupId(v, VmType(m.group(1)), int(m.group(2)))
                 try:
                     entries.append(BackupEntry(bid, p, self.read_manifest(bid)))
-                except StoreError as exc:  # one damaged backup hides no other
-                    entries.append(BackupEntry(bid, p, None, str(exc)))
+                except (StoreError, OSError) as exc:  # one damaged backup hides no other
+                    entries.append(BackupEntry(bid, p, None, describe_error(exc)))
         entries.sort(key=lambda e: (e.id.vmid, e.id.epoch, e.id.vmtype))
         return entries
 
@@ -715,7 +869,7 @@ class Store:
         for p in gdir.iterdir():
             name, dot, suffix = p.name.partition(".")
             m = _NAME_RE.fullmatch(name)
-            if m and dot and suffix == "failed" and real_dir(p):
+            if m and dot and suffix == "failed" and int(m.group(2)) <= MAX_EPOCH and real_dir(p):
                 out.append(BackupId(vmid, VmType(m.group(1)), int(m.group(2))))
         return sorted(out, key=lambda b: (b.epoch, b.vmtype))
 
@@ -726,6 +880,18 @@ class Store:
     def remove_backup(self, bid: BackupId) -> None:
         """Delete a published backup directory (callers handle chains first)."""
         _remove_tree(self.require(bid))
+
+
+def _note(problems: list[StoreProblem] | None, path: Path, message: str) -> None:
+    if problems is not None:
+        problems.append(StoreProblem(path, message))
+
+
+def describe_error(exc: BaseException) -> str:
+    """An error as one line, naming its file (OSError's str() is clumsy)."""
+    if isinstance(exc, OSError) and exc.strerror:
+        return f"{exc.filename}: {exc.strerror}" if exc.filename else exc.strerror
+    return " ".join(str(exc).split()) or type(exc).__name__
 
 
 def _remove_tree(path: Path) -> None:
