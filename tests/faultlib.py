@@ -10,6 +10,8 @@ signals, never mocks.
 * `leftovers`, `assert_store_sound`, `store_files`: what a store must look like
   after any fault; `dirty_map` / `bitmap_state`: a guest's persistent bitmap.
 * `servers_for`: qemu-nbd and nbdfuse processes still serving a path.
+* `python_for_others`: an interpreter and import path an unprivileged user can
+  use, also when this checkout lies in a private (0700) directory.
 """
 
 from __future__ import annotations
@@ -332,6 +334,76 @@ def wait_for(predicate: Any, timeout: float = 30, interval: float = 0.005) -> An
         if time.monotonic() > deadline:
             raise TimeoutError("condition not reached")
         time.sleep(interval)
+
+
+def rundirs_of(pid: int) -> list[Path]:
+    """The private run directories (sockets, FUSE mount points) process `pid`
+    has made: those whose owner file names it."""
+    out = []
+    with contextlib.suppress(OSError):
+        for entry in os.scandir(qemu.run_base()):
+            with contextlib.suppress(OSError):
+                owner = Path(entry.path, qemu.OWNER).read_text().split()
+                if owner and owner[0] == str(pid):
+                    out.append(Path(entry.path))
+    return sorted(out)
+
+
+def mounts_under(path: Path) -> list[str]:
+    """Mount points at or below `path` (only these: other programs' mounts,
+    another dirbackup's included, are none of a test's business)."""
+    found = []
+    prefix = str(path).rstrip("/") + "/"
+    for line in Path("/proc/self/mountinfo").read_text().splitlines():
+        point = line.split()[4]
+        for esc, char in (("\\040", " "), ("\\011", "\t"), ("\\012", "\n"), ("\\134", "\\")):
+            point = point.replace(esc, char)
+        if point == str(path) or point.startswith(prefix):
+            found.append(point)
+    return found
+
+
+def _reachable_by_others(path: Path) -> bool:
+    """Whether a user who is neither owner nor group can read `path`."""
+    path = path.resolve()
+    for d in path.parents:
+        if not os.stat(d).st_mode & 0o001:
+            return False
+    return bool(os.stat(path).st_mode & 0o004)
+
+
+def python_for_others(dest: Path) -> tuple[str, list[str]]:
+    """(interpreter, sys.path entries) with which another user (nobody)
+    imports this dirbackup: the package (its Python files and its compiled
+    modules, which an editable install keeps apart) is copied into `dest`, and
+    numpy too when the other user could not read it where it is (a checkout
+    and its .venv in a 0700 directory, as anything under /root)."""
+    import numpy
+
+    import dirbackup
+
+    python = os.path.realpath(sys.executable)
+    if not _reachable_by_others(Path(python)):
+        pytest.skip(f"{python} cannot be run by other users")
+    dest.mkdir(parents=True, exist_ok=True)
+    package = Path(dirbackup.__file__).parent
+    ignore = shutil.ignore_patterns("__pycache__")
+    shutil.copytree(package, dest / "dirbackup", ignore=ignore, dirs_exist_ok=True)
+    for name, module in list(sys.modules.items()):
+        file = getattr(module, "__file__", None)
+        if name.startswith("dirbackup.") and file and Path(file).parent != package:
+            shutil.copy2(file, dest / "dirbackup" / Path(file).name)  # compiled modules
+    path = [str(dest)]
+    numpy_dir = Path(numpy.__file__).parent
+    if _reachable_by_others(numpy_dir / "__init__.py"):
+        path.append(str(numpy_dir.parent))
+    else:
+        shutil.copytree(numpy_dir, dest / "numpy", ignore=ignore, dirs_exist_ok=True)
+    for dirpath, _dirs, filenames in os.walk(dest):
+        os.chmod(dirpath, 0o755)
+        for f in filenames:
+            os.chmod(os.path.join(dirpath, f), 0o644)
+    return python, path
 
 
 def partial_dirs(storage: DirectoryStorage, vmid: int) -> list[Path]:

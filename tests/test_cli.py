@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 from conftest import MiB, assert_same
+from faultlib import mounts_under, rundirs_of
 
 from dirbackup import qemu
 
@@ -377,11 +378,16 @@ def test_ctrl_c_stops_and_unmounts_everything(vm: dict[str, Path], mechanism: st
             break
         time.sleep(0.05)
     time.sleep(0.5)
+    made = rundirs_of(proc.pid)  # this backup's sockets and mount points
+    assert made
+    if mechanism == "file-handle":
+        assert any(mounts_under(d) for d in made)
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=30)
     assert proc.returncode == 130 and "interrupted" in err
     assert processes_using(vm["disk0"]) == []
-    assert "dirbackup" not in Path("/proc/self/mountinfo").read_text()
+    assert [m for d in made for m in mounts_under(d)] == []
+    assert [d for d in made if d.exists()] == []
     assert not list((vm["store"] / "100").glob(".*.partial"))
     assert len(json.loads(dirbackup("list", *s, "--json").stdout)) == 1
     assert qemu.bitmaps(vm["disk0"]) == bitmaps_before  # not cleared: changes still tracked

@@ -6,10 +6,10 @@ from __future__ import annotations
 
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from faultlib import python_for_others
 from treeinfo import describe, differences
 
 from dirbackup.errors import DirbackupError
@@ -121,10 +121,11 @@ def test_container_failures_publish_nothing(tmp_path: Path, sock_dir: Path) -> N
     tmp_path = sock_dir  # world-searchable, unlike pytest's tmp_path
     root = tmp_path / "root"
     make_tree(root)
+    python, path = python_for_others(tmp_path / "lib")
     script = f"""
 import os, sys
 os.setgid(65534); os.setuid(65534)
-sys.path[:0] = {sys.path!r}
+sys.path[:0] = {path!r}
 from dirbackup.storage import DirectoryStorage
 from dirbackup.host import Host
 st = DirectoryStorage("dirb", {{"path": {str(tmp_path / "ustore")!r}}})
@@ -138,7 +139,7 @@ except Exception as exc:
     ustore.mkdir()
     os.chown(ustore, 65534, 65534)
     os.chmod(root / "etc", 0o700)  # root-owned: unreadable for nobody
-    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    proc = subprocess.run([python, "-c", script], capture_output=True, text=True)
     assert proc.returncode == 3, proc.stderr
     assert proc.stdout.startswith("ERROR") and "tar" in proc.stdout
     st2 = DirectoryStorage(STOREID, {"path": str(ustore)})
