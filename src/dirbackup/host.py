@@ -19,6 +19,7 @@ provider's `qemu-img-path`.
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import shutil
 import stat
@@ -474,6 +475,7 @@ class Host:
                 {d: (Path(t), int(sizes[d]["size"])) for d, t in targets.items()},
                 target_format,
                 force,
+                self._store_root(),
             )
             for device, target in targets.items():
                 report.devices[device] = self._restore_disk(
@@ -490,6 +492,12 @@ class Host:
             p.restore_vm_cleanup(volname)
         report.seconds = time.monotonic() - began
         return report
+
+    def _store_root(self) -> Path | None:
+        """The store's directory, when the storage has one (ours has)."""
+        store = getattr(self.storage, "store", None)
+        root = getattr(store, "root", None)
+        return Path(root) if root is not None else None
 
     def _restore_disk(
         self,
@@ -523,22 +531,7 @@ class Host:
         path = p.restore_vm_volume_init(volname, device, {})["qemu-img-path"]
         try:
             if engine == RestoreEngine.QEMU_IMG:
-                if not blockdev:
-                    target.unlink(missing_ok=True)
-                qemu.run(
-                    [
-                        "qemu-img",
-                        "convert",
-                        "-f",
-                        "raw",
-                        "-O",
-                        target_format,
-                        *(["-n"] if blockdev else []),
-                        path,
-                        str(target),
-                    ],
-                    timeout=None,
-                )
+                _qemu_img_convert(path, target, size, target_format, blockdev)
                 return None
             fd = os.open(path, os.O_RDONLY)
             try:
@@ -565,25 +558,26 @@ class Host:
         run: Callable[[Any], copy.CopyStats],
     ) -> copy.CopyStats:
         if target_format == "qcow2":
-            tmp = target.with_name(f".{target.name}.restore-{os.getpid()}")
+            tmp = _temporary_name(target)
             tmp.unlink(missing_ok=True)
-            with qcow2.Writer(tmp, size) as writer:
+            with qcow2.Writer(tmp, size) as writer:  # removes itself unless finished
                 stats = run(writer)
                 writer.finish()
             os.replace(tmp, target)
             return stats
         if blockdev:
-            fd = os.open(target, os.O_WRONLY)
+            fd = _open_exclusive(target)
             try:
                 return run(copy.FileTarget(fd, str(target), fresh=False))
             finally:
                 os.fsync(fd)
                 os.close(fd)
-        tmp = target.with_name(f".{target.name}.restore-{os.getpid()}")
+        tmp = _temporary_name(target)
         fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
         try:
             os.ftruncate(fd, size)
             stats = run(copy.FileTarget(fd, str(target)))
+            os.ftruncate(fd, size)  # the image's zero tail up to a whole sector goes
             os.fsync(fd)
         except BaseException:
             os.close(fd)
@@ -659,10 +653,14 @@ def _is_block_device(path: Path) -> bool:
 
 
 def _check_targets(
-    targets: Mapping[str, tuple[Path, int]], target_format: str, force: bool
+    targets: Mapping[str, tuple[Path, int]],
+    target_format: str,
+    force: bool,
+    store_root: Path | None = None,
 ) -> None:
     """Refuse, before anything is written, restore targets that would fail
-    half-way or lose data: one target for two disks, an existing target
+    half-way or lose data: one target for two disks, a target inside the
+    backup store, a target in use (even with `force`), an existing target
     without `force`, a directory, a missing parent directory, a block device
     smaller than its disk or given a qcow2."""
     if target_format not in ("raw", "qcow2"):
@@ -673,12 +671,15 @@ def _check_targets(
         if key in seen:
             raise HostError(f"{seen[key]} and {device} are both to be restored into {target}")
         seen[key] = device
+        if store_root is not None and _inside(Path(key), store_root):
+            raise HostError(f"restore target {target} lies inside the backup store; refused")
         if target.is_dir():
             raise HostError(f"restore target {target} is a directory (give a file or device)")
         if not target.exists():
             if not target.parent.is_dir():
                 raise HostError(f"restore target {target}: {target.parent} is not a directory")
             continue
+        _check_not_in_use(target)
         if not force:
             raise HostError(f"restore target {target} exists; use --force to overwrite it")
         if _is_block_device(target):
@@ -686,6 +687,88 @@ def _check_targets(
                 raise HostError(f"{target} is a block device: only raw restores go there")
             if _raw_size(target) < size:
                 raise HostError(f"block device {target} is smaller than the disk ({size} bytes)")
+
+
+def _inside(path: Path, root: Path) -> bool:
+    """Whether `path` (a real path) is `root` or lies below it; compared by
+    device and inode too, so that a bind mount of the store counts."""
+    try:
+        want = os.stat(root)
+    except OSError:
+        return False
+    real_root = os.path.realpath(root)
+    if path == Path(real_root) or Path(real_root) in path.parents:
+        return True
+    for d in (path, *path.parents):
+        with contextlib.suppress(OSError):
+            if os.path.samestat(os.stat(d), want):
+                return True
+    return False
+
+
+def _check_not_in_use(target: Path) -> None:
+    """A target another process uses is never written, not even with --force:
+    a block device that is mounted or opened exclusively (O_EXCL: LVM, md, a
+    file system, a running restore), or an image that QEMU (a VM, qemu-nbd,
+    qemu-img) holds its lock on."""
+    if _is_block_device(target):
+        os.close(_open_exclusive(target, os.O_RDONLY))
+    if qemu.image_locked(target):
+        raise HostError(
+            f"restore target {target} is in use by QEMU (a VM, qemu-nbd or qemu-img holds "
+            "its image lock); refused"
+        )
+
+
+def _open_exclusive(target: Path, mode: int = os.O_WRONLY) -> int:
+    """Open a block device exclusively: the kernel then refuses it to mounts
+    and to other exclusive openers for as long as it is open."""
+    try:
+        return os.open(target, mode | os.O_EXCL | os.O_CLOEXEC)
+    except OSError as exc:
+        if exc.errno == errno.EBUSY:
+            raise HostError(
+                f"restore target {target} is in use (mounted, or held open exclusively by "
+                "another process); refused"
+            ) from None
+        raise
+
+
+def _temporary_name(target: Path) -> Path:
+    """Where a file target is written before it is renamed into place."""
+    return target.with_name(f".{target.name}.restore-{os.getpid()}")
+
+
+def _qemu_img_convert(
+    source: str, target: Path, size: int, target_format: str, blockdev: bool
+) -> None:
+    """`qemu-img convert` into the target: a block device in place (held
+    exclusively meanwhile); a file under a temporary name, synced and renamed
+    into place when complete, so that a failure (ENOSPC) or an interruption
+    leaves the old target as it was and no partial file."""
+    cmd = ["qemu-img", "convert", "-f", "raw", "-O", target_format]
+    if blockdev:
+        fd = _open_exclusive(target)
+        try:
+            qemu.run([*cmd, "-n", source, str(target)], timeout=None)
+        finally:
+            os.close(fd)
+        return
+    tmp = _temporary_name(target)
+    tmp.unlink(missing_ok=True)
+    try:
+        qemu.run([*cmd, source, str(tmp)], timeout=None)
+        fd = os.open(tmp, os.O_RDWR | os.O_CLOEXEC)
+        try:
+            if target_format == "raw":
+                os.ftruncate(fd, size)  # the export's zero tail up to a whole sector goes
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    os.replace(tmp, target)
 
 
 def _disk_size(path: Path) -> int:

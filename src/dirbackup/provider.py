@@ -286,8 +286,9 @@ class DirectoryBackupProvider(BackupProvider):
                 source = copy.FileSource(vol.fileno(), f"{device} (file handle)")
                 regions = self._regions_from_iterator(device, vol)
             dirty = extents.total(regions)
-            cluster = _cluster_size_for(regions, size) if base else DEFAULT_CLUSTER
-            regions = extents.align(regions, cluster, size)
+            vsize = qcow2.virtual_size_for(size)  # the image reads a sector's zero tail
+            cluster = _cluster_size_for(regions, vsize) if base else DEFAULT_CLUSTER
+            regions = extents.align(regions, cluster, vsize)
             image = self.store.partial_dir(g.bid) / disk_file(device)
             backing = os.path.relpath(base[1], image.parent) if base else None
             mode = "incremental" if base else "full"
@@ -351,7 +352,7 @@ class DirectoryBackupProvider(BackupProvider):
         handles = nbd.connect_many(uri, workers, [context])
         try:
             export_size = handles[0].get_size()
-            if export_size != vol.size:
+            if export_size not in (vol.size, qcow2.virtual_size_for(vol.size)):
                 raise DirbackupError(
                     f"{device}: the export has {export_size} bytes, the hypervisor said {vol.size}"
                 )
@@ -626,7 +627,7 @@ class DirectoryBackupProvider(BackupProvider):
             if not image.exists():
                 raise StoreError(f"backup {volname} has no disk {device!r}")
         chain = qcow2.Chain(image, self.store.guest_dir(bid.vmid))
-        if size is not None and chain.virtual_size != size:
+        if size is not None and chain.virtual_size != qcow2.virtual_size_for(size):
             chain.close()
             raise StoreError(
                 f"{image}: virtual size {chain.virtual_size} differs from the "

@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import fcntl
 import json
 import os
 import shutil
 import signal
+import struct
 import subprocess
 import tempfile
 import time
@@ -127,6 +129,30 @@ def bitmaps(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
     info = img_info(path, fmt="qcow2")
     data = info.get("format-specific", {}).get("data", {})
     return list(data.get("bitmaps", []))
+
+
+# QEMU's image locking (file-posix): open file description locks on byte 100 +
+# each permission the opener uses and on byte 200 + each one it does not share
+_LOCK_RANGES = ((100, 64), (200, 64))
+_FLOCK = "hhqqi4x"  # struct flock: l_type, l_whence, l_start, l_len, l_pid
+
+
+def image_locked(path: str | os.PathLike[str]) -> bool:
+    """Whether a QEMU process (a VM, qemu-nbd, qemu-img, qemu-io) has the image
+    (a file or block device) open: it holds its lock bytes."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
+    except OSError:
+        return False
+    try:
+        for start, length in _LOCK_RANGES:
+            probe = struct.pack(_FLOCK, fcntl.F_WRLCK, os.SEEK_SET, start, length, 0)
+            answer = fcntl.fcntl(fd, fcntl.F_OFD_GETLK, probe)
+            if struct.unpack(_FLOCK, answer)[0] != fcntl.F_UNLCK:
+                return True
+    finally:
+        os.close(fd)
+    return False
 
 
 def io(path: str | os.PathLike[str], *commands: str, fmt: str = "qcow2") -> str:

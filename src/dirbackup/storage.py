@@ -736,7 +736,7 @@ class DirectoryStorage:
                     elif chain.depth != 1:
                         problems.append(f"{device}: a full backup image has a backing file")
                     chain.map()
-                    if chain.virtual_size != disk.size:
+                    if chain.virtual_size != qcow2.virtual_size_for(disk.size):
                         problems.append(
                             f"{device}: virtual size {chain.virtual_size} differs "
                             f"from the manifest's {disk.size}"
