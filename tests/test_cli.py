@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 from collections.abc import Callable, Iterator
@@ -11,7 +12,7 @@ from pathlib import Path
 
 import pytest
 from conftest import MiB, assert_same
-from faultlib import mounts_under, rundirs_of
+from faultlib import mounts_under, rundirs_of, servers_for
 
 from dirbackup import qemu
 
@@ -342,9 +343,17 @@ def processes_using(path: Path) -> list[str]:
     return found
 
 
+@pytest.mark.parametrize(
+    ("sig", "status", "said"),
+    [(signal.SIGINT, 130, "interrupted"), (signal.SIGTERM, 143, "terminated (SIGTERM)")],
+    ids=["SIGINT", "SIGTERM"],
+)
 @pytest.mark.parametrize("mechanism", ["nbd", "file-handle"])
-def test_ctrl_c_stops_and_unmounts_everything(vm: dict[str, Path], mechanism: str) -> None:
-    import signal
+def test_ctrl_c_stops_and_unmounts_everything(
+    vm: dict[str, Path], mechanism: str, sig: int, status: int, said: str
+) -> None:
+    """Ctrl-C, and SIGTERM alike: helpers and mounts gone, no partial backup,
+    the failed backup's log kept, the bitmap still tracking every change."""
     import time
 
     s = ["--store", str(vm["store"])]
@@ -382,13 +391,15 @@ def test_ctrl_c_stops_and_unmounts_everything(vm: dict[str, Path], mechanism: st
     assert made
     if mechanism == "file-handle":
         assert any(mounts_under(d) for d in made)
-    proc.send_signal(signal.SIGINT)
+    proc.send_signal(sig)
     _, err = proc.communicate(timeout=30)
-    assert proc.returncode == 130 and "interrupted" in err
+    assert proc.returncode == status and err.strip().splitlines()[-1] == f"error: {said}"
     assert processes_using(vm["disk0"]) == []
     assert [m for d in made for m in mounts_under(d)] == []
     assert [d for d in made if d.exists()] == []
     assert not list((vm["store"] / "100").glob(".*.partial"))
+    (log,) = (vm["store"] / "100").glob("*.failed/backup.log")
+    assert said in log.read_text()
     assert len(json.loads(dirbackup("list", *s, "--json").stdout)) == 1
     assert qemu.bitmaps(vm["disk0"]) == bitmaps_before  # not cleared: changes still tracked
     state = snapshot(vm["disk0"], vm["tmp"] / "now.raw")
@@ -432,3 +443,49 @@ def test_bitmap_made_for_a_failed_backup_is_dropped(vm: dict[str, Path]) -> None
     target = vm["tmp"] / "r.raw"
     dirbackup("restore", *s, volid, "--disk", f"drive-scsi0={target}")
     assert_same(state, target)
+
+
+def test_dead_fuse_mount_of_a_killed_backup_is_cleaned_up_by_the_next_run(
+    vm: dict[str, Path],
+) -> None:
+    """kill -9 of a backup and of its nbdfuse leaves a dead FUSE mount (stat
+    fails with ENOTCONN) in the backup's run directory: the next run detaches
+    and removes it -- and leaves alone the mounts it did not make."""
+    import errno
+    import time
+
+    s = ["--store", str(vm["store"])]
+    disk = ["--disk", f"drive-scsi0={vm['disk0']}"]
+    foreign = Path(qemu.run_base()) / f"not-ours-{os.getpid()}"
+    foreign.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "tmpfs", str(foreign)], check=False).returncode:
+        foreign.rmdir()
+        pytest.skip("cannot mount a tmpfs")
+    try:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "dirbackup", "backup", *s, "--vmid", "100", *disk,
+             "--mechanism", "file-handle", "--bwlimit", "1M"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )  # fmt: skip
+        deadline = time.monotonic() + 60
+        while not [m for d in rundirs_of(proc.pid) for m in mounts_under(d)]:
+            assert time.monotonic() < deadline and proc.poll() is None
+            time.sleep(0.02)
+        (rundir,) = rundirs_of(proc.pid)
+        (mount,) = mounts_under(rundir)
+        proc.send_signal(signal.SIGSTOP)
+        for line in servers_for(str(rundir)):
+            if "nbdfuse" in line:
+                os.kill(int(line.split()[0]), signal.SIGKILL)
+        proc.kill()
+        proc.wait()
+        with pytest.raises(OSError) as dead:
+            os.stat(mount)
+        assert dead.value.errno == errno.ENOTCONN
+        assert mounts_under(rundir) == [mount]
+        dirbackup("backup", *s, "--vmid", "100", *disk)  # the next run
+        assert mounts_under(rundir) == [] and not rundir.exists()
+        assert mounts_under(foreign) == [str(foreign)]  # not ours: untouched
+    finally:
+        subprocess.run(["umount", str(foreign)], check=False)
+        foreign.rmdir()

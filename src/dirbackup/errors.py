@@ -50,3 +50,9 @@ class ContainerError(DirbackupError):
 
     The message is one line meant for the user (the tool's own message included);
     partial output has already been removed when it is raised."""
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised by the command line where Ctrl-C raises KeyboardInterrupt,
+    so that it stops workers, helper processes and mounts, and removes
+    temporary files, exactly as Ctrl-C does."""

@@ -34,7 +34,7 @@ from typing import Any
 
 from dirbackup import copy, extents, nbd, qcow2, qemu
 from dirbackup.api import BackupProvider, BitmapMode, LogFunction
-from dirbackup.errors import DirbackupError
+from dirbackup.errors import DirbackupError, Terminated
 from dirbackup.store import VmType, check_device_name
 
 
@@ -619,6 +619,8 @@ class Host:
 
 
 def _describe(exc: BaseException) -> str:
+    if isinstance(exc, Terminated):
+        return "terminated (SIGTERM)"
     if isinstance(exc, KeyboardInterrupt):
         return "interrupted"
     return str(exc) or type(exc).__name__

@@ -212,7 +212,13 @@ def make_rundir(prefix: str) -> Path:
 
 def clean_stale_rundirs(base: str | None = None) -> list[str]:
     """Remove private directories whose owner is gone (killed, say), after
-    unmounting what is still mounted in them."""
+    detaching what is still mounted in them -- a FUSE mount whose nbdfuse was
+    killed too is dead (stat fails with ENOTCONN) but still mounted.  Only
+    directories with an owner file of ours are touched, and only mounts inside
+    them; the owner file goes last, so that a directory that could not be
+    emptied is retried by the next run instead of being left for good."""
+    from dirbackup.mount import mounts_below
+
     base = base or run_base()
     removed = []
     with contextlib.suppress(OSError):
@@ -225,16 +231,38 @@ def clean_stale_rundirs(base: str | None = None) -> list[str]:
                 continue  # not one of ours, or not ours to judge
             if owner_alive(owner):
                 continue
-            with contextlib.suppress(OSError):
-                for sub in os.scandir(entry.path):
-                    if os.path.ismount(sub.path):
-                        for cmd in (["fusermount3", "-u", "-z"], ["umount", "-l"]):
-                            done = subprocess.run([*cmd, sub.path], capture_output=True)
-                            if done.returncode == 0:
-                                break
-            shutil.rmtree(entry.path, ignore_errors=True)
-            removed.append(entry.path)
+            real = os.path.realpath(entry.path)
+            for point in mounts_below(real):
+                for cmd in (["fusermount3", "-u", "-z"], ["umount", "-l"]):
+                    done = subprocess.run([*cmd, point], capture_output=True, check=False)
+                    if done.returncode == 0:
+                        break
+            if mounts_below(real):
+                continue  # never delete through a mount: the next run tries again
+            if _remove_rundir(Path(entry.path)):
+                removed.append(entry.path)
     return removed
+
+
+def _remove_rundir(path: Path) -> bool:
+    """Remove a run directory, its owner file last; False if anything stays."""
+    with contextlib.suppress(OSError):
+        for sub in os.scandir(path):
+            if sub.name == OWNER:
+                continue
+            if sub.is_dir(follow_symlinks=False):
+                shutil.rmtree(sub.path, ignore_errors=True)
+            else:
+                with contextlib.suppress(OSError):
+                    os.unlink(sub.path)
+    try:
+        if any(sub.name != OWNER for sub in os.scandir(path)):
+            return False
+        (path / OWNER).unlink(missing_ok=True)
+        path.rmdir()
+    except OSError:
+        return False
+    return True
 
 
 # ----------------------------------------------------------------------------
