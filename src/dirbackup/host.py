@@ -589,8 +589,12 @@ class Host:
 
     def restore_container(self, volid: str, target: Path, *, force: bool = False) -> float:
         """Restore a container backup into a directory (extracted tar, or the
-        squashfs image's tree copied with owners, modes and xattrs)."""
-        from dirbackup import container
+        squashfs image's tree copied with owners, modes and xattrs).
+
+        A non-empty target needs `force`; it then holds exactly the backed-up
+        tree.  The tree is built beside the target and swapped in only when
+        complete (treeswap): a failed restore leaves the old tree."""
+        from dirbackup import container, treeswap
 
         p = self.provider
         volname = volid.split(":", 1)[1] if ":" in volid else volid
@@ -603,13 +607,14 @@ class Host:
             raise HostError(f"restore target {target} is not a directory")
         if target.exists() and any(target.iterdir()) and not force:
             raise HostError(f"restore target {target} is not empty; use --force")
-        target.mkdir(parents=True, exist_ok=True)
         info = p.restore_container_init(volname, {})
         try:
             if mechanism == "tar":
-                container.extract_tar(Path(info["tar-path"]), target, log=self.log)
+                tar = Path(info["tar-path"])
+                treeswap.replace_tree(target, lambda d: container.extract_tar(tar, d, log=self.log))
             else:
-                container.copy_tree(Path(info["archive-directory"]), target, log=self.log)
+                tree = Path(info["archive-directory"])
+                treeswap.replace_tree(target, lambda d: container.copy_tree(tree, d, log=self.log))
         finally:
             p.restore_container_cleanup(volname, {})
         return time.monotonic() - began
