@@ -198,6 +198,7 @@ def provider_backup(
     volumes: dict[str, dict[str, Any]],
     start: int,
     request_size: int = 4 * MiB,
+    io_timeout: float | None = None,
 ) -> BaseException | None:
     """Drive the provider as the hypervisor does; return the error of backup_vm
     (after backup_cleanup(False)), or None after a successful backup."""
@@ -206,6 +207,7 @@ def provider_backup(
         storage.scfg,
         STOREID,
         copy_options=copy.CopyOptions(request_size=request_size, workers=2),
+        io_timeout=io_timeout,
     )
     p.job_init(start)
     p.backup_init(vmid, "qemu", start)

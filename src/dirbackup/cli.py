@@ -25,6 +25,7 @@ from dirbackup.provider import DirectoryBackupProvider
 from dirbackup.storage import DirectoryStorage
 from dirbackup.store import DEFAULT_LOCK_TIMEOUT, BackupId, VmType, split_volid
 from dirbackup.units import human, parse_seconds, parse_size
+from dirbackup.watchdog import DEFAULT_IO_TIMEOUT
 
 DEFAULT_STOREID = "dirbackup"
 EXIT_INTERRUPTED = 128 + signal.SIGINT  # 130, as a shell reports a process Ctrl-C killed
@@ -160,6 +161,14 @@ def build_parser() -> argparse.ArgumentParser:
         default="tar",
         help="container archive format (default: tar)",
     )
+    b.add_argument(
+        "--io-timeout",
+        type=_seconds,
+        default=DEFAULT_IO_TIMEOUT,
+        metavar="SECONDS",
+        help="fail when a disk makes no progress for this long (a server that stopped "
+        f"answering; 0: wait for ever; default: {DEFAULT_IO_TIMEOUT:.0f})",
+    )
     b.add_argument("--notes", metavar="TEXT", help="notes to attach to the backup")
     b.add_argument("--protected", action="store_true", help="protect the backup from removal")
 
@@ -256,6 +265,8 @@ def _storage(args: argparse.Namespace, **opts: str) -> DirectoryStorage:
     options: dict[str, object] = {"path": str(store), **opts}
     if getattr(args, "lock_timeout", None) is not None:
         options["lock-timeout"] = args.lock_timeout
+    if getattr(args, "io_timeout", None) is not None:
+        options["io-timeout"] = args.io_timeout
     return DirectoryStorage(args.storeid, options)
 
 

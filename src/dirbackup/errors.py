@@ -25,6 +25,11 @@ class Cancelled(DirbackupError):
     """A copy was cancelled (Ctrl-C or a cancel event) and stopped cleanly."""
 
 
+class IOTimeout(DirbackupError):
+    """A source (or target) made no progress for the I/O timeout: the operation
+    was stopped instead of hanging while it holds a guest's lock."""
+
+
 class ImageError(DirbackupError):
     """A qcow2 image or backing chain that is invalid, unsafe or unsupported."""
 

@@ -32,7 +32,7 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
-from dirbackup import copy, extents, nbd, qcow2, qemu
+from dirbackup import copy, extents, nbd, qcow2, qemu, watchdog
 from dirbackup.api import BackupProvider, BitmapMode, LogFunction
 from dirbackup.errors import DirbackupError, Terminated
 from dirbackup.store import VmType, check_device_name
@@ -139,12 +139,19 @@ class Host:
         log: LogFunction | None = None,
         provider: BackupProvider | None = None,
         progress: Callable[[str, copy.CopyStats], None] | None = None,
+        io_timeout: float | None = None,
     ) -> None:
+        """`io_timeout` (default: the storage's `io-timeout`, 60 s) bounds the
+        host's own wait for a disk's dirty map (the file-handle mechanism)."""
         self.storage = storage
         self.storeid = storeid
         self.log = _Log(log)
         self.provider = provider or storage.new_backup_provider(self.log)
         self.progress = progress
+        if io_timeout is None:
+            scfg = getattr(storage, "scfg", None)
+            io_timeout = float(getattr(scfg, "io_timeout", watchdog.DEFAULT_IO_TIMEOUT))
+        self.io_timeout = io_timeout
 
     # ------------------------------------------------------------------ VM backup
 
@@ -399,7 +406,10 @@ class Host:
                 stack.callback(os.close, fd)
                 vol["file-handle"] = fd
                 vol["next-dirty-region"] = _dirty_iterator(
-                    server.uri, name if mode == BitmapMode.REUSE else None, vol["size"]
+                    server.uri,
+                    name if mode == BitmapMode.REUSE else None,
+                    vol["size"],
+                    self.io_timeout,
                 )
             volumes[d.device] = vol
         return volumes
@@ -809,15 +819,17 @@ def _open_direct(path: Path) -> int:
         return os.open(path, os.O_RDONLY)  # FUSE without direct I/O support
 
 
-def _dirty_iterator(uri: str, bitmap: str | None, size: int) -> Callable[[], Any]:
+def _dirty_iterator(
+    uri: str, bitmap: str | None, size: int, io_timeout: float
+) -> Callable[[], Any]:
     """The hypervisor's next-dirty-region: (offset, length) per call, then None."""
     if bitmap is None:
         regions = [(0, size)]
     else:
         context = extents.dirty_bitmap_context(bitmap)
-        h = nbd.connect(uri, [context])
+        h = nbd.connect(uri, [context], timeout=io_timeout)
         try:
-            dirty = extents.dirty(extents.block_status(h, context))
+            dirty = extents.dirty(watchdog.block_status(h, context, io_timeout, uri))
         finally:
             nbd.close_all([h])
         regions = [(int(o), int(n)) for o, n, _ in dirty]

@@ -291,6 +291,7 @@ class NbdServer:
     def stop(self, timeout: float = 10.0) -> None:
         """Terminate the server and wait until it is gone."""
         self.kill(signal.SIGTERM)
+        self.kill(signal.SIGCONT)  # a stopped server acts on the SIGTERM
         deadline = time.monotonic() + timeout
         again = time.monotonic() + 0.5
         while _alive(self.pid):
@@ -413,12 +414,15 @@ class FuseFile:
     process: subprocess.Popen[bytes] = field(repr=False)
 
     def stop(self, timeout: float = 10.0) -> None:
-        """Unmount and wait for nbdfuse to exit (killed if it does not)."""
-        subprocess.run(
+        """Unmount and wait for nbdfuse to exit (killed if it does not).  A
+        mount that is still busy is one whose reads hang (a reader's file
+        descriptors are closed by now): nbdfuse is killed at once, which ends
+        those reads, and the dead mount detached."""
+        done = subprocess.run(
             ["fusermount3", "-u", str(self.mountpoint)], capture_output=True, check=False
         )
         try:
-            self.process.wait(timeout)
+            self.process.wait(timeout if done.returncode == 0 else 0)
         except subprocess.TimeoutExpired:
             self.process.kill()
             self.process.wait()
