@@ -125,6 +125,15 @@ def test_target_inside_the_store_is_refused(small: Backup, tmp_path: Path) -> No
         for engine in ENGINES:
             proc = small.restore(target, "--force", "--engine", engine, check=None)
             refused(proc, f"restore target {target} lies inside the backup store; refused")
+    bind = tmp_path / "same-store-elsewhere"
+    bind.mkdir()
+    if subprocess.run(["mount", "--bind", str(small.store), str(bind)], check=False).returncode:
+        pytest.skip("cannot bind-mount")
+    try:  # another path to the same directory: caught by device and inode
+        proc = small.restore(bind / "z.raw", "--force", check=None)
+        refused(proc, f"restore target {bind / 'z.raw'} lies inside the backup store; refused")
+    finally:
+        subprocess.run(["umount", str(bind)], check=True)
     assert store_files(small.storage, 100) == before
     assert leftovers(small.store) == []
     assert not (small.store / "new.raw").exists()
