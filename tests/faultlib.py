@@ -338,12 +338,13 @@ def wait_for(predicate: Any, timeout: float = 30, interval: float = 0.005) -> An
         time.sleep(interval)
 
 
-def rundirs_of(pid: int) -> list[Path]:
+def rundirs_of(pid: int, base: Path | None = None) -> list[Path]:
     """The private run directories (sockets, FUSE mount points) process `pid`
-    has made: those whose owner file names it."""
+    has made in `base` (default: the usual place): those whose owner file
+    names it."""
     out = []
     with contextlib.suppress(OSError):
-        for entry in os.scandir(qemu.run_base()):
+        for entry in os.scandir(base or qemu.run_base()):
             with contextlib.suppress(OSError):
                 owner = Path(entry.path, qemu.OWNER).read_text().split()
                 if owner and owner[0] == str(pid):
@@ -399,8 +400,10 @@ def python_for_others(dest: Path) -> tuple[str, list[str]]:
     numpy_dir = Path(numpy.__file__).parent
     if _reachable_by_others(numpy_dir / "__init__.py"):
         path.append(str(numpy_dir.parent))
-    else:
-        shutil.copytree(numpy_dir, dest / "numpy", ignore=ignore, dirs_exist_ok=True)
+    else:  # with the libraries a numpy wheel keeps beside it
+        for name in ("numpy", "numpy.libs"):
+            if (numpy_dir.parent / name).is_dir():
+                shutil.copytree(numpy_dir.parent / name, dest / name, ignore=ignore)
     for dirpath, _dirs, filenames in os.walk(dest):
         os.chmod(dirpath, 0o755)
         for f in filenames:

@@ -446,32 +446,35 @@ def test_bitmap_made_for_a_failed_backup_is_dropped(vm: dict[str, Path]) -> None
 
 
 def test_dead_fuse_mount_of_a_killed_backup_is_cleaned_up_by_the_next_run(
-    vm: dict[str, Path],
+    vm: dict[str, Path], sock_dir: Path
 ) -> None:
     """kill -9 of a backup and of its nbdfuse leaves a dead FUSE mount (stat
     fails with ENOTCONN) in the backup's run directory: the next run detaches
-    and removes it -- and leaves alone the mounts it did not make."""
+    and removes it -- and leaves alone the mounts it did not make.  The run
+    directories go to a base of this test's own, which no other dirbackup on
+    the machine cleans up meanwhile."""
     import errno
     import time
 
+    base = sock_dir / "run"
+    env = {**os.environ, qemu.RUN_DIR_VARIABLE: str(base)}
     s = ["--store", str(vm["store"])]
     disk = ["--disk", f"drive-scsi0={vm['disk0']}"]
-    foreign = Path(qemu.run_base()) / f"not-ours-{os.getpid()}"
-    foreign.mkdir()
+    foreign = base / "not-ours"
+    foreign.mkdir(parents=True)
     if subprocess.run(["mount", "-t", "tmpfs", "tmpfs", str(foreign)], check=False).returncode:
-        foreign.rmdir()
         pytest.skip("cannot mount a tmpfs")
     try:
         proc = subprocess.Popen(
             [sys.executable, "-m", "dirbackup", "backup", *s, "--vmid", "100", *disk,
              "--mechanism", "file-handle", "--bwlimit", "1M"],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env,
         )  # fmt: skip
         deadline = time.monotonic() + 60
-        while not [m for d in rundirs_of(proc.pid) for m in mounts_under(d)]:
+        while not [m for d in rundirs_of(proc.pid, base) for m in mounts_under(d)]:
             assert time.monotonic() < deadline and proc.poll() is None
             time.sleep(0.02)
-        (rundir,) = rundirs_of(proc.pid)
+        (rundir,) = rundirs_of(proc.pid, base)
         (mount,) = mounts_under(rundir)
         proc.send_signal(signal.SIGSTOP)
         for line in servers_for(str(rundir)):
@@ -483,9 +486,15 @@ def test_dead_fuse_mount_of_a_killed_backup_is_cleaned_up_by_the_next_run(
             os.stat(mount)
         assert dead.value.errno == errno.ENOTCONN
         assert mounts_under(rundir) == [mount]
-        dirbackup("backup", *s, "--vmid", "100", *disk)  # the next run
+        next_run = subprocess.run(
+            [sys.executable, "-m", "dirbackup", "backup", *s, "--vmid", "100", *disk],
+            capture_output=True, text=True, env=env, timeout=300,
+        )  # fmt: skip
+        assert next_run.returncode == 0, next_run.stderr
         assert mounts_under(rundir) == [] and not rundir.exists()
         assert mounts_under(foreign) == [str(foreign)]  # not ours: untouched
     finally:
         subprocess.run(["umount", str(foreign)], check=False)
-        foreign.rmdir()
+        for d in rundirs_of(proc.pid, base):  # what a failed check may have left
+            for m in mounts_under(d):
+                subprocess.run(["umount", "-l", m], check=False)

@@ -189,11 +189,18 @@ def _die_with_parent(sig: int = signal.SIGTERM) -> Callable[[], None]:
 # Private run directories (sockets, pid files, mount points)
 
 RUN_BASE = "/run/dirbackup"
+RUN_DIR_VARIABLE = "DIRBACKUP_RUN_DIR"
 OWNER = ".owner"
 
 
 def run_base() -> str:
-    """Where private sockets and mount points go: /run/dirbackup as root."""
+    """Where private sockets and mount points go: $DIRBACKUP_RUN_DIR if set
+    (made if missing; keep it short: socket paths are limited to 107 bytes),
+    /run/dirbackup as root, the temporary directory otherwise."""
+    chosen = os.environ.get(RUN_DIR_VARIABLE)
+    if chosen:
+        os.makedirs(chosen, mode=0o700, exist_ok=True)
+        return chosen
     if os.geteuid() == 0 and os.path.isdir("/run"):
         os.makedirs(RUN_BASE, mode=0o700, exist_ok=True)
         return RUN_BASE
