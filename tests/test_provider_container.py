@@ -158,6 +158,7 @@ def _untidy(target: Path) -> None:
     (target / "var" / "log" / "messages").unlink()
     os.chmod(target, 0o711)
     os.setxattr(target, "user.stray", b"1")
+    os.utime(target, (1_000_000_000, 1_000_000_000))  # any later change shows
 
 
 @pytest.mark.parametrize("where", ["directory", "mount point"])
@@ -205,7 +206,8 @@ def test_failed_restore_with_force_leaves_the_old_tree(
         target = fs if where == "mount point" else fs / "ct"
         host.restore_container(volid, target, force=True)
         _untidy(target)
-        before = describe(fs)
+        before, names = describe(target), sorted(fs.iterdir())
         with pytest.raises(DirbackupError, match=r"No space left on device|Wrote only"):
             host.restore_container(volid, target, force=True)
-        assert differences(before, describe(fs)) == []
+        assert differences(before, describe(target)) == []
+        assert sorted(fs.iterdir()) == names  # no staging directory left

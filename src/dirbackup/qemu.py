@@ -213,7 +213,10 @@ def make_rundir(prefix: str) -> Path:
     base = run_base()
     clean_stale_rundirs(base)
     path = Path(tempfile.mkdtemp(prefix=prefix, dir=base))
-    (path / OWNER).write_text(owner_line())
+    # renamed into place: another process's clean_stale_rundirs must never
+    # read it half-written, take it for a dead owner's and remove the directory
+    (path / f"{OWNER}.new").write_text(owner_line())
+    os.rename(path / f"{OWNER}.new", path / OWNER)
     return path
 
 

@@ -93,6 +93,7 @@ def _exchange(a: Path, b: Path) -> bool:
 def _replace_inside(target: Path, build: Callable[[Path], None]) -> None:
     staging = target / f".dirbackup-restore-{os.getpid()}"
     _remove(staging)
+    before = os.lstat(target)
     staging.mkdir(mode=0o700)
     try:
         build(staging)
@@ -100,6 +101,7 @@ def _replace_inside(target: Path, build: Callable[[Path], None]) -> None:
             raise TreeSwapError(f"the restored tree holds {staging.name}; refused")
     except BaseException:
         _remove(staging)
+        os.utime(target, ns=(before.st_atime_ns, before.st_mtime_ns))  # as it was
         raise
     root = os.lstat(staging)  # before moving the entries out changes its times
     xattrs = {n: os.getxattr(staging, n) for n in _xattr_names(staging)}
