@@ -213,10 +213,7 @@ def make_rundir(prefix: str) -> Path:
     base = run_base()
     clean_stale_rundirs(base)
     path = Path(tempfile.mkdtemp(prefix=prefix, dir=base))
-    # renamed into place: another process's clean_stale_rundirs must never
-    # read it half-written, take it for a dead owner's and remove the directory
-    (path / f"{OWNER}.new").write_text(owner_line())
-    os.rename(path / f"{OWNER}.new", path / OWNER)
+    (path / OWNER).write_text(owner_line())
     return path
 
 
@@ -239,8 +236,8 @@ def clean_stale_rundirs(base: str | None = None) -> list[str]:
                 owner = Path(entry.path, OWNER).read_text()
             except OSError:
                 continue  # not one of ours, or not ours to judge
-            if owner_alive(owner):
-                continue
+            if not owner.strip() or owner_alive(owner):
+                continue  # empty: being written by its (live) owner just now
             real = os.path.realpath(entry.path)
             for point in mounts_below(real):
                 for cmd in (["fusermount3", "-u", "-z"], ["umount", "-l"]):
