@@ -25,6 +25,7 @@ stop everyone; the Python thread that called run() raises it.  Progress
 counters are atomics that Python reads without stopping the copy.
 """
 from cpython.pycapsule cimport PyCapsule_GetPointer
+from cpython.ref cimport Py_INCREF
 from libc.errno cimport (EBADF, EINTR, EINVAL, EIO, ENOSPC, ENOSYS, ENOTCONN, ENOTTY, EOPNOTSUPP,
                          EXDEV, errno)
 from libc.stdint cimport int64_t, uint64_t
@@ -57,6 +58,7 @@ from dirbackup.errors import Cancelled
 
 cdef extern from "<pthread.h>" nogil:
     int pthread_timedjoin_np(pthread_t thread, void **retval, const timespec *abstime)
+    int pthread_detach(pthread_t thread)
 
 cdef extern from "<time.h>" nogil:
     enum:
@@ -97,6 +99,7 @@ cdef enum:
     ALIGN = 4096
     ZERO_BUF = 1 << 20
     CANCEL_GRACE_NS = 5000000000
+    ABANDON_NS = 7000000000
 
 OPERATIONS = {OP_READ: "reading", OP_WRITE: "writing", OP_ZERO: "zeroing",
               OP_ALLOC: "allocating clusters in", OP_EOF: "reading",
@@ -672,6 +675,8 @@ cdef int read_and_process(Worker *w, int fd, uint64_t off, uint64_t src, uint64_
         piece = length if length <= j.slice else j.slice
         if read_fd(j, fd, w.buf, piece, src, direct, eof_is_zero, op) < 0:
             return -1
+        if cancelled(j):    # the read may have returned long after run() gave up
+            return -1
         if flags & ROW_HASH:
             hash_layer_units(j, layer, w.buf, off, piece)
         if not (flags & ROW_NOWRITE) and process(w, w.buf, off, piece, True) < 0:
@@ -1123,6 +1128,9 @@ cdef class CopyJob:
                     self.workers[i].started = 0
                     i += 1
                     continue
+                if cancelled(j) and now_ns() - j.cancel_ns > ABANDON_NS:
+                    self._abandon()
+                    break
                 try:
                     PyErr_CheckSignals()
                 except KeyboardInterrupt as exc:
@@ -1152,6 +1160,21 @@ cdef class CopyJob:
             raise Cancelled("copy cancelled")
         if progress is not None:
             progress(self)
+
+    cdef void _abandon(self):
+        """Give up on workers still running long after a cancel: each is stuck
+        in a read that does not return (a FUSE file whose server stopped
+        answering; only killing that server ends the read).  They are
+        detached, and the job and its buffers are never freed, since such a
+        worker still owns them when its read returns; it then sees the cancel
+        and ends without touching the target."""
+        cdef int i
+        Py_INCREF(self)
+        for i in range(self.n_workers):
+            if self.workers[i].started:
+                pthread_detach(self.workers[i].tid)
+                self.workers[i].started = 0
+                self.workers[i].leak = 1
 
     cdef object _error(self):
         cdef Job *j = &self.job

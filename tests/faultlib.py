@@ -10,6 +10,8 @@ signals, never mocks.
 * `leftovers`, `assert_store_sound`, `store_files`: what a store must look like
   after any fault; `dirty_map` / `bitmap_state`: a guest's persistent bitmap.
 * `servers_for`: qemu-nbd and nbdfuse processes still serving a path.
+* `python_for_others`: an interpreter and import path an unprivileged user can
+  use, also when this checkout lies in a private (0700) directory.
 """
 
 from __future__ import annotations
@@ -196,6 +198,7 @@ def provider_backup(
     volumes: dict[str, dict[str, Any]],
     start: int,
     request_size: int = 4 * MiB,
+    io_timeout: float | None = None,
 ) -> BaseException | None:
     """Drive the provider as the hypervisor does; return the error of backup_vm
     (after backup_cleanup(False)), or None after a successful backup."""
@@ -204,6 +207,7 @@ def provider_backup(
         storage.scfg,
         STOREID,
         copy_options=copy.CopyOptions(request_size=request_size, workers=2),
+        io_timeout=io_timeout,
     )
     p.job_init(start)
     p.backup_init(vmid, "qemu", start)
@@ -332,6 +336,79 @@ def wait_for(predicate: Any, timeout: float = 30, interval: float = 0.005) -> An
         if time.monotonic() > deadline:
             raise TimeoutError("condition not reached")
         time.sleep(interval)
+
+
+def rundirs_of(pid: int, base: Path | None = None) -> list[Path]:
+    """The private run directories (sockets, FUSE mount points) process `pid`
+    has made in `base` (default: the usual place): those whose owner file
+    names it."""
+    out = []
+    with contextlib.suppress(OSError):
+        for entry in os.scandir(base or qemu.run_base()):
+            with contextlib.suppress(OSError):
+                owner = Path(entry.path, qemu.OWNER).read_text().split()
+                if owner and owner[0] == str(pid):
+                    out.append(Path(entry.path))
+    return sorted(out)
+
+
+def mounts_under(path: Path) -> list[str]:
+    """Mount points at or below `path` (only these: other programs' mounts,
+    another dirbackup's included, are none of a test's business)."""
+    found = []
+    prefix = str(path).rstrip("/") + "/"
+    for line in Path("/proc/self/mountinfo").read_text().splitlines():
+        point = line.split()[4]
+        for esc, char in (("\\040", " "), ("\\011", "\t"), ("\\012", "\n"), ("\\134", "\\")):
+            point = point.replace(esc, char)
+        if point == str(path) or point.startswith(prefix):
+            found.append(point)
+    return found
+
+
+def _reachable_by_others(path: Path) -> bool:
+    """Whether a user who is neither owner nor group can read `path`."""
+    path = path.resolve()
+    for d in path.parents:
+        if not os.stat(d).st_mode & 0o001:
+            return False
+    return bool(os.stat(path).st_mode & 0o004)
+
+
+def python_for_others(dest: Path) -> tuple[str, list[str]]:
+    """(interpreter, sys.path entries) with which another user (nobody)
+    imports this dirbackup: the package (its Python files and its compiled
+    modules, which an editable install keeps apart) is copied into `dest`, and
+    numpy too when the other user could not read it where it is (a checkout
+    and its .venv in a 0700 directory, as anything under /root)."""
+    import numpy
+
+    import dirbackup
+
+    python = os.path.realpath(sys.executable)
+    if not _reachable_by_others(Path(python)):
+        pytest.skip(f"{python} cannot be run by other users")
+    dest.mkdir(parents=True, exist_ok=True)
+    package = Path(dirbackup.__file__).parent
+    ignore = shutil.ignore_patterns("__pycache__")
+    shutil.copytree(package, dest / "dirbackup", ignore=ignore, dirs_exist_ok=True)
+    for name, module in list(sys.modules.items()):
+        file = getattr(module, "__file__", None)
+        if name.startswith("dirbackup.") and file and Path(file).parent != package:
+            shutil.copy2(file, dest / "dirbackup" / Path(file).name)  # compiled modules
+    path = [str(dest)]
+    numpy_dir = Path(numpy.__file__).parent
+    if _reachable_by_others(numpy_dir / "__init__.py"):
+        path.append(str(numpy_dir.parent))
+    else:  # with the libraries a numpy wheel keeps beside it
+        for name in ("numpy", "numpy.libs"):
+            if (numpy_dir.parent / name).is_dir():
+                shutil.copytree(numpy_dir.parent / name, dest / name, ignore=ignore)
+    for dirpath, _dirs, filenames in os.walk(dest):
+        os.chmod(dirpath, 0o755)
+        for f in filenames:
+            os.chmod(os.path.join(dirpath, f), 0o644)
+    return python, path
 
 
 def partial_dirs(storage: DirectoryStorage, vmid: int) -> list[Path]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 from collections.abc import Callable, Iterator
@@ -11,6 +12,7 @@ from pathlib import Path
 
 import pytest
 from conftest import MiB, assert_same
+from faultlib import mounts_under, rundirs_of, servers_for
 from guests import store_bitmap
 
 from dirbackup import qemu
@@ -306,7 +308,14 @@ def test_restore_into_block_devices(
     proc = dirbackup("restore", *s, volid, "--disk", f"drive-scsi0={dev}", check=1)
     assert "exists; use --force" in proc.stderr
     proc = dirbackup(
-        "restore", *s, volid, "--format", "qcow2", "--force", "--disk", f"drive-scsi0={dev}",
+        "restore",
+        *s,
+        volid,
+        "--format",
+        "qcow2",
+        "--force",
+        "--disk",
+        f"drive-scsi0={dev}",
         check=1,
     )
     assert "only raw restores go there" in proc.stderr
@@ -354,9 +363,17 @@ def processes_using(path: Path) -> list[str]:
     return found
 
 
+@pytest.mark.parametrize(
+    ("sig", "status", "said"),
+    [(signal.SIGINT, 130, "interrupted"), (signal.SIGTERM, 143, "terminated (SIGTERM)")],
+    ids=["SIGINT", "SIGTERM"],
+)
 @pytest.mark.parametrize("mechanism", ["nbd", "file-handle"])
-def test_ctrl_c_stops_and_unmounts_everything(vm: dict[str, Path], mechanism: str) -> None:
-    import signal
+def test_ctrl_c_stops_and_unmounts_everything(
+    vm: dict[str, Path], mechanism: str, sig: int, status: int, said: str
+) -> None:
+    """Ctrl-C, and SIGTERM alike: helpers and mounts gone, no partial backup,
+    the failed backup's log kept, the bitmap still tracking every change."""
     import time
 
     s = ["--store", str(vm["store"])]
@@ -390,12 +407,19 @@ def test_ctrl_c_stops_and_unmounts_everything(vm: dict[str, Path], mechanism: st
             break
         time.sleep(0.05)
     time.sleep(0.5)
-    proc.send_signal(signal.SIGINT)
+    made = rundirs_of(proc.pid)  # this backup's sockets and mount points
+    assert made
+    if mechanism == "file-handle":
+        assert any(mounts_under(d) for d in made)
+    proc.send_signal(sig)
     _, err = proc.communicate(timeout=30)
-    assert proc.returncode == 130 and "interrupted" in err
+    assert proc.returncode == status and err.strip().splitlines()[-1] == f"error: {said}"
     assert processes_using(vm["disk0"]) == []
-    assert "dirbackup" not in Path("/proc/self/mountinfo").read_text()
+    assert [m for d in made for m in mounts_under(d)] == []
+    assert [d for d in made if d.exists()] == []
     assert not list((vm["store"] / "100").glob(".*.partial"))
+    (log,) = (vm["store"] / "100").glob("*.failed/backup.log")
+    assert said in log.read_text()
     assert len(json.loads(dirbackup("list", *s, "--json").stdout)) == 1
     assert qemu.bitmaps(vm["disk0"]) == bitmaps_before  # not cleared: changes still tracked
     state = snapshot(vm["disk0"], vm["tmp"] / "now.raw")
@@ -421,8 +445,21 @@ def test_bitmap_made_for_a_failed_backup_is_dropped(vm: dict[str, Path]) -> None
     qemu.bitmap(vm["disk0"], "remove", name)  # lost, e.g. by an image copied around
     qemu.io(vm["disk0"], "write -P 6 2M 1M")  # a change no bitmap saw
     proc = subprocess.Popen(
-        [sys.executable, "-m", "dirbackup", "backup", *s, "--vmid", "100", *disk,
-         "--bwlimit", "2M"], stderr=subprocess.PIPE, text=True)
+        [
+            sys.executable,
+            "-m",
+            "dirbackup",
+            "backup",
+            *s,
+            "--vmid",
+            "100",
+            *disk,
+            "--bwlimit",
+            "2M",
+        ],
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     for _ in range(200):
         if any((vm["store"] / "100").glob(".*.partial/*.qcow2")):
             break
@@ -441,3 +478,58 @@ def test_bitmap_made_for_a_failed_backup_is_dropped(vm: dict[str, Path]) -> None
     target = vm["tmp"] / "r.raw"
     dirbackup("restore", *s, volid, "--disk", f"drive-scsi0={target}")
     assert_same(state, target)
+
+
+def test_dead_fuse_mount_of_a_killed_backup_is_cleaned_up_by_the_next_run(
+    vm: dict[str, Path], sock_dir: Path
+) -> None:
+    """kill -9 of a backup and of its nbdfuse leaves a dead FUSE mount (stat
+    fails with ENOTCONN) in the backup's run directory: the next run detaches
+    and removes it -- and leaves alone the mounts it did not make.  The run
+    directories go to a base of this test's own, which no other dirbackup on
+    the machine cleans up meanwhile."""
+    import errno
+    import time
+
+    base = sock_dir / "run"
+    env = {**os.environ, qemu.RUN_DIR_VARIABLE: str(base)}
+    s = ["--store", str(vm["store"])]
+    disk = ["--disk", f"drive-scsi0={vm['disk0']}"]
+    foreign = base / "not-ours"
+    foreign.mkdir(parents=True)
+    if subprocess.run(["mount", "-t", "tmpfs", "tmpfs", str(foreign)], check=False).returncode:
+        pytest.skip("cannot mount a tmpfs")
+    try:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "dirbackup", "backup", *s, "--vmid", "100", *disk,
+             "--mechanism", "file-handle", "--bwlimit", "1M"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env,
+        )  # fmt: skip
+        deadline = time.monotonic() + 60
+        while not [m for d in rundirs_of(proc.pid, base) for m in mounts_under(d)]:
+            assert time.monotonic() < deadline and proc.poll() is None
+            time.sleep(0.02)
+        (rundir,) = rundirs_of(proc.pid, base)
+        (mount,) = mounts_under(rundir)
+        proc.send_signal(signal.SIGSTOP)
+        for line in servers_for(str(rundir)):
+            if "nbdfuse" in line:
+                os.kill(int(line.split()[0]), signal.SIGKILL)
+        proc.kill()
+        proc.wait()
+        with pytest.raises(OSError) as dead:
+            os.stat(mount)
+        assert dead.value.errno == errno.ENOTCONN
+        assert mounts_under(rundir) == [mount]
+        next_run = subprocess.run(
+            [sys.executable, "-m", "dirbackup", "backup", *s, "--vmid", "100", *disk],
+            capture_output=True, text=True, env=env, timeout=300,
+        )  # fmt: skip
+        assert next_run.returncode == 0, next_run.stderr
+        assert mounts_under(rundir) == [] and not rundir.exists()
+        assert mounts_under(foreign) == [str(foreign)]  # not ours: untouched
+    finally:
+        subprocess.run(["umount", str(foreign)], check=False)
+        for d in rundirs_of(proc.pid, base):  # what a failed check may have left
+            for m in mounts_under(d):
+                subprocess.run(["umount", "-l", m], check=False)

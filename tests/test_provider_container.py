@@ -4,12 +4,13 @@ privileged process must find everything it needs on disk."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from faultlib import python_for_others, small_tmpfs
 from treeinfo import describe, differences
 
 from dirbackup.errors import DirbackupError
@@ -121,10 +122,11 @@ def test_container_failures_publish_nothing(tmp_path: Path, sock_dir: Path) -> N
     tmp_path = sock_dir  # world-searchable, unlike pytest's tmp_path
     root = tmp_path / "root"
     make_tree(root)
+    python, path = python_for_others(tmp_path / "lib")
     script = f"""
 import os, sys
 os.setgid(65534); os.setuid(65534)
-sys.path[:0] = {sys.path!r}
+sys.path[:0] = {path!r}
 from dirbackup.storage import DirectoryStorage
 from dirbackup.host import Host
 st = DirectoryStorage("dirb", {{"path": {str(tmp_path / "ustore")!r}}})
@@ -138,10 +140,74 @@ except Exception as exc:
     ustore.mkdir()
     os.chown(ustore, 65534, 65534)
     os.chmod(root / "etc", 0o700)  # root-owned: unreadable for nobody
-    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    proc = subprocess.run([python, "-c", script], capture_output=True, text=True)
     assert proc.returncode == 3, proc.stderr
     assert proc.stdout.startswith("ERROR") and "tar" in proc.stdout
     st2 = DirectoryStorage(STOREID, {"path": str(ustore)})
     assert st2.list_volumes() == []
     leftovers = [p.name for p in (ustore / "201").iterdir() if not p.name.startswith(".lock")]
     assert all(name.endswith(".failed") for name in leftovers), leftovers
+
+
+def _untidy(target: Path) -> None:
+    """What a directory may hold before a restore with --force replaces it."""
+    (target / "stray").write_text("not in the backup\n")
+    (target / "etc" / "stray-dir").mkdir()
+    (target / "etc" / "stray-dir" / "deep").write_text("neither\n")
+    (target / "etc" / "hostname").write_text("changed since\n")
+    (target / "var" / "log" / "messages").unlink()
+    os.chmod(target, 0o711)
+    os.setxattr(target, "user.stray", b"1")
+    os.utime(target, (1_000_000_000, 1_000_000_000))  # any later change shows
+
+
+@pytest.mark.parametrize("where", ["directory", "mount point"])
+@pytest.mark.parametrize("mode", ["tar", "squashfs"])
+def test_restore_with_force_gives_exactly_the_backed_up_tree(
+    tmp_path: Path, mode: str, where: str
+) -> None:
+    root = tmp_path / "root"
+    make_tree(root)
+    os.chmod(root, 0o750)
+    os.setxattr(root, "user.root", b"kept")
+    st = storage(tmp_path, mode)
+    host = Host(st, STOREID)
+    volid = host.backup_container(200, root, start_time=2000).volid
+    fresh = tmp_path / "fresh"
+    host.restore_container(volid, fresh)
+    want = describe(fresh)
+    assert want[b""].mode == 0o750 and dict(want[b""].xattrs)["user.root"] == b"kept"
+    with contextlib.ExitStack() as stack:
+        if where == "mount point":
+            target = stack.enter_context(small_tmpfs(tmp_path / "volume", "16M"))
+        else:
+            target = tmp_path / "ct"
+        host.restore_container(volid, target, force=True)
+        _untidy(target)
+        with pytest.raises(DirbackupError, match="not empty; use --force"):
+            host.restore_container(volid, target)
+        host.restore_container(volid, target, force=True)
+        assert differences(want, describe(target)) == []
+        assert sorted(p.name for p in target.parent.iterdir() if p.name.startswith(".")) == []
+        assert os.path.ismount(target) == (where == "mount point")
+
+
+@pytest.mark.parametrize("where", ["directory", "mount point"])
+@pytest.mark.parametrize("mode", ["tar", "squashfs"])
+def test_failed_restore_with_force_leaves_the_old_tree(
+    tmp_path: Path, mode: str, where: str
+) -> None:
+    root = tmp_path / "root"
+    make_tree(root)
+    st = storage(tmp_path, mode)
+    host = Host(st, STOREID)
+    volid = host.backup_container(200, root, start_time=2000).volid
+    with small_tmpfs(tmp_path / "fs", "420k") as fs:  # one restored tree fits, not two
+        target = fs if where == "mount point" else fs / "ct"
+        host.restore_container(volid, target, force=True)
+        _untidy(target)
+        before, names = describe(target), sorted(fs.iterdir())
+        with pytest.raises(DirbackupError, match=r"No space left on device|Wrote only"):
+            host.restore_container(volid, target, force=True)
+        assert differences(before, describe(target)) == []
+        assert sorted(fs.iterdir()) == names  # no staging directory left

@@ -16,6 +16,7 @@ import os
 import re
 import signal
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -38,7 +39,9 @@ from faultlib import (
 from guests import STOREID, Guest, make_storage, restore_and_compare, store_bitmap
 
 from dirbackup import qemu
+from dirbackup.errors import IOTimeout, StoreError
 from dirbackup.host import Host
+from dirbackup.storage import DirectoryStorage
 
 DEV = "drive-scsi0"
 SIZE = 16 * MiB
@@ -348,3 +351,96 @@ def test_raw_disk_truncated_during_the_backup(tmp_path: Path) -> None:
     cli("backup", *store, *disk)
     [volid] = assert_store_sound(storage)
     restore_and_compare(storage, volid, {DEV: raw}, tmp_path)
+
+
+# ---------------------------------------------------------------------- sources that stop answering
+
+
+@pytest.mark.parametrize(
+    ("phase", "delay", "said"),
+    [
+        ("connect", "delay-open=60", rf"no answer for 2 s connecting to nbd\+unix:///{DEV}\?"),
+        ("map", "delay-extents=60", rf"no progress for 2 s querying base:allocation of {DEV}"),
+        ("copy", "rdelay=60", rf"no progress for 2 s reading nbd\+unix:///{DEV}\?socket=\S+ into"),
+    ],
+    ids=["connect", "map", "copy"],
+)
+def test_source_that_stops_answering_times_out(
+    scene: Scene, sock_dir: Path, phase: str, delay: str, said: str
+) -> None:
+    """nbdkit answers the handshake, block status or reads only after a minute:
+    the backup gives up after the I/O timeout (2 s here) with a clear error,
+    instead of waiting while it holds the guest's lock."""
+    if not has_nbdkit_filter("delay"):
+        pytest.skip("nbdkit delay filter missing")
+    with NbdKit(sock_dir / "kit.sock", ["file", str(scene.fleecing()), delay], ["delay"]) as kit:
+        volumes = {DEV: {"size": SIZE, "bitmap-mode": "new", "nbd-path": str(kit.socket)}}
+        began = time.monotonic()
+        err = provider_backup(scene.storage, 100, volumes, 2000, io_timeout=2)
+        took = time.monotonic() - began
+    assert isinstance(err, IOTimeout), repr(err)
+    assert re.search(said, str(err)) and "(I/O timeout)" in str(err), str(err)
+    assert 2 <= took < 15, took
+    scene.assert_untouched()
+    scene.next_incremental_is_exact()
+
+
+def test_slow_but_moving_source_does_not_time_out(scene: Scene, sock_dir: Path) -> None:
+    """Reads of 0.6 s each, and waits for a bandwidth limit longer than the I/O
+    timeout: progress, so no timeout."""
+    if not has_nbdkit_filter("delay"):
+        pytest.skip("nbdkit delay filter missing")
+    source = scene.fleecing()
+    with NbdKit(sock_dir / "kit.sock", ["file", str(source), "rdelay=600ms"], ["delay"]) as kit:
+        volumes = {DEV: {"size": SIZE, "bitmap-mode": "new", "nbd-path": str(kit.socket)}}
+        err = provider_backup(scene.storage, 100, volumes, 2000, request_size=4 * MiB, io_timeout=1)
+    assert err is None, err
+    store = scene.storage.scfg.path
+    scene.guest.change(DEV, "write -P 0x44 0 2M")
+    state = scene.guest.snapshot()[DEV]
+    cli(*backup_args(store, "100", scene.image, "--bwlimit", "1M", "--io-timeout", "1", device=DEV))
+    volid = volids(scene.storage)[-1]
+    restore_and_compare(scene.storage, volid, {DEV: state}, scene.tmp)
+
+
+@pytest.mark.parametrize("mechanism", ["nbd", "file-handle"])
+def test_stopped_snapshot_access_times_out_under_the_command_line(
+    scene: Scene, mechanism: str
+) -> None:
+    """The host's own qemu-nbd is stopped (SIGSTOP) while the CLI copies: exit 1
+    with the timeout's error, the stopped server gone, nothing published, the
+    guest's lock free for the next backup."""
+    store = scene.storage.scfg.path
+    args = ["--bwlimit", "2M", "--io-timeout", "2", "--mechanism", mechanism]
+    proc = cli_popen(*backup_args(store, "100", scene.image, *args, device=DEV))
+    try:
+        wait_for(
+            lambda: [p for p in partial_dirs(scene.storage, 100) if (p / f"{DEV}.qcow2").exists()]
+        )
+        for server in servers_for(str(scene.image)):
+            os.kill(int(server.split()[0]), signal.SIGSTOP)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 1, (out, err)
+    last = err.strip().splitlines()[-1]
+    source = rf"nbd\+unix:///{DEV}\?socket=\S+" if mechanism == "nbd" else rf"{DEV} \(file handle\)"
+    assert re.fullmatch(rf"error: no progress for 2 s reading {source} into \S+: .*", last), err
+    assert servers_for(str(scene.image)) == []
+    scene.assert_untouched()
+    scene.next_incremental_is_exact()
+
+
+def test_io_timeout_is_configurable(tmp_path: Path) -> None:
+    store = tmp_path / "s"
+    store.mkdir()
+    st = DirectoryStorage(STOREID, {"path": str(store), "io-timeout": "2.5"})
+    assert st.new_backup_provider().io_timeout == 2.5
+    assert Host(st, STOREID).io_timeout == 2.5
+    assert DirectoryStorage(STOREID, {"path": str(store)}).new_backup_provider().io_timeout == 60
+    with pytest.raises(StoreError, match="io-timeout must be a number of seconds >= 0, not '-1'"):
+        DirectoryStorage(STOREID, {"path": str(store), "io-timeout": "-1"})
+    proc = cli(*backup_args(store, "100", tmp_path / "x", "--io-timeout", "soon"), check=2)
+    assert "invalid number of seconds 'soon'" in proc.stderr

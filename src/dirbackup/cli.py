@@ -3,21 +3,23 @@ container directories into a dirbackup store, and manage the store.
 
 Exit status: 0 on success, 1 with a one-line `error: ...` on stderr for an
 operational error (a traceback only with --debug), 2 for usage errors, 130
-when interrupted.
+when interrupted (Ctrl-C, SIGINT), 143 when terminated (SIGTERM); both clean
+up the same way.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import signal
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 from dirbackup import __version__
-from dirbackup.errors import DirbackupError
+from dirbackup.errors import DirbackupError, Terminated
 from dirbackup.host import Disk, Host, RestoreEngine
 from dirbackup.progress import ProgressBar
 from dirbackup.provider import DirectoryBackupProvider
@@ -32,8 +34,11 @@ from dirbackup.store import (
     split_volid,
 )
 from dirbackup.units import human, parse_seconds, parse_size
+from dirbackup.watchdog import DEFAULT_IO_TIMEOUT
 
 DEFAULT_STOREID = "dirbackup"
+EXIT_INTERRUPTED = 128 + signal.SIGINT  # 130, as a shell reports a process Ctrl-C killed
+EXIT_TERMINATED = 128 + signal.SIGTERM  # 143, likewise for SIGTERM
 
 
 class UsageError(Exception):
@@ -165,6 +170,14 @@ def build_parser() -> argparse.ArgumentParser:
         default="tar",
         help="container archive format (default: tar)",
     )
+    b.add_argument(
+        "--io-timeout",
+        type=_seconds,
+        default=DEFAULT_IO_TIMEOUT,
+        metavar="SECONDS",
+        help="fail when a disk makes no progress for this long (a server that stopped "
+        f"answering; 0: wait for ever; default: {DEFAULT_IO_TIMEOUT:.0f})",
+    )
     b.add_argument("--notes", metavar="TEXT", help="notes to attach to the backup")
     b.add_argument("--protected", action="store_true", help="protect the backup from removal")
 
@@ -272,6 +285,8 @@ def _storage(args: argparse.Namespace, **opts: str) -> DirectoryStorage:
     options: dict[str, object] = {"path": str(store), **opts}
     if getattr(args, "lock_timeout", None) is not None:
         options["lock-timeout"] = args.lock_timeout
+    if getattr(args, "io_timeout", None) is not None:
+        options["io-timeout"] = args.io_timeout
     return DirectoryStorage(args.storeid, options)
 
 
@@ -573,24 +588,54 @@ COMMANDS = {
 }
 
 
+def _terminate_like_ctrl_c() -> Callable[[], None]:
+    """Make SIGTERM raise Terminated (a KeyboardInterrupt) in the main thread,
+    so that a backup or restore stopped by a service manager or `kill` cleans
+    up as after Ctrl-C.  Later SIGTERMs are ignored while that cleanup runs
+    (it is bounded; SIGKILL still stops everything).  Returns the undo."""
+    seen = False
+
+    def handler(signum: int, frame: object) -> None:
+        nonlocal seen
+        if not seen:
+            seen = True
+            raise Terminated()
+
+    try:
+        previous = signal.signal(signal.SIGTERM, handler)
+    except ValueError:  # not the main thread (main() called by a program)
+        return lambda: None
+
+    def undo() -> None:
+        signal.signal(signal.SIGTERM, previous)
+
+    return undo
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `dirbackup` program."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    undo = _terminate_like_ctrl_c()
     try:
         return COMMANDS[args.command](args)
     except UsageError as exc:
         parser.print_usage(sys.stderr)
         print(f"{parser.prog} {args.command}: error: {exc}", file=sys.stderr)
         return 2
+    except Terminated:
+        print("\nerror: terminated (SIGTERM)", file=sys.stderr)
+        return EXIT_TERMINATED
     except KeyboardInterrupt:
         print("\nerror: interrupted", file=sys.stderr)
-        return 130
+        return EXIT_INTERRUPTED
     except (DirbackupError, OSError) as exc:
         if args.debug:
             raise
         print(f"error: {_one_line(exc)}", file=sys.stderr)
         return 1
+    finally:
+        undo()
 
 
 def _one_line(exc: BaseException) -> str:

@@ -38,6 +38,9 @@ import numpy.typing as npt
 
 from dirbackup import _copy
 from dirbackup import extents as ext
+from dirbackup.errors import Cancelled, IOTimeout
+from dirbackup.nbd import shut_down, socket_fds
+from dirbackup.watchdog import DEFAULT_IO_TIMEOUT, Watchdog
 
 MiB = 1 << 20
 DEFAULT_REQUEST_SIZE = 4 * MiB
@@ -155,6 +158,9 @@ class CopyOptions:
     bandwidth_limit: bytes per second read from the source (0: unlimited).
     digest_chunk: size of the guest address chunks digests are summed over (0: none).
     progress_interval: seconds between progress callbacks.
+    io_timeout: seconds without any progress after which the copy gives up with
+        IOTimeout instead of hanging on a source that stopped answering (0: never);
+        waits for the bandwidth limit do not count.
     """
 
     request_size: int = DEFAULT_REQUEST_SIZE
@@ -166,6 +172,7 @@ class CopyOptions:
     bandwidth_limit: int = 0
     digest_chunk: int = 0
     progress_interval: float = 0.5
+    io_timeout: float = DEFAULT_IO_TIMEOUT
 
 
 @dataclass(frozen=True)
@@ -285,8 +292,39 @@ def _run(
         def callback(j: Any) -> None:
             report(_snapshot(j, start))
 
-    job.run(callback, options.progress_interval, cancel_event)
+    with _watchdog(job, args, options) as guard:
+        try:
+            job.run(callback, options.progress_interval, cancel_event)
+        except (OSError, Cancelled):
+            if not guard.fired:
+                raise
+    if guard.fired:
+        raise IOTimeout(
+            f"no progress for {options.io_timeout:g} s reading {job.source_name} into "
+            f"{job.target_name}: it stopped answering (I/O timeout)"
+        )
     return _snapshot(job, start, final=True)
+
+
+def _watchdog(job: Any, args: dict[str, Any], options: CopyOptions) -> Watchdog:
+    """A watchdog that cancels the job when its counters stop moving (and shuts
+    the NBD sockets down, so that requests stuck in flight fail at once; a
+    worker stuck in a file read is abandoned by the job itself).  Waits for the
+    bandwidth limit are allowed for: each worker may wait a request's worth."""
+    timeout = options.io_timeout
+    if timeout > 0 and options.bandwidth_limit:
+        timeout += job.workers_used * options.request_size / options.bandwidth_limit
+    handles = [*args.get("src_handles", ()), *args.get("tgt_handles", ())]
+    fds = socket_fds(handles) if timeout > 0 else []
+
+    def progress() -> int:
+        return int(job.read_bytes + job.written_bytes + job.zero_bytes + job.done_bytes)
+
+    def stall() -> None:
+        job.cancel()
+        shut_down(fds)
+
+    return Watchdog(timeout, progress, stall)
 
 
 def copy_regions(
@@ -309,7 +347,8 @@ def copy_regions(
     4096 bytes.  With `options.digest_chunk`, per-chunk digest sums over
     [0, digest_size) are returned in the stats (zero clusters count only with
     `digest_zero`).  Raises OSError (with the path or URI and the offset) on
-    I/O errors, dirbackup.errors.Cancelled when cancelled, and re-raises
+    I/O errors, dirbackup.errors.Cancelled when cancelled, IOTimeout when
+    nothing moved for `options.io_timeout` seconds, and re-raises
     KeyboardInterrupt after stopping the workers.
     """
     regions = ext.coalesce(regions)

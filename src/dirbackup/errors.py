@@ -25,6 +25,11 @@ class Cancelled(DirbackupError):
     """A copy was cancelled (Ctrl-C or a cancel event) and stopped cleanly."""
 
 
+class IOTimeout(DirbackupError):
+    """A source (or target) made no progress for the I/O timeout: the operation
+    was stopped instead of hanging while it holds a guest's lock."""
+
+
 class ImageError(DirbackupError):
     """A qcow2 image or backing chain that is invalid, unsafe or unsupported."""
 
@@ -56,3 +61,9 @@ class ContainerError(DirbackupError):
 
     The message is one line meant for the user (the tool's own message included);
     partial output has already been removed when it is raised."""
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised by the command line where Ctrl-C raises KeyboardInterrupt,
+    so that it stops workers, helper processes and mounts, and removes
+    temporary files, exactly as Ctrl-C does."""

@@ -20,6 +20,7 @@ provider's `qemu-img-path`.
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import shutil
 import stat
@@ -32,9 +33,9 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
-from dirbackup import bitmaps, copy, extents, nbd, qcow2, qemu
+from dirbackup import bitmaps, copy, extents, nbd, qcow2, qemu, watchdog
 from dirbackup.api import BackupProvider, BitmapMode, ChainAccess, LogFunction
-from dirbackup.errors import DirbackupError
+from dirbackup.errors import DirbackupError, Terminated
 from dirbackup.store import VmType, check_device_name
 
 
@@ -134,12 +135,19 @@ class Host:
         log: LogFunction | None = None,
         provider: BackupProvider | None = None,
         progress: Callable[[str, copy.CopyStats], None] | None = None,
+        io_timeout: float | None = None,
     ) -> None:
+        """`io_timeout` (default: the storage's `io-timeout`, 60 s) bounds the
+        host's own wait for a disk's dirty map (the file-handle mechanism)."""
         self.storage = storage
         self.storeid = storeid
         self.log = _Log(log)
         self.provider = provider or storage.new_backup_provider(self.log)
         self.progress = progress
+        if io_timeout is None:
+            scfg = getattr(storage, "scfg", None)
+            io_timeout = float(getattr(scfg, "io_timeout", watchdog.DEFAULT_IO_TIMEOUT))
+        self.io_timeout = io_timeout
 
     # ------------------------------------------------------------------ VM backup
 
@@ -334,7 +342,10 @@ class Host:
                 stack.callback(os.close, fd)
                 vol["file-handle"] = fd
                 vol["next-dirty-region"] = _dirty_iterator(
-                    server.uri, name if mode == BitmapMode.REUSE else None, vol["size"]
+                    server.uri,
+                    name if mode == BitmapMode.REUSE else None,
+                    vol["size"],
+                    self.io_timeout,
                 )
             volumes[d.device] = vol
         return volumes
@@ -410,6 +421,7 @@ class Host:
                 {d: (Path(t), int(sizes[d]["size"])) for d, t in targets.items()},
                 target_format,
                 force,
+                self._store_root(),
             )
             for device, target in targets.items():
                 report.devices[device] = self._restore_disk(
@@ -426,6 +438,12 @@ class Host:
             p.restore_vm_cleanup(volname)
         report.seconds = time.monotonic() - began
         return report
+
+    def _store_root(self) -> Path | None:
+        """The store's directory, when the storage has one (ours has)."""
+        store = getattr(self.storage, "store", None)
+        root = getattr(store, "root", None)
+        return Path(root) if root is not None else None
 
     def _restore_disk(
         self,
@@ -466,22 +484,7 @@ class Host:
         path = p.restore_vm_volume_init(volname, device, {})["qemu-img-path"]
         try:
             if engine == RestoreEngine.QEMU_IMG:
-                if not blockdev:
-                    target.unlink(missing_ok=True)
-                qemu.run(
-                    [
-                        "qemu-img",
-                        "convert",
-                        "-f",
-                        "raw",
-                        "-O",
-                        target_format,
-                        *(["-n"] if blockdev else []),
-                        path,
-                        str(target),
-                    ],
-                    timeout=None,
-                )
+                _qemu_img_convert(path, target, size, target_format, blockdev)
                 return None
             fd = os.open(path, os.O_RDONLY)
             try:
@@ -511,25 +514,26 @@ class Host:
         """Run the copy into `target`; a qcow2 target gets `cluster_size`
         (no larger than the smallest cluster of the chain it is copied from)."""
         if target_format == "qcow2":
-            tmp = target.with_name(f".{target.name}.restore-{os.getpid()}")
+            tmp = _temporary_name(target)
             tmp.unlink(missing_ok=True)
-            with qcow2.Writer(tmp, size, cluster_size) as writer:
+            with qcow2.Writer(tmp, size, cluster_size) as writer:  # removes itself unless finished
                 stats = run(writer)
                 writer.finish()
             os.replace(tmp, target)
             return stats
         if blockdev:
-            fd = os.open(target, os.O_WRONLY)
+            fd = _open_exclusive(target)
             try:
                 return run(copy.FileTarget(fd, str(target), fresh=False))
             finally:
                 os.fsync(fd)
                 os.close(fd)
-        tmp = target.with_name(f".{target.name}.restore-{os.getpid()}")
+        tmp = _temporary_name(target)
         fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
         try:
             os.ftruncate(fd, size)
             stats = run(copy.FileTarget(fd, str(target)))
+            os.ftruncate(fd, size)  # the image's zero tail up to a whole sector goes
             os.fsync(fd)
         except BaseException:
             os.close(fd)
@@ -541,8 +545,12 @@ class Host:
 
     def restore_container(self, volid: str, target: Path, *, force: bool = False) -> float:
         """Restore a container backup into a directory (extracted tar, or the
-        squashfs image's tree copied with owners, modes and xattrs)."""
-        from dirbackup import container
+        squashfs image's tree copied with owners, modes and xattrs).
+
+        A non-empty target needs `force`; it then holds exactly the backed-up
+        tree.  The tree is built beside the target and swapped in only when
+        complete (treeswap): a failed restore leaves the old tree."""
+        from dirbackup import container, treeswap
 
         p = self.provider
         volname = volid.split(":", 1)[1] if ":" in volid else volid
@@ -555,13 +563,14 @@ class Host:
             raise HostError(f"restore target {target} is not a directory")
         if target.exists() and any(target.iterdir()) and not force:
             raise HostError(f"restore target {target} is not empty; use --force")
-        target.mkdir(parents=True, exist_ok=True)
         info = p.restore_container_init(volname, {})
         try:
             if mechanism == "tar":
-                container.extract_tar(Path(info["tar-path"]), target, log=self.log)
+                tar = Path(info["tar-path"])
+                treeswap.replace_tree(target, lambda d: container.extract_tar(tar, d, log=self.log))
             else:
-                container.copy_tree(Path(info["archive-directory"]), target, log=self.log)
+                tree = Path(info["archive-directory"])
+                treeswap.replace_tree(target, lambda d: container.copy_tree(tree, d, log=self.log))
         finally:
             p.restore_container_cleanup(volname, {})
         return time.monotonic() - began
@@ -571,6 +580,8 @@ class Host:
 
 
 def _describe(exc: BaseException) -> str:
+    if isinstance(exc, Terminated):
+        return "terminated (SIGTERM)"
     if isinstance(exc, KeyboardInterrupt):
         return "interrupted"
     return str(exc) or type(exc).__name__
@@ -605,10 +616,14 @@ def _is_block_device(path: Path) -> bool:
 
 
 def _check_targets(
-    targets: Mapping[str, tuple[Path, int]], target_format: str, force: bool
+    targets: Mapping[str, tuple[Path, int]],
+    target_format: str,
+    force: bool,
+    store_root: Path | None = None,
 ) -> None:
     """Refuse, before anything is written, restore targets that would fail
-    half-way or lose data: one target for two disks, an existing target
+    half-way or lose data: one target for two disks, a target inside the
+    backup store, a target in use (even with `force`), an existing target
     without `force`, a directory, a missing parent directory, a block device
     smaller than its disk or given a qcow2."""
     if target_format not in ("raw", "qcow2"):
@@ -619,12 +634,15 @@ def _check_targets(
         if key in seen:
             raise HostError(f"{seen[key]} and {device} are both to be restored into {target}")
         seen[key] = device
+        if store_root is not None and _inside(Path(key), store_root):
+            raise HostError(f"restore target {target} lies inside the backup store; refused")
         if target.is_dir():
             raise HostError(f"restore target {target} is a directory (give a file or device)")
         if not target.exists():
             if not target.parent.is_dir():
                 raise HostError(f"restore target {target}: {target.parent} is not a directory")
             continue
+        _check_not_in_use(target)
         if not force:
             raise HostError(f"restore target {target} exists; use --force to overwrite it")
         if _is_block_device(target):
@@ -632,6 +650,88 @@ def _check_targets(
                 raise HostError(f"{target} is a block device: only raw restores go there")
             if _raw_size(target) < size:
                 raise HostError(f"block device {target} is smaller than the disk ({size} bytes)")
+
+
+def _inside(path: Path, root: Path) -> bool:
+    """Whether `path` (a real path) is `root` or lies below it; compared by
+    device and inode too, so that a bind mount of the store counts."""
+    try:
+        want = os.stat(root)
+    except OSError:
+        return False
+    real_root = os.path.realpath(root)
+    if path == Path(real_root) or Path(real_root) in path.parents:
+        return True
+    for d in (path, *path.parents):
+        with contextlib.suppress(OSError):
+            if os.path.samestat(os.stat(d), want):
+                return True
+    return False
+
+
+def _check_not_in_use(target: Path) -> None:
+    """A target another process uses is never written, not even with --force:
+    a block device that is mounted or opened exclusively (O_EXCL: LVM, md, a
+    file system, a running restore), or an image that QEMU (a VM, qemu-nbd,
+    qemu-img) holds its lock on."""
+    if _is_block_device(target):
+        os.close(_open_exclusive(target, os.O_RDONLY))
+    if qemu.image_locked(target):
+        raise HostError(
+            f"restore target {target} is in use by QEMU (a VM, qemu-nbd or qemu-img holds "
+            "its image lock); refused"
+        )
+
+
+def _open_exclusive(target: Path, mode: int = os.O_WRONLY) -> int:
+    """Open a block device exclusively: the kernel then refuses it to mounts
+    and to other exclusive openers for as long as it is open."""
+    try:
+        return os.open(target, mode | os.O_EXCL | os.O_CLOEXEC)
+    except OSError as exc:
+        if exc.errno == errno.EBUSY:
+            raise HostError(
+                f"restore target {target} is in use (mounted, or held open exclusively by "
+                "another process); refused"
+            ) from None
+        raise
+
+
+def _temporary_name(target: Path) -> Path:
+    """Where a file target is written before it is renamed into place."""
+    return target.with_name(f".{target.name}.restore-{os.getpid()}")
+
+
+def _qemu_img_convert(
+    source: str, target: Path, size: int, target_format: str, blockdev: bool
+) -> None:
+    """`qemu-img convert` into the target: a block device in place (held
+    exclusively meanwhile); a file under a temporary name, synced and renamed
+    into place when complete, so that a failure (ENOSPC) or an interruption
+    leaves the old target as it was and no partial file."""
+    cmd = ["qemu-img", "convert", "-f", "raw", "-O", target_format]
+    if blockdev:
+        fd = _open_exclusive(target)
+        try:
+            qemu.run([*cmd, "-n", source, str(target)], timeout=None)
+        finally:
+            os.close(fd)
+        return
+    tmp = _temporary_name(target)
+    tmp.unlink(missing_ok=True)
+    try:
+        qemu.run([*cmd, source, str(tmp)], timeout=None)
+        fd = os.open(tmp, os.O_RDWR | os.O_CLOEXEC)
+        try:
+            if target_format == "raw":
+                os.ftruncate(fd, size)  # the export's zero tail up to a whole sector goes
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    os.replace(tmp, target)
 
 
 def _disk_size(path: Path) -> int:
@@ -665,15 +765,17 @@ def _open_direct(path: Path) -> int:
         return os.open(path, os.O_RDONLY)  # FUSE without direct I/O support
 
 
-def _dirty_iterator(uri: str, bitmap: str | None, size: int) -> Callable[[], Any]:
+def _dirty_iterator(
+    uri: str, bitmap: str | None, size: int, io_timeout: float
+) -> Callable[[], Any]:
     """The hypervisor's next-dirty-region: (offset, length) per call, then None."""
     if bitmap is None:
         regions = [(0, size)]
     else:
         context = extents.dirty_bitmap_context(bitmap)
-        h = nbd.connect(uri, [context])
+        h = nbd.connect(uri, [context], timeout=io_timeout)
         try:
-            dirty = extents.dirty(extents.block_status(h, context))
+            dirty = extents.dirty(watchdog.block_status(h, context, io_timeout, uri))
         finally:
             nbd.close_all([h])
         regions = [(int(o), int(n)) for o, n, _ in dirty]

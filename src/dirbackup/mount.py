@@ -58,6 +58,21 @@ def is_mount_point(path: str) -> bool:
     return False
 
 
+def mounts_below(path: str) -> list[str]:
+    """Mount points at `path` (a real path) or below it, deepest first, per
+    mountinfo (also the dead FUSE mounts that os.path.ismount cannot see)."""
+    prefix = path.rstrip("/") + "/"
+    found = []
+    with open("/proc/self/mountinfo", "rb") as f:
+        for raw in f:
+            fields = raw.decode("utf-8", "surrogateescape").split(" ")
+            if len(fields) > 4:
+                point = _unescape_mountinfo(fields[4])
+                if point == path or point.startswith(prefix):
+                    found.append(point)
+    return sorted(set(found), key=len, reverse=True)
+
+
 def fuse_version(program: str) -> tuple[int, ...] | None:
     """squashfuse's version from `-V` (None if it does not say).
 

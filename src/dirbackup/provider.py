@@ -51,7 +51,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from dirbackup import copy, extents, nbd, qcow2, qemu, verify
+from dirbackup import copy, extents, nbd, qcow2, qemu, verify, watchdog
 from dirbackup.api import (
     BACKING_KEY,
     BITMAPS_KEY,
@@ -94,6 +94,7 @@ from dirbackup.store import (
     write_atomic,
 )
 from dirbackup.units import human
+from dirbackup.watchdog import DEFAULT_IO_TIMEOUT
 
 DEFAULT_CLUSTER = 64 * 1024
 DIGEST_CHUNK = 16 << 20
@@ -152,15 +153,22 @@ class DirectoryBackupProvider(BackupProvider):
         lock_timeout: float | None = None,
         copy_options: copy.CopyOptions | None = None,
         progress: DeviceProgress | None = None,
+        io_timeout: float | None = None,
     ) -> None:
         """`progress(device, stats)` is called a few times a second while a disk
         is copied (for progress bars); the log gets a line every 10 s.
         `lock_timeout` (default: the storage's `lock-timeout`, 60 s) is how
-        long backup_init waits for another backup or prune of the guest."""
+        long backup_init waits for another backup or prune of the guest;
+        `io_timeout` (default: the storage's `io-timeout`, 60 s) how long a
+        backup waits for a source that makes no progress -- connecting,
+        querying its map or copying -- before it fails (0: for ever)."""
         super().__init__(storage_plugin, scfg, storeid, log)
         self.progress = progress
         if lock_timeout is None:
             lock_timeout = float(getattr(scfg, "lock_timeout", DEFAULT_LOCK_TIMEOUT))
+        if io_timeout is None:
+            io_timeout = float(getattr(scfg, "io_timeout", DEFAULT_IO_TIMEOUT))
+        self.io_timeout = io_timeout
         self.store = Store(scfg.path, lock_timeout)
         self.copy_options = copy_options or copy.CopyOptions()
         self._guests: dict[int, _GuestBackup] = {}
@@ -419,11 +427,12 @@ class DirectoryBackupProvider(BackupProvider):
                 source = copy.FileSource(vol.fileno(), f"{device} (file handle)")
                 regions = self._regions_from_iterator(device, vol)
             dirty = extents.total(regions)
+            vsize = qcow2.virtual_size_for(size)  # the image reads a sector's zero tail
             if base:
-                cluster = _cluster_size_for(device, regions, size)
+                cluster = _cluster_size_for(device, regions, vsize)
             else:
-                cluster = max(DEFAULT_CLUSTER, qcow2.smallest_cluster_size(size))
-            regions = extents.align(regions, cluster, size)
+                cluster = max(DEFAULT_CLUSTER, qcow2.smallest_cluster_size(vsize))
+            regions = extents.align(regions, cluster, vsize)
             image = self.store.partial_dir(g.bid) / disk_file(device)
             backing = os.path.relpath(base[1], image.parent) if base else None
             mode = "incremental" if base else "full"
@@ -436,6 +445,7 @@ class DirectoryBackupProvider(BackupProvider):
                 bandwidth_limit=bwlimit,
                 digest_chunk=DIGEST_CHUNK,
                 progress_interval=0.25 if self.progress else PROGRESS_INTERVAL,
+                io_timeout=self.io_timeout,
             )
             with qcow2.Writer(image, size, cluster, backing=backing) as writer:
                 stats = copy.copy_regions(
@@ -484,24 +494,28 @@ class DirectoryBackupProvider(BackupProvider):
             context = extents.dirty_bitmap_context(vol.bitmap_name)
         else:
             context = extents.ALLOCATION
-        handles = nbd.connect_many(uri, workers, [context])
+        handles = nbd.connect_many(uri, workers, [context], timeout=self.io_timeout)
         try:
             export_size = handles[0].get_size()
-            if export_size != vol.size:
+            if export_size not in (vol.size, qcow2.virtual_size_for(vol.size)):
                 raise DirbackupError(
                     f"{device}: the export has {export_size} bytes, the hypervisor said {vol.size}"
                 )
             if incremental:
                 nbd.require_context(handles[0], context)
-                regions = extents.dirty(extents.block_status(handles[0], context))
+                regions = extents.dirty(self._block_status(device, handles, context))
             elif handles[0].can_meta_context(context):
-                regions = extents.data(extents.block_status(handles[0], context))
+                regions = extents.data(self._block_status(device, handles, context))
             else:
                 regions = extents.from_pairs([(0, vol.size)])
         except BaseException:
             nbd.close_all(handles)
             raise
         return copy.NBDSource(handles, uri), regions, handles
+
+    def _block_status(self, device: str, handles: list[Any], context: str) -> extents.Extents:
+        """The map of `context`, given up after the I/O timeout without an answer."""
+        return watchdog.block_status(handles[0], context, self.io_timeout, device, handles[1:])
 
     def _regions_from_iterator(self, device: str, vol: VolumeInfo) -> extents.Extents:
         pairs = []
@@ -805,7 +819,7 @@ class DirectoryBackupProvider(BackupProvider):
                 raise self._mismatch(
                     bid, f"{label}: {layer} is not the image its manifest names; refused"
                 )
-            if record.size != chain.virtual_size:
+            if qcow2.virtual_size_for(record.size) != chain.virtual_size:
                 raise self._mismatch(
                     bid,
                     f"{label}: virtual size {chain.virtual_size} differs from the "

@@ -58,6 +58,14 @@ EXT_ENCRYPTION = 0x0537BE77
 EXT_DATA_FILE = 0x44415441
 
 
+def virtual_size_for(size: int) -> int:
+    """The virtual size of the image that holds a disk of `size` bytes: QEMU
+    counts disks in 512-byte sectors, so a raw disk of any other size is
+    exported with a zero tail up to the next sector, and a qcow2 header's size
+    is read rounded.  The manifest keeps the exact size; restores cut the tail."""
+    return (size + 511) & ~511
+
+
 @dataclass(frozen=True)
 class Header:
     """The fields of a qcow2 header that reading and validation need."""

@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import fcntl
 import json
 import os
 import shutil
 import signal
+import struct
 import subprocess
 import tempfile
 import time
@@ -129,6 +131,30 @@ def bitmaps(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
     return list(data.get("bitmaps", []))
 
 
+# QEMU's image locking (file-posix): open file description locks on byte 100 +
+# each permission the opener uses and on byte 200 + each one it does not share
+_LOCK_RANGES = ((100, 64), (200, 64))
+_FLOCK = "hhqqi4x"  # struct flock: l_type, l_whence, l_start, l_len, l_pid
+
+
+def image_locked(path: str | os.PathLike[str]) -> bool:
+    """Whether a QEMU process (a VM, qemu-nbd, qemu-img, qemu-io) has the image
+    (a file or block device) open: it holds its lock bytes."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
+    except OSError:
+        return False
+    try:
+        for start, length in _LOCK_RANGES:
+            probe = struct.pack(_FLOCK, fcntl.F_WRLCK, os.SEEK_SET, start, length, 0)
+            answer = fcntl.fcntl(fd, fcntl.F_OFD_GETLK, probe)
+            if struct.unpack(_FLOCK, answer)[0] != fcntl.F_UNLCK:
+                return True
+    finally:
+        os.close(fd)
+    return False
+
+
 def io(path: str | os.PathLike[str], *commands: str, fmt: str = "qcow2") -> str:
     """Run qemu-io commands (e.g. "write -P 1 0 64k", "write -z 1M 64k") on an image."""
     cmd = ["qemu-io", "-f", fmt]
@@ -163,11 +189,18 @@ def _die_with_parent(sig: int = signal.SIGTERM) -> Callable[[], None]:
 # Private run directories (sockets, pid files, mount points)
 
 RUN_BASE = "/run/dirbackup"
+RUN_DIR_VARIABLE = "DIRBACKUP_RUN_DIR"
 OWNER = ".owner"
 
 
 def run_base() -> str:
-    """Where private sockets and mount points go: /run/dirbackup as root."""
+    """Where private sockets and mount points go: $DIRBACKUP_RUN_DIR if set
+    (made if missing; keep it short: socket paths are limited to 107 bytes),
+    /run/dirbackup as root, the temporary directory otherwise."""
+    chosen = os.environ.get(RUN_DIR_VARIABLE)
+    if chosen:
+        os.makedirs(chosen, mode=0o700, exist_ok=True)
+        return chosen
     if os.geteuid() == 0 and os.path.isdir("/run"):
         os.makedirs(RUN_BASE, mode=0o700, exist_ok=True)
         return RUN_BASE
@@ -186,7 +219,13 @@ def make_rundir(prefix: str) -> Path:
 
 def clean_stale_rundirs(base: str | None = None) -> list[str]:
     """Remove private directories whose owner is gone (killed, say), after
-    unmounting what is still mounted in them."""
+    detaching what is still mounted in them -- a FUSE mount whose nbdfuse was
+    killed too is dead (stat fails with ENOTCONN) but still mounted.  Only
+    directories with an owner file of ours are touched, and only mounts inside
+    them; the owner file goes last, so that a directory that could not be
+    emptied is retried by the next run instead of being left for good."""
+    from dirbackup.mount import mounts_below
+
     base = base or run_base()
     removed = []
     with contextlib.suppress(OSError):
@@ -197,18 +236,40 @@ def clean_stale_rundirs(base: str | None = None) -> list[str]:
                 owner = Path(entry.path, OWNER).read_text()
             except OSError:
                 continue  # not one of ours, or not ours to judge
-            if owner_alive(owner):
-                continue
-            with contextlib.suppress(OSError):
-                for sub in os.scandir(entry.path):
-                    if os.path.ismount(sub.path):
-                        for cmd in (["fusermount3", "-u", "-z"], ["umount", "-l"]):
-                            done = subprocess.run([*cmd, sub.path], capture_output=True)
-                            if done.returncode == 0:
-                                break
-            shutil.rmtree(entry.path, ignore_errors=True)
-            removed.append(entry.path)
+            if not owner.strip() or owner_alive(owner):
+                continue  # empty: being written by its (live) owner just now
+            real = os.path.realpath(entry.path)
+            for point in mounts_below(real):
+                for cmd in (["fusermount3", "-u", "-z"], ["umount", "-l"]):
+                    done = subprocess.run([*cmd, point], capture_output=True, check=False)
+                    if done.returncode == 0:
+                        break
+            if mounts_below(real):
+                continue  # never delete through a mount: the next run tries again
+            if _remove_rundir(Path(entry.path)):
+                removed.append(entry.path)
     return removed
+
+
+def _remove_rundir(path: Path) -> bool:
+    """Remove a run directory, its owner file last; False if anything stays."""
+    with contextlib.suppress(OSError):
+        for sub in os.scandir(path):
+            if sub.name == OWNER:
+                continue
+            if sub.is_dir(follow_symlinks=False):
+                shutil.rmtree(sub.path, ignore_errors=True)
+            else:
+                with contextlib.suppress(OSError):
+                    os.unlink(sub.path)
+    try:
+        if any(sub.name != OWNER for sub in os.scandir(path)):
+            return False
+        (path / OWNER).unlink(missing_ok=True)
+        path.rmdir()
+    except OSError:
+        return False
+    return True
 
 
 # ----------------------------------------------------------------------------
@@ -237,6 +298,7 @@ class NbdServer:
     def stop(self, timeout: float = 10.0) -> None:
         """Terminate the server and wait until it is gone."""
         self.kill(signal.SIGTERM)
+        self.kill(signal.SIGCONT)  # a stopped server acts on the SIGTERM
         deadline = time.monotonic() + timeout
         again = time.monotonic() + 0.5
         while _alive(self.pid):
@@ -359,12 +421,15 @@ class FuseFile:
     process: subprocess.Popen[bytes] = field(repr=False)
 
     def stop(self, timeout: float = 10.0) -> None:
-        """Unmount and wait for nbdfuse to exit (killed if it does not)."""
-        subprocess.run(
+        """Unmount and wait for nbdfuse to exit (killed if it does not).  A
+        mount that is still busy is one whose reads hang (a reader's file
+        descriptors are closed by now): nbdfuse is killed at once, which ends
+        those reads, and the dead mount detached."""
+        done = subprocess.run(
             ["fusermount3", "-u", str(self.mountpoint)], capture_output=True, check=False
         )
         try:
-            self.process.wait(timeout)
+            self.process.wait(timeout if done.returncode == 0 else 0)
         except subprocess.TimeoutExpired:
             self.process.kill()
             self.process.wait()

@@ -50,6 +50,7 @@ from dirbackup.store import (
 )
 from dirbackup.units import parse_seconds
 from dirbackup.verify import Checker, MergeCheck, Verifier, VerifyResult, check_merge, check_merged
+from dirbackup.watchdog import DEFAULT_IO_TIMEOUT
 
 PLUGIN_TYPE = "dirbackup"
 PLUGIN_API = 11
@@ -82,7 +83,8 @@ class StorageConfig:
     vm_backup_mechanism accepts the seed's name `block-device` for
     `file-handle`.  max_protected_backups < 0 means unlimited.  lock_timeout
     is how many seconds a backup, removal or prune waits for another one of
-    the same guest."""
+    the same guest; io_timeout how long a backup waits for a source that
+    makes no progress (0: for ever)."""
 
     path: str
     vm_backup_mode: VmBackupMode = VmBackupMode.INCREMENTAL
@@ -93,6 +95,7 @@ class StorageConfig:
     disable: bool = False
     nodes: tuple[str, ...] = ()
     lock_timeout: float = DEFAULT_LOCK_TIMEOUT
+    io_timeout: float = DEFAULT_IO_TIMEOUT
 
     @classmethod
     def from_mapping(cls, scfg: Mapping[str, Any]) -> StorageConfig:
@@ -106,6 +109,7 @@ class StorageConfig:
             "prune-backups",
             "max-protected-backups",
             "lock-timeout",
+            "io-timeout",
             "disable",
             "nodes",
             "type",
@@ -129,13 +133,18 @@ class StorageConfig:
             nodes = scfg.get("nodes", ())
             if isinstance(nodes, str):
                 nodes = tuple(n for n in nodes.split(",") if n)
-            timeout = scfg.get("lock-timeout", DEFAULT_LOCK_TIMEOUT)
-            try:
-                lock_timeout = parse_seconds(timeout)
-            except ValueError:
-                raise ValueError(
-                    f"lock-timeout must be a number of seconds >= 0, not {timeout!r}"
-                ) from None
+            timeouts = {}
+            for key, default in (
+                ("lock-timeout", DEFAULT_LOCK_TIMEOUT),
+                ("io-timeout", DEFAULT_IO_TIMEOUT),
+            ):
+                timeout = scfg.get(key, default)
+                try:
+                    timeouts[key] = parse_seconds(timeout)
+                except ValueError:
+                    raise ValueError(
+                        f"{key} must be a number of seconds >= 0, not {timeout!r}"
+                    ) from None
             return cls(
                 path=str(scfg["path"]),
                 vm_backup_mode=VmBackupMode(scfg.get("vm-backup-mode", VmBackupMode.INCREMENTAL)),
@@ -145,7 +154,8 @@ class StorageConfig:
                 max_protected_backups=int(scfg.get("max-protected-backups", -1)),
                 disable=bool(int(scfg.get("disable", 0))),
                 nodes=tuple(nodes),
-                lock_timeout=lock_timeout,
+                lock_timeout=timeouts["lock-timeout"],
+                io_timeout=timeouts["io-timeout"],
             )
         except ValueError as exc:
             raise StoreError(f"invalid storage configuration: {exc}") from None
@@ -284,6 +294,13 @@ class DirectoryStorage:
                 "minimum": 0,
                 "default": DEFAULT_LOCK_TIMEOUT,
             },
+            "io-timeout": {
+                "description": "Seconds a backup waits for a source that makes no progress "
+                "(a server that stopped answering) before it fails; 0 waits for ever.",
+                "type": "number",
+                "minimum": 0,
+                "default": DEFAULT_IO_TIMEOUT,
+            },
         }
 
     @staticmethod
@@ -296,6 +313,7 @@ class DirectoryStorage:
             "prune-backups": {"optional": 1},
             "max-protected-backups": {"optional": 1},
             "lock-timeout": {"optional": 1},
+            "io-timeout": {"optional": 1},
             "disable": {"optional": 1},
             "nodes": {"optional": 1},
         }

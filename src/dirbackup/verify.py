@@ -126,7 +126,7 @@ class Checker:
         if path.parent != self.store.backup_dir(bid).resolve() or path.name != rec.file:
             return f"the image read is {path}, not {bid.volname}'s {rec.file}"
         header = chain.headers[i]
-        if header.virtual_size != rec.size:
+        if header.virtual_size != qcow2.virtual_size_for(rec.size):
             return f"virtual size {header.virtual_size} differs from the manifest's {rec.size}"
         below = Path(chain.paths[i + 1]) if i + 1 < chain.depth else None
         if rec.parent:
