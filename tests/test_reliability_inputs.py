@@ -18,11 +18,11 @@ from typing import Any
 import pytest
 from conftest import GiB, KiB, assert_same
 from faultlib import backup_args, cli, previous_info, provider_backup, volids
-from guests import STOREID, make_storage
+from guests import STOREID, make_storage, store_bitmap
 
 from dirbackup import qcow2, qemu
 from dirbackup.errors import DirbackupError, StoreError, VolumeNameError
-from dirbackup.host import Disk, Host, bitmap_name
+from dirbackup.host import Disk, Host
 from dirbackup.storage import DirectoryStorage
 from dirbackup.store import MAX_EPOCH, MAX_VMID
 
@@ -140,7 +140,7 @@ def test_sparse_256g_guest_with_a_512_byte_write_end_to_end(tmp_path: Path) -> N
     assert_same(target, img, "raw", "qcow2")
 
     # a bitmap of 512-byte granularity in place of the host's
-    name = bitmap_name(STOREID)
+    name = store_bitmap(storage, DEV)
     qemu.bitmap(img, "remove", name)
     qemu.run(["qemu-img", "bitmap", "--add", "--enable", "-g", "512", str(img), name])
     qemu.io(img, "write -P 0x33 200G 512")

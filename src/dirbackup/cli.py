@@ -515,13 +515,20 @@ def cmd_prune(args: argparse.Namespace) -> int:
     if not any(rules.values()):
         raise UsageError("give at least one --keep-* option (prune keeps everything otherwise)")
     printer = _Printer(args.verbose, ProgressBar(enabled=False))
+
+    def log(level: str, message: str) -> None:
+        if level != "err":  # failures: each printed once, as an error line, below
+            printer(level, message)
+
     try:
         entries = storage.prune_backups(
-            {k: v for k, v in rules.items() if v}, vmid=args.vmid, dryrun=args.dry_run, log=printer
+            {k: v for k, v in rules.items() if v}, vmid=args.vmid, dryrun=args.dry_run, log=log
         )
-    except PruneError as exc:  # the rest was pruned: show the marks, then fail
+    except PruneError as exc:  # the rest was pruned: show the marks, then each failure
         _print_marks(exc.entries, args.json)
-        raise
+        for failure in exc.failures:
+            print(f"error: prune: {failure}", file=sys.stderr)
+        return 1
     _print_marks(entries, args.json)
     if args.json:
         return 0

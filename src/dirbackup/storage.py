@@ -18,7 +18,7 @@ import multiprocessing
 import os
 import shutil
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from enum import StrEnum
 from pathlib import Path
@@ -198,9 +198,12 @@ class PruneError(StoreError):
     (reported one by one in the log); `entries` are its marks, as
     prune_backups returns them."""
 
-    def __init__(self, message: str, entries: list[dict[str, Any]]) -> None:
+    def __init__(
+        self, message: str, entries: list[dict[str, Any]], failures: Sequence[str] = ()
+    ) -> None:
         super().__init__(message)
         self.entries = entries
+        self.failures = list(failures) or [message]
 
 
 def _failed(failures: list[str], log: LogFunction | None, message: str) -> None:
@@ -728,7 +731,7 @@ class DirectoryStorage:
         entries = [e.as_dict() for e in result]
         if failures:
             more = f" (and {len(failures) - 1} more)" if len(failures) > 1 else ""
-            raise PruneError(f"prune: {failures[0]}{more}", entries)
+            raise PruneError(f"prune: {failures[0]}{more}", entries, failures)
         return entries
 
     def _prune_guest(
