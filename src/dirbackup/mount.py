@@ -22,8 +22,9 @@ import time
 from pathlib import Path
 from types import TracebackType
 
+from dirbackup.api import LogFunction
 from dirbackup.errors import ContainerError
-from dirbackup.toolrun import LogFunc, resolve_log, run_tool
+from dirbackup.toolrun import resolve_log, run_tool
 
 _MOUNT_OPTIONS = "ro,nodev,nosuid"
 
@@ -104,7 +105,7 @@ class SquashfsMount:
         mountpoint: Path,
         *,
         use_fuse: bool | None = None,
-        log: LogFunc | None = None,
+        log: LogFunction | None = None,
     ) -> None:
         self.image = Path(image)
         self.mountpoint = Path(mountpoint)

@@ -39,20 +39,12 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass, field, fields
-from enum import StrEnum
 from pathlib import Path
 from typing import Any, TypeVar
 
 from dirbackup import __version__
+from dirbackup.api import VmType
 from dirbackup.errors import StoreError, VolumeNameError
-
-
-class VmType(StrEnum):
-    """Guest types, as they appear in backup names."""
-
-    QEMU = "qemu"
-    LXC = "lxc"
-
 
 MANIFEST = "manifest.json"
 PREVIOUS_INFO = "previous-info"

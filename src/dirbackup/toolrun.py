@@ -23,10 +23,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import IO, Any
 
+from dirbackup.api import LogFunction
 from dirbackup.errors import ContainerError
-
-#: The provider's log function: level ("info", "warn" or "err") and message.
-LogFunc = Callable[[str, str], None]
 
 #: Decides what a tool's message line is: "info", "warn", or None to drop it.
 Classifier = Callable[[str], "str | None"]
@@ -35,7 +33,7 @@ _logger = logging.getLogger("dirbackup.container")
 _LEVELS = {"info": logging.INFO, "warn": logging.WARNING, "err": logging.ERROR}
 
 
-def resolve_log(log: LogFunc | None) -> LogFunc:
+def resolve_log(log: LogFunction | None) -> LogFunction:
     """The caller's log function, or one that writes to Python logging.
 
     Tool warnings must go somewhere even when a library user passes no log."""
@@ -93,7 +91,7 @@ class Tool:
         argv: Sequence[str],
         *,
         name: str,
-        log: LogFunc,
+        log: LogFunction,
         classify: Classifier | None = None,
         stdin: int | IO[Any] | None = subprocess.DEVNULL,
         stdout: int | IO[Any] | None = subprocess.DEVNULL,
@@ -197,7 +195,7 @@ def run_tool(
     argv: Sequence[str],
     *,
     name: str,
-    log: LogFunc,
+    log: LogFunction,
     classify: Classifier | None = None,
     ok: Sequence[int] = (0,),
     ignore: Sequence[str] = (),
