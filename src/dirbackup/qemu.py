@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from dirbackup.errors import DirbackupError
-from dirbackup.store import owner_alive, owner_line
+from dirbackup.procs import owner_alive, owner_line
 
 
 class ToolError(DirbackupError):
