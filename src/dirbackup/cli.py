@@ -579,7 +579,7 @@ def cmd_protect(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from dirbackup.demo import run_demo
 
-    return run_demo(args.workdir)
+    return run_demo(main, args.workdir)
 
 
 COMMANDS = {
