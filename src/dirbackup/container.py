@@ -45,7 +45,6 @@ import hashlib
 import os
 import re
 import select
-import subprocess
 import tempfile
 import threading
 from collections.abc import Sequence
@@ -58,7 +57,7 @@ from dirbackup.errors import Cancelled, ContainerError
 from dirbackup.mount import SquashfsMount
 from dirbackup.ratelimit import ProcessReadThrottle, TokenBucket
 from dirbackup.tarnames import excluded_entries
-from dirbackup.toolrun import Tool, resolve_log, run_tool
+from dirbackup.toolrun import PIPE, Tool, resolve_log, run_tool
 
 __all__ = [
     "ArchiveResult",
@@ -377,9 +376,7 @@ def create_tar(
     _require_new_target(target, directory)
     fd = _create_new(target)
     try:
-        with Tool(
-            argv, name="tar", log=logf, classify=_classify_tar, stdout=subprocess.PIPE
-        ) as tar:
+        with Tool(argv, name="tar", log=logf, classify=_classify_tar, stdout=PIPE) as tar:
             _widen_pipe(tar.stdout)
             try:
                 size, digest = _pump(
@@ -430,7 +427,7 @@ def squashfs_exclusions(
         archive="/dev/null",
         extra=("--verbose", "--quoting-style=escape"),
     )
-    with Tool(argv, name="tar", log=logf, stdout=subprocess.PIPE) as tar:
+    with Tool(argv, name="tar", log=logf, stdout=PIPE) as tar:
         excluded = excluded_entries(os.fsencode(directory), tar.stdout)
         returncode = tar.wait()
     if returncode not in (0, 1):
@@ -486,8 +483,7 @@ def _run_mksquashfs(
                         throttle.step()
                     except OSError:
                         throttle = None  # the process is exiting
-                with contextlib.suppress(subprocess.TimeoutExpired):
-                    tool.proc.wait(timeout=ProcessReadThrottle.INTERVAL if throttle else 1.0)
+                tool.wait_for(ProcessReadThrottle.INTERVAL if throttle else 1.0)
         finally:
             if throttle is not None:
                 throttle.release()
@@ -648,7 +644,7 @@ def _verify_tar(path: Path, logf: LogFunction) -> None:
         f"--file={os.fspath(path)}",
     ]
     last = b""
-    with Tool(argv, name="tar", log=logf, stdout=subprocess.PIPE) as tar:
+    with Tool(argv, name="tar", log=logf, stdout=PIPE) as tar:
         for line in tar.stdout:
             last = line
         returncode = tar.wait()

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import errno
 import json
-import multiprocessing
 import os
 import shutil
 import time
@@ -48,6 +47,7 @@ from dirbackup.store import (
     split_volid,
     write_atomic,
 )
+from dirbackup.toolrun import call_in_child
 from dirbackup.units import parse_seconds
 from dirbackup.verify import Checker, MergeCheck, Verifier, VerifyResult, check_merge, check_merged
 from dirbackup.watchdog import DEFAULT_IO_TIMEOUT
@@ -357,17 +357,13 @@ class DirectoryStorage:
     def activate_storage(self, timeout: float = 2.0) -> bool:
         """Check that the store directory exists and answers within `timeout`
         seconds (a hung network mount must not hang the caller)."""
-        ctx = multiprocessing.get_context("fork")
-        with ctx.Pool(1) as pool:
-            result = pool.apply_async(_activate_probe, (self.scfg.path,))
-            try:
-                ok = result.get(timeout)
-            except multiprocessing.TimeoutError:
-                pool.terminate()
-                raise StoreError(
-                    f"unable to activate storage '{self.storeid}' - directory "
-                    f"'{self.scfg.path}' does not answer within {timeout:g} s"
-                ) from None
+        try:
+            ok = call_in_child(_activate_probe, (self.scfg.path,), timeout)
+        except TimeoutError:
+            raise StoreError(
+                f"unable to activate storage '{self.storeid}' - directory "
+                f"'{self.scfg.path}' does not answer within {timeout:g} s"
+            ) from None
         if not ok:
             raise StoreError(
                 f"unable to activate storage '{self.storeid}' - directory '{self.scfg.path}' "
