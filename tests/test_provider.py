@@ -15,10 +15,11 @@ from conftest import KiB, MiB
 from guests import STOREID, Guest, make_storage, restore_and_compare, store_bitmap
 
 from dirbackup import qemu
+from dirbackup.api import VmType
 from dirbackup.errors import ImageError, StoreError, VolumeNameError
 from dirbackup.host import Host
 from dirbackup.storage import DirectoryStorage, StorageOperationError
-from dirbackup.store import BackupId, PreviousInfo, VmType
+from dirbackup.store import BackupId, PreviousInfo
 
 
 @pytest.mark.parametrize("mechanism", ["nbd", "file-handle"])

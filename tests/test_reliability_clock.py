@@ -17,8 +17,9 @@ from conftest import MiB, assert_same
 from faultlib import cli, volids
 from guests import STOREID, Guest, make_storage
 
+from dirbackup.api import VmType
 from dirbackup.host import Host
-from dirbackup.store import FUTURE_SLACK, BackupId, VmType
+from dirbackup.store import FUTURE_SLACK, BackupId
 
 DEV = "drive-scsi0"
 DAY = 86_400

@@ -25,14 +25,13 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
-from dirbackup.store import VmType
-
 if TYPE_CHECKING:
     from dirbackup.qcow2 import Chain
 
 __all__ = [
     "BACKING_KEY",
     "BITMAPS_KEY",
+    "VM_MECHANISMS",
     "BackupInfo",
     "BackupProvider",
     "BitmapGenerations",
@@ -51,12 +50,24 @@ LogFunction = Callable[[str, str], None]
 """log(level, message) with level 'info', 'warn' or 'err'."""
 
 
+class VmType(StrEnum):
+    """Guest types, as the hypervisor names them and as they appear in backup names."""
+
+    QEMU = "qemu"
+    LXC = "lxc"
+
+
 class Mechanism(StrEnum):
     """How the provider gets at a guest's data during backup."""
 
     NBD = "nbd"
     FILE_HANDLE = "file-handle"
     DIRECTORY = "directory"
+
+
+#: The mechanisms a VM backup can use (the storage's `vm-backup-mechanism`);
+#: `directory` is the containers' one.
+VM_MECHANISMS = (Mechanism.NBD, Mechanism.FILE_HANDLE)
 
 
 class BitmapMode(StrEnum):

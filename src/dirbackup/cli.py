@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from dirbackup import __version__
+from dirbackup.api import VmType
 from dirbackup.errors import DirbackupError, Terminated
 from dirbackup.host import Disk, Host, RestoreEngine
 from dirbackup.progress import ProgressBar
@@ -29,7 +30,6 @@ from dirbackup.store import (
     MAX_VMID,
     BackupId,
     StoreProblem,
-    VmType,
     future_horizon,
     split_volid,
 )
@@ -579,7 +579,7 @@ def cmd_protect(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from dirbackup.demo import run_demo
 
-    return run_demo(args.workdir)
+    return run_demo(main, args.workdir)
 
 
 COMMANDS = {

@@ -45,7 +45,6 @@ import hashlib
 import os
 import re
 import select
-import subprocess
 import tempfile
 import threading
 from collections.abc import Sequence
@@ -53,11 +52,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
 
+from dirbackup.api import LogFunction
 from dirbackup.errors import Cancelled, ContainerError
 from dirbackup.mount import SquashfsMount
 from dirbackup.ratelimit import ProcessReadThrottle, TokenBucket
 from dirbackup.tarnames import excluded_entries
-from dirbackup.toolrun import LogFunc, Tool, resolve_log, run_tool
+from dirbackup.toolrun import PIPE, Tool, resolve_log, run_tool
 
 __all__ = [
     "ArchiveResult",
@@ -360,7 +360,7 @@ def create_tar(
     sources: Sequence[str] = (".",),
     exclude_patterns: Sequence[str] = (),
     bandwidth_limit: int = 0,
-    log: LogFunc | None = None,
+    log: LogFunction | None = None,
     cancel_event: threading.Event | None = None,
 ) -> ArchiveResult:
     """Write `directory` as a tar archive `target` (a new file, mode 0600).
@@ -376,9 +376,7 @@ def create_tar(
     _require_new_target(target, directory)
     fd = _create_new(target)
     try:
-        with Tool(
-            argv, name="tar", log=logf, classify=_classify_tar, stdout=subprocess.PIPE
-        ) as tar:
+        with Tool(argv, name="tar", log=logf, classify=_classify_tar, stdout=PIPE) as tar:
             _widen_pipe(tar.stdout)
             try:
                 size, digest = _pump(
@@ -411,7 +409,7 @@ def create_tar(
 
 
 def squashfs_exclusions(
-    directory: Path, exclude_patterns: Sequence[str], *, log: LogFunc | None = None
+    directory: Path, exclude_patterns: Sequence[str], *, log: LogFunction | None = None
 ) -> list[bytes]:
     """The entries of `directory` that a tar backup with `exclude_patterns` leaves out.
 
@@ -429,7 +427,7 @@ def squashfs_exclusions(
         archive="/dev/null",
         extra=("--verbose", "--quoting-style=escape"),
     )
-    with Tool(argv, name="tar", log=logf, stdout=subprocess.PIPE) as tar:
+    with Tool(argv, name="tar", log=logf, stdout=PIPE) as tar:
         excluded = excluded_entries(os.fsencode(directory), tar.stdout)
         returncode = tar.wait()
     if returncode not in (0, 1):
@@ -468,7 +466,7 @@ class _MksquashfsMessages:
 
 
 def _run_mksquashfs(
-    argv: list[str], bandwidth_limit: int, logf: LogFunc, messages: _MksquashfsMessages
+    argv: list[str], bandwidth_limit: int, logf: LogFunction, messages: _MksquashfsMessages
 ) -> Tool:
     with Tool(argv, name="mksquashfs", log=logf, classify=messages, merge_stdout=True) as tool:
         throttle: ProcessReadThrottle | None = None
@@ -485,8 +483,7 @@ def _run_mksquashfs(
                         throttle.step()
                     except OSError:
                         throttle = None  # the process is exiting
-                with contextlib.suppress(subprocess.TimeoutExpired):
-                    tool.proc.wait(timeout=ProcessReadThrottle.INTERVAL if throttle else 1.0)
+                tool.wait_for(ProcessReadThrottle.INTERVAL if throttle else 1.0)
         finally:
             if throttle is not None:
                 throttle.release()
@@ -518,7 +515,7 @@ def create_squashfs(
     *,
     exclude_patterns: Sequence[str] = (),
     bandwidth_limit: int = 0,
-    log: LogFunc | None = None,
+    log: LogFunction | None = None,
 ) -> ArchiveResult:
     """Write `directory` as a squashfs image `target` (a new file, mode 0600).
 
@@ -558,7 +555,7 @@ def create_squashfs(
 # Restore
 
 
-def extract_tar(archive: Path, target_dir: Path, *, log: LogFunc | None = None) -> None:
+def extract_tar(archive: Path, target_dir: Path, *, log: LogFunction | None = None) -> None:
     """Extract a tar archive into the existing directory `target_dir`, as root.
 
     Everything tar stored comes back: numeric owners, modes (setuid included),
@@ -585,7 +582,7 @@ def extract_tar(archive: Path, target_dir: Path, *, log: LogFunc | None = None) 
     run_tool(argv, name="tar", log=logf, ignore=_TAR_TRAILERS)
 
 
-def copy_tree(source_dir: Path, target_dir: Path, *, log: LogFunc | None = None) -> None:
+def copy_tree(source_dir: Path, target_dir: Path, *, log: LogFunction | None = None) -> None:
     """Copy `source_dir` (e.g. a mounted squashfs image) onto `target_dir`.
 
     Keeps numeric owners, modes, times, xattrs, ACLs, hard links (within the
@@ -633,7 +630,7 @@ def _archive_kind(path: Path) -> str:
     raise ContainerError(f"{path} is neither a tar archive nor a squashfs image")
 
 
-def _verify_tar(path: Path, logf: LogFunc) -> None:
+def _verify_tar(path: Path, logf: LogFunction) -> None:
     """List every member; require the end-of-archive blocks.
 
     GNU tar lists an archive cut at a member boundary without complaint; with
@@ -647,7 +644,7 @@ def _verify_tar(path: Path, logf: LogFunc) -> None:
         f"--file={os.fspath(path)}",
     ]
     last = b""
-    with Tool(argv, name="tar", log=logf, stdout=subprocess.PIPE) as tar:
+    with Tool(argv, name="tar", log=logf, stdout=PIPE) as tar:
         for line in tar.stdout:
             last = line
         returncode = tar.wait()
@@ -657,7 +654,7 @@ def _verify_tar(path: Path, logf: LogFunc) -> None:
         raise ContainerError(f"{path} is damaged: tar archive is truncated (no end-of-archive)")
 
 
-def _verify_squashfs(path: Path, logf: LogFunc) -> None:
+def _verify_squashfs(path: Path, logf: LogFunction) -> None:
     """Superblock, then every directory and inode (`-lln` reads them all).
 
     Data blocks are not decompressed here; the SHA-256 in the manifest covers them."""
@@ -669,7 +666,7 @@ def _verify_squashfs(path: Path, logf: LogFunc) -> None:
             raise ContainerError(f"{path} is damaged: {tool.failure(returncode)}")
 
 
-def verify_archive(path: Path, *, log: LogFunc | None = None) -> None:
+def verify_archive(path: Path, *, log: LogFunction | None = None) -> None:
     """Check that a tar archive or squashfs image reads completely; ContainerError if not.
 
     The format is recognised by content, not by name."""

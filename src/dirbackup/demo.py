@@ -17,11 +17,14 @@ import shutil
 import stat
 import tempfile
 import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import BinaryIO
 
 from dirbackup import qemu
-from dirbackup.cli import main as cli
+
+#: The command line's entry point: argv without the program name -> exit status.
+CommandLine = Callable[[Sequence[str]], int]
 
 MiB = 1 << 20
 
@@ -30,7 +33,7 @@ def _say(text: str) -> None:
     print(text, flush=True)
 
 
-def _run(*argv: str) -> None:
+def _run(cli: CommandLine, *argv: str) -> None:
     _say(f"\n$ dirbackup {shlex.join(argv)}")
     status = cli(list(argv))
     if status != 0:
@@ -121,8 +124,9 @@ def _compare(a: Path, b: Path, fmt_b: str = "raw") -> None:
         raise SystemExit("demo: restored image differs from the original")
 
 
-def run_demo(workdir: Path | None = None) -> int:
-    """Run the demo; return the exit status."""
+def run_demo(cli: CommandLine, workdir: Path | None = None) -> int:
+    """Run the demo through the command line `cli` (the caller's, so that this
+    module does not import cli.py, which imports it); return the exit status."""
     began = time.monotonic()
     base = "/dev/shm" if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK) else None
     own = workdir is None
@@ -158,6 +162,7 @@ def run_demo(workdir: Path | None = None) -> int:
         disks = ["--disk", f"drive-scsi0={disk0}", "--disk", f"drive-scsi1={disk1}"]
         snapshots.append(snapshot("t0"))
         _run(
+            cli,
             "backup",
             *s,
             "--vmid",
@@ -178,8 +183,9 @@ def run_demo(workdir: Path | None = None) -> int:
         )
         _say("  qemu-io: write 3 MiB, write zeros over 8 MiB, discard 8 MiB, write 4 KiB")
         snapshots.append(snapshot("t1"))
-        _run("backup", *s, "--vmid", "100", *disks, "--config", str(config))
+        _run(cli, "backup", *s, "--vmid", "100", *disks, "--config", str(config))
         _run(
+            cli,
             "backup",
             *s,
             "--vmid",
@@ -191,12 +197,13 @@ def run_demo(workdir: Path | None = None) -> int:
             "--exclude",
             "/var/log",
         )
-        _run("list", *s)
-        _run("verify", *s)
+        _run(cli, "list", *s)
+        _run(cli, "verify", *s)
         backups = sorted((store / "100").glob("qemu-*"))
         for point, (bdir, snap) in enumerate(zip(backups, snapshots, strict=True)):
             targets = {dev: work / f"restored-{point}-{dev}.raw" for dev in snap}
             _run(
+                cli,
                 "restore",
                 *s,
                 f"100/{bdir.name}",
@@ -207,6 +214,7 @@ def run_demo(workdir: Path | None = None) -> int:
                 _compare(snap[dev], t)
         qtarget = work / "restored-1-drive-scsi0.qcow2"
         _run(
+            cli,
             "restore",
             *s,
             f"100/{backups[-1].name}",
@@ -221,7 +229,7 @@ def run_demo(workdir: Path | None = None) -> int:
         ctroot = work / "ct-restored"
         if ctroot.exists():
             shutil.rmtree(ctroot)
-        _run("restore", *s, f"200/{ct.name}", "--rootfs", str(ctroot))
+        _run(cli, "restore", *s, f"200/{ct.name}", "--rootfs", str(ctroot))
         skip = ("var/log", "var/cache/big.tmp")
         if _tree(rootfs, skip) != _tree(ctroot):
             raise SystemExit("demo: the restored container tree differs from the original")

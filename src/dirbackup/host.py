@@ -34,9 +34,9 @@ from pathlib import Path
 from typing import Any
 
 from dirbackup import bitmaps, copy, extents, nbd, qcow2, qemu, watchdog
-from dirbackup.api import BackupProvider, BitmapMode, ChainAccess, LogFunction
+from dirbackup.api import BackupProvider, BitmapMode, ChainAccess, LogFunction, VmType
 from dirbackup.errors import DirbackupError, Terminated
-from dirbackup.store import VmType, check_device_name
+from dirbackup.store import check_device_name
 
 
 class HostError(DirbackupError):

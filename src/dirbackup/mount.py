@@ -17,13 +17,13 @@ from __future__ import annotations
 import os
 import re
 import shutil
-import subprocess
 import time
 from pathlib import Path
 from types import TracebackType
 
+from dirbackup.api import LogFunction
 from dirbackup.errors import ContainerError
-from dirbackup.toolrun import LogFunc, resolve_log, run_tool
+from dirbackup.toolrun import capture, resolve_log, run_tool
 
 _MOUNT_OPTIONS = "ro,nodev,nosuid"
 
@@ -78,11 +78,10 @@ def fuse_version(program: str) -> tuple[int, ...] | None:
 
     Needed because squashfuse before 0.2.0 swaps the security and trusted xattr
     namespaces (vasi/squashfuse#83); Debian 12 ships such a version."""
-    try:
-        proc = subprocess.run([program, "-V"], capture_output=True, timeout=10, check=False)
-    except (OSError, subprocess.TimeoutExpired):
+    said = capture([program, "-V"], timeout=10)
+    if said is None:
         return None
-    match = re.search(rb"squashfuse\S* (\d+)\.(\d+)(?:\.(\d+))?", proc.stdout + proc.stderr)
+    match = re.search(rb"squashfuse\S* (\d+)\.(\d+)(?:\.(\d+))?", said)
     if match is None:
         return None
     return tuple(int(part) for part in match.groups(b"0"))
@@ -104,7 +103,7 @@ class SquashfsMount:
         mountpoint: Path,
         *,
         use_fuse: bool | None = None,
-        log: LogFunc | None = None,
+        log: LogFunction | None = None,
     ) -> None:
         self.image = Path(image)
         self.mountpoint = Path(mountpoint)

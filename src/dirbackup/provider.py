@@ -63,6 +63,7 @@ from dirbackup.api import (
     LogFunction,
     Mechanism,
     RestoreMechanism,
+    VmType,
     VolumeInfo,
 )
 from dirbackup.errors import DirbackupError, IntegrityError, StoreError
@@ -81,7 +82,6 @@ from dirbackup.store import (
     PreviousDevice,
     PreviousInfo,
     Store,
-    VmType,
     check_device_name,
     check_start_time,
     check_vmid,

@@ -1,7 +1,9 @@
 """QEMU's tools as processes: qemu-img, qemu-io, qemu-nbd and nbdfuse.
 
 Everything here runs the real programs from Debian's qemu-utils and
-libnbd-bin; errors carry the program's own message.
+libnbd-bin; errors carry the program's own message.  This module and
+toolrun.py (every other tool) are the only ones that start processes
+(tests/test_layout.py keeps it so).
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from dirbackup.errors import DirbackupError
-from dirbackup.store import owner_alive, owner_line
+from dirbackup.procs import owner_alive, owner_line
 
 
 class ToolError(DirbackupError):

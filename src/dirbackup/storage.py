@@ -14,17 +14,17 @@ from __future__ import annotations
 
 import errno
 import json
-import multiprocessing
 import os
 import shutil
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
 from dirbackup import qcow2
+from dirbackup.api import VM_MECHANISMS, LogFunction, Mechanism, VmType
 from dirbackup.errors import DirbackupError, ImageError, IntegrityError, StoreError
 from dirbackup.prune import KeepRules, Mark, PruneCandidate, mark
 from dirbackup.store import (
@@ -37,7 +37,6 @@ from dirbackup.store import (
     Manifest,
     Store,
     StoreProblem,
-    VmType,
     describe_error,
     digest_map,
     dir_usage,
@@ -48,23 +47,18 @@ from dirbackup.store import (
     split_volid,
     write_atomic,
 )
+from dirbackup.toolrun import call_in_child
 from dirbackup.units import parse_seconds
 from dirbackup.verify import Checker, MergeCheck, Verifier, VerifyResult, check_merge, check_merged
 from dirbackup.watchdog import DEFAULT_IO_TIMEOUT
 
 PLUGIN_TYPE = "dirbackup"
 PLUGIN_API = 11
-LogFunction = Callable[[str, str], None]
 
 
 class VmBackupMode(StrEnum):
     FULL = "full"
     INCREMENTAL = "incremental"
-
-
-class VmBackupMechanism(StrEnum):
-    NBD = "nbd"
-    FILE_HANDLE = "file-handle"
 
 
 class LxcBackupMode(StrEnum):
@@ -74,6 +68,12 @@ class LxcBackupMode(StrEnum):
 
 class StorageOperationError(DirbackupError):
     """An operation a backup store cannot do (clone, allocate, resize, snapshot...)."""
+
+
+def _vm_mechanism(value: str) -> Mechanism:
+    if value not in VM_MECHANISMS:
+        raise ValueError(f"{value!r} is not a valid vm-backup-mechanism")
+    return Mechanism(value)
 
 
 @dataclass(frozen=True)
@@ -88,7 +88,7 @@ class StorageConfig:
 
     path: str
     vm_backup_mode: VmBackupMode = VmBackupMode.INCREMENTAL
-    vm_backup_mechanism: VmBackupMechanism = VmBackupMechanism.NBD
+    vm_backup_mechanism: Mechanism = Mechanism.NBD
     lxc_backup_mode: LxcBackupMode = LxcBackupMode.TAR
     prune_backups: KeepRules = field(default_factory=KeepRules)
     max_protected_backups: int = -1
@@ -121,9 +121,9 @@ class StorageConfig:
             raise StoreError(f"unknown storage option(s): {', '.join(sorted(unknown))}")
         if not scfg.get("path"):
             raise StoreError("storage option 'path' is required")
-        mechanism = str(scfg.get("vm-backup-mechanism", VmBackupMechanism.NBD))
+        mechanism = str(scfg.get("vm-backup-mechanism", Mechanism.NBD))
         if mechanism == "block-device":
-            mechanism = VmBackupMechanism.FILE_HANDLE
+            mechanism = Mechanism.FILE_HANDLE
         try:
             prune = scfg.get("prune-backups", KeepRules())
             if isinstance(prune, str):
@@ -148,7 +148,7 @@ class StorageConfig:
             return cls(
                 path=str(scfg["path"]),
                 vm_backup_mode=VmBackupMode(scfg.get("vm-backup-mode", VmBackupMode.INCREMENTAL)),
-                vm_backup_mechanism=VmBackupMechanism(mechanism),
+                vm_backup_mechanism=_vm_mechanism(mechanism),
                 lxc_backup_mode=LxcBackupMode(scfg.get("lxc-backup-mode", LxcBackupMode.TAR)),
                 prune_backups=prune,
                 max_protected_backups=int(scfg.get("max-protected-backups", -1)),
@@ -280,8 +280,8 @@ class DirectoryStorage:
                 "description": "nbd: read disks through NBD exports; file-handle: through file "
                 "descriptors (`block-device` is accepted as the old name).",
                 "type": "string",
-                "enum": [m.value for m in VmBackupMechanism],
-                "default": VmBackupMechanism.NBD.value,
+                "enum": [m.value for m in VM_MECHANISMS],
+                "default": Mechanism.NBD.value,
             },
             "lxc-backup-mode": {
                 "description": "tar: a GNU tar archive; squashfs: a squashfs image (restored "
@@ -346,7 +346,7 @@ class DirectoryStorage:
     def vm_backup_mode(self) -> VmBackupMode:
         return self.scfg.vm_backup_mode
 
-    def vm_backup_mechanism(self) -> VmBackupMechanism:
+    def vm_backup_mechanism(self) -> Mechanism:
         return self.scfg.vm_backup_mechanism
 
     def lxc_backup_mode(self) -> LxcBackupMode:
@@ -357,17 +357,13 @@ class DirectoryStorage:
     def activate_storage(self, timeout: float = 2.0) -> bool:
         """Check that the store directory exists and answers within `timeout`
         seconds (a hung network mount must not hang the caller)."""
-        ctx = multiprocessing.get_context("fork")
-        with ctx.Pool(1) as pool:
-            result = pool.apply_async(_activate_probe, (self.scfg.path,))
-            try:
-                ok = result.get(timeout)
-            except multiprocessing.TimeoutError:
-                pool.terminate()
-                raise StoreError(
-                    f"unable to activate storage '{self.storeid}' - directory "
-                    f"'{self.scfg.path}' does not answer within {timeout:g} s"
-                ) from None
+        try:
+            ok = call_in_child(_activate_probe, (self.scfg.path,), timeout)
+        except TimeoutError:
+            raise StoreError(
+                f"unable to activate storage '{self.storeid}' - directory "
+                f"'{self.scfg.path}' does not answer within {timeout:g} s"
+            ) from None
         if not ok:
             raise StoreError(
                 f"unable to activate storage '{self.storeid}' - directory '{self.scfg.path}' "

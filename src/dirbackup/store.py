@@ -39,20 +39,13 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass, field, fields
-from enum import StrEnum
 from pathlib import Path
 from typing import Any, TypeVar
 
 from dirbackup import __version__
+from dirbackup.api import VmType
 from dirbackup.errors import StoreError, VolumeNameError
-
-
-class VmType(StrEnum):
-    """Guest types, as they appear in backup names."""
-
-    QEMU = "qemu"
-    LXC = "lxc"
-
+from dirbackup.procs import owner_alive, owner_line
 
 MANIFEST = "manifest.json"
 PREVIOUS_INFO = "previous-info"
@@ -392,40 +385,12 @@ def exchange(a: Path, b: Path) -> bool:
     raise OSError(err, f"exchanging {a} and {b}: {os.strerror(err)}", str(b))
 
 
-def _process_alive(pid: int, start: str) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            fields = f.read().rsplit(")", 1)[1].split()
-    except (FileNotFoundError, ProcessLookupError, IndexError):
-        return False
-    return fields[0] not in ("Z", "X") and fields[19] == start
-
-
-def _own_start_time() -> str:
-    with open(f"/proc/{os.getpid()}/stat") as f:
-        return f.read().rsplit(")", 1)[1].split()[19]
-
-
 def _stale_temporary(name: str, mark: str) -> bool:
     """`.<name><mark><pid>` made by a process that is gone."""
     if not name.startswith(".") or mark not in name:
         return False
     pid = name.rsplit(mark, 1)[1]
     return pid.isdigit() and not os.path.exists(f"/proc/{pid}")
-
-
-def owner_line() -> str:
-    """`<pid> <start time>`: names this process, even after its pid is reused."""
-    return f"{os.getpid()} {_own_start_time()}\n"
-
-
-def owner_alive(line: str) -> bool:
-    """Whether the process an owner_line() names still runs."""
-    try:
-        pid_s, start = line.split()
-        return _process_alive(int(pid_s), start)
-    except ValueError:
-        return False
 
 
 # ----------------------------------------------------------------------------

@@ -1,5 +1,12 @@
 """Run the container tools (tar, mksquashfs, cp, mount, ...) with their messages in the log.
 
+This module and qemu.py are the only ones that start processes (tests/test_layout.py
+keeps it so): qemu.py runs QEMU's and libnbd's programs (qemu-img, qemu-io,
+qemu-nbd, nbdfuse), this module every other tool, a quick question to a tool
+(`capture`) and a function in a child process that must answer in time
+(`call_in_child`).  Whoever needs another process asks one of the two, so
+that environment, logging and clean-up are decided in one place.
+
 Why a reader thread per tool: tar and mksquashfs report problems while they work
 (a file that changed, an attribute that cannot be stored).  Reading their stderr
 only at exit would let the pipe fill and block them, and would hide the messages
@@ -15,27 +22,31 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import multiprocessing
 import os
 import signal
 import subprocess
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import IO, Any
+from typing import IO, Any, TypeVar
 
+from dirbackup.api import LogFunction
 from dirbackup.errors import ContainerError
-
-#: The provider's log function: level ("info", "warn" or "err") and message.
-LogFunc = Callable[[str, str], None]
 
 #: Decides what a tool's message line is: "info", "warn", or None to drop it.
 Classifier = Callable[[str], "str | None"]
+
+#: For a Tool's `stdout`: a pipe the caller reads (`Tool.stdout`).
+PIPE = subprocess.PIPE
+
+_T = TypeVar("_T")
 
 _logger = logging.getLogger("dirbackup.container")
 _LEVELS = {"info": logging.INFO, "warn": logging.WARNING, "err": logging.ERROR}
 
 
-def resolve_log(log: LogFunc | None) -> LogFunc:
+def resolve_log(log: LogFunction | None) -> LogFunction:
     """The caller's log function, or one that writes to Python logging.
 
     Tool warnings must go somewhere even when a library user passes no log."""
@@ -93,7 +104,7 @@ class Tool:
         argv: Sequence[str],
         *,
         name: str,
-        log: LogFunc,
+        log: LogFunction,
         classify: Classifier | None = None,
         stdin: int | IO[Any] | None = subprocess.DEVNULL,
         stdout: int | IO[Any] | None = subprocess.DEVNULL,
@@ -150,6 +161,11 @@ class Tool:
         self._reader.join()
         return returncode
 
+    def wait_for(self, timeout: float) -> None:
+        """Wait up to `timeout` seconds for the tool to exit (it may still run after)."""
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self.proc.wait(timeout=timeout)
+
     def kill(self) -> None:
         """Stop the tool if it still runs (SIGTERM, then SIGKILL) and reap it."""
         if self.proc.poll() is None:
@@ -197,7 +213,7 @@ def run_tool(
     argv: Sequence[str],
     *,
     name: str,
-    log: LogFunc,
+    log: LogFunction,
     classify: Classifier | None = None,
     ok: Sequence[int] = (0,),
     ignore: Sequence[str] = (),
@@ -209,3 +225,29 @@ def run_tool(
     if returncode not in ok:
         raise ContainerError(tool.failure(returncode, ignore=ignore))
     return tool
+
+
+def capture(argv: Sequence[str], *, timeout: float) -> bytes | None:
+    """What a quick tool writes (stdout, then stderr), e.g. its version; None
+    if it cannot be run or does not finish within `timeout` seconds."""
+    try:
+        proc = subprocess.run(list(argv), capture_output=True, timeout=timeout, check=False)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return proc.stdout + proc.stderr
+
+
+def call_in_child(function: Callable[..., _T], args: tuple[Any, ...], timeout: float) -> _T:
+    """`function(*args)` run in a forked child process, for a call that may hang
+    in the kernel (a dead network mount): TimeoutError if it does not answer
+    within `timeout` seconds; the child is then killed and the caller goes on.
+    `function` must be a module-level function (it is named to the child)."""
+    ctx = multiprocessing.get_context("fork")
+    with ctx.Pool(1) as pool:
+        result = pool.apply_async(function, args)
+        try:
+            value: _T = result.get(timeout)
+        except multiprocessing.TimeoutError:
+            pool.terminate()
+            raise TimeoutError(f"no answer within {timeout:g} s") from None
+    return value

@@ -30,6 +30,7 @@ import numpy as np
 import numpy.typing as npt
 
 from dirbackup import qcow2
+from dirbackup.api import VmType
 from dirbackup.errors import DirbackupError, IntegrityError, StoreError
 from dirbackup.store import (
     GUEST_CONFIG,
@@ -40,7 +41,6 @@ from dirbackup.store import (
     DiskRecord,
     Manifest,
     Store,
-    VmType,
     digest_map,
     sha256_file,
 )

@@ -1,0 +1,40 @@
+"""Which process owns a thing: an owner line that stays true after its pid is reused.
+
+A backup being written (the store's partial directories) and the mount points
+of nbdfuse exports are left behind when their process dies; the next one must
+tell whether the owner still runs.  A pid alone cannot say (pids are reused),
+so an owner is written as `<pid> <start time>`, the start time as the kernel
+counts it in /proc/<pid>/stat, and a process is alive only if both match.
+"""
+
+from __future__ import annotations
+
+import os
+
+
+def _process_alive(pid: int, start: str) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+    except (FileNotFoundError, ProcessLookupError, IndexError):
+        return False
+    return fields[0] not in ("Z", "X") and fields[19] == start
+
+
+def _own_start_time() -> str:
+    with open(f"/proc/{os.getpid()}/stat") as f:
+        return f.read().rsplit(")", 1)[1].split()[19]
+
+
+def owner_line() -> str:
+    """`<pid> <start time>`: names this process, even after its pid is reused."""
+    return f"{os.getpid()} {_own_start_time()}\n"
+
+
+def owner_alive(line: str) -> bool:
+    """Whether the process an owner_line() names still runs."""
+    try:
+        pid_s, start = line.split()
+        return _process_alive(int(pid_s), start)
+    except ValueError:
+        return False
