@@ -120,7 +120,9 @@ class Host:
 
     `storage` is the storage plugin (DirectoryStorage or anything with the
     same methods); `provider` is created from it unless one is given (any
-    BackupProvider, e.g. a v3 provider wrapped by compat.from_v3)."""
+    BackupProvider, e.g. a v3 provider wrapped by compat.from_v3), or made by
+    `new_provider(log)` from the host's task log, so that what the provider
+    logs goes into the task log too."""
 
     def __init__(
         self,
@@ -129,6 +131,7 @@ class Host:
         *,
         log: LogFunction | None = None,
         provider: BackupProvider | None = None,
+        new_provider: Callable[[LogFunction], BackupProvider] | None = None,
         progress: Callable[[str, copy.CopyStats], None] | None = None,
         io_timeout: float | None = None,
     ) -> None:
@@ -137,7 +140,7 @@ class Host:
         self.storage = storage
         self.storeid = storeid
         self.log = _Log(log)
-        self.provider = provider or storage.new_backup_provider(self.log)
+        self.provider = provider or (new_provider or storage.new_backup_provider)(self.log)
         self.progress = progress
         if io_timeout is None:
             scfg = getattr(storage, "scfg", None)
