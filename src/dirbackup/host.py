@@ -513,10 +513,7 @@ class Host:
         if vmtype != VmType.LXC:
             raise HostError(f"{volid} is not a container backup")
         target = Path(target)
-        if target.exists() and not target.is_dir():
-            raise HostError(f"restore target {target} is not a directory")
-        if target.exists() and any(target.iterdir()) and not force:
-            raise HostError(f"restore target {target} is not empty; use --force")
+        restore_target.check_directory(target, force)
         info = p.restore_container_init(volname, {})
         try:
             if mechanism == "tar":

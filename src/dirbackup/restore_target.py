@@ -7,7 +7,9 @@ interruption leaves the old target as it was and no partial file; a block
 device is written in place, held open exclusively (O_EXCL) meanwhile so that
 nothing mounts or opens it under the restore.  The checks refuse up front
 what would fail half-way or lose data: targets inside the backup store,
-targets in use, existing targets without `force`, devices too small.
+targets in use, existing targets without `force`, devices too small.  A
+container is restored into a directory (`check_directory`; `treeswap` builds
+the tree beside it and swaps it in).
 
 The host (`dirbackup.host`) decides what is copied from where; this module
 only knows targets.
@@ -81,6 +83,15 @@ def check(
                 raise HostError(f"{target} is a block device: only raw restores go there")
             if raw_size(target) < size:
                 raise HostError(f"block device {target} is smaller than the disk ({size} bytes)")
+
+
+def check_directory(target: Path, force: bool) -> None:
+    """Refuse a container's restore target that is not a directory, or one
+    that is not empty without `force`."""
+    if target.exists() and not target.is_dir():
+        raise HostError(f"restore target {target} is not a directory")
+    if target.exists() and any(target.iterdir()) and not force:
+        raise HostError(f"restore target {target} is not empty; use --force")
 
 
 def write(
