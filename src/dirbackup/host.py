@@ -14,7 +14,8 @@ exit path, Ctrl-C included.
 It drives any `api.BackupProvider` (and a provider with the seed's POC v3
 method names through `compat.from_v3`).  With our own provider it restores a
 VM disk straight from the validated qcow2 chain; with any other, from the
-provider's `qemu-img-path`.
+provider's `qemu-img-path`.  The targets themselves are checked and written
+by `restore_target`.
 """
 
 from __future__ import annotations
