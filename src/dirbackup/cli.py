@@ -333,11 +333,14 @@ def cmd_backup(args: argparse.Namespace) -> int:
     storage.store.check()
     bar = ProgressBar()
     printer = _Printer(args.verbose, bar)
-    provider = DirectoryBackupProvider(
-        storage, storage.scfg, storage.storeid, None, progress=bar.update
+    host = Host(
+        storage,
+        storage.storeid,
+        log=printer,
+        new_provider=lambda log: DirectoryBackupProvider(
+            storage, storage.scfg, storage.storeid, log, progress=bar.update
+        ),
     )
-    host = Host(storage, storage.storeid, log=printer, provider=provider)
-    provider.log_function = host.log
     config = args.config.read_text() if args.config else ""
     firewall = args.firewall.read_text() if args.firewall else None
     try:

@@ -63,6 +63,11 @@ class ContainerError(DirbackupError):
     partial output has already been removed when it is raised."""
 
 
+class HostError(DirbackupError):
+    """The standalone host (`dirbackup.host`) could not prepare or finish an
+    operation: a disk it cannot read, a restore target it refuses, ..."""
+
+
 class Terminated(KeyboardInterrupt):
     """SIGTERM, raised by the command line where Ctrl-C raises KeyboardInterrupt,
     so that it stops workers, helper processes and mounts, and removes

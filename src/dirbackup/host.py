@@ -14,13 +14,13 @@ exit path, Ctrl-C included.
 It drives any `api.BackupProvider` (and a provider with the seed's POC v3
 method names through `compat.from_v3`).  With our own provider it restores a
 VM disk straight from the validated qcow2 chain; with any other, from the
-provider's `qemu-img-path`.
+provider's `qemu-img-path`.  The targets themselves are checked and written
+by `restore_target`.
 """
 
 from __future__ import annotations
 
 import contextlib
-import errno
 import os
 import shutil
 import stat
@@ -33,14 +33,10 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
-from dirbackup import bitmaps, copy, extents, nbd, qcow2, qemu, watchdog
+from dirbackup import bitmaps, copy, dirtyregions, extents, qcow2, qemu, restore_target, watchdog
 from dirbackup.api import BackupProvider, BitmapMode, ChainAccess, LogFunction, VmType
-from dirbackup.errors import DirbackupError, Terminated
+from dirbackup.errors import DirbackupError, HostError, Terminated
 from dirbackup.store import check_device_name
-
-
-class HostError(DirbackupError):
-    """The host could not prepare or finish an operation."""
 
 
 def bitmap_name(storeid: str) -> str:
@@ -125,7 +121,9 @@ class Host:
 
     `storage` is the storage plugin (DirectoryStorage or anything with the
     same methods); `provider` is created from it unless one is given (any
-    BackupProvider, e.g. a v3 provider wrapped by compat.from_v3)."""
+    BackupProvider, e.g. a v3 provider wrapped by compat.from_v3), or made by
+    `new_provider(log)` from the host's task log, so that what the provider
+    logs goes into the task log too."""
 
     def __init__(
         self,
@@ -134,6 +132,7 @@ class Host:
         *,
         log: LogFunction | None = None,
         provider: BackupProvider | None = None,
+        new_provider: Callable[[LogFunction], BackupProvider] | None = None,
         progress: Callable[[str, copy.CopyStats], None] | None = None,
         io_timeout: float | None = None,
     ) -> None:
@@ -142,7 +141,7 @@ class Host:
         self.storage = storage
         self.storeid = storeid
         self.log = _Log(log)
-        self.provider = provider or storage.new_backup_provider(self.log)
+        self.provider = provider or (new_provider or storage.new_backup_provider)(self.log)
         self.progress = progress
         if io_timeout is None:
             scfg = getattr(storage, "scfg", None)
@@ -341,7 +340,7 @@ class Host:
                 fd = _open_direct(fuse.path)
                 stack.callback(os.close, fd)
                 vol["file-handle"] = fd
-                vol["next-dirty-region"] = _dirty_iterator(
+                vol["next-dirty-region"] = dirtyregions.next_dirty_region(
                     server.uri,
                     name if mode == BitmapMode.REUSE else None,
                     vol["size"],
@@ -417,7 +416,7 @@ class Host:
                     f"backup {volid} has no disk {', '.join(unknown)} "
                     f"(it has: {', '.join(sorted(sizes)) or 'none'})"
                 )
-            _check_targets(
+            restore_target.check(
                 {d: (Path(t), int(sizes[d]["size"])) for d, t in targets.items()},
                 target_format,
                 force,
@@ -456,7 +455,6 @@ class Host:
         engine: RestoreEngine,
         force: bool,
     ) -> copy.CopyStats | None:
-        blockdev = _is_block_device(target)
         progress = None
         if self.progress is not None:
             report = self.progress
@@ -473,75 +471,32 @@ class Host:
                         f"{device}: {names} recorded no digests (written without a manifest): "
                         "their data is restored unchecked",
                     )
-                return self._write_target(
+                return restore_target.write(
                     target,
                     size,
                     target_format,
-                    blockdev,
                     lambda t: qcow2.restore(chain, t, progress=progress),
                     chain.min_cluster_size,
                 )
         path = p.restore_vm_volume_init(volname, device, {})["qemu-img-path"]
         try:
             if engine == RestoreEngine.QEMU_IMG:
-                _qemu_img_convert(path, target, size, target_format, blockdev)
+                restore_target.qemu_img_convert(path, target, size, target_format)
                 return None
             fd = os.open(path, os.O_RDONLY)
             try:
                 source = copy.FileSource(fd, path)
                 whole = extents.from_pairs([(0, size)])
-                return self._write_target(
+                return restore_target.write(
                     target,
                     size,
                     target_format,
-                    blockdev,
                     lambda t: copy.copy_regions(source, t, whole, progress=progress),
                 )
             finally:
                 os.close(fd)
         finally:
             p.restore_vm_volume_cleanup(volname, device, {})
-
-    def _write_target(
-        self,
-        target: Path,
-        size: int,
-        target_format: str,
-        blockdev: bool,
-        run: Callable[[Any], copy.CopyStats],
-        cluster_size: int = copy.DEFAULT_CLUSTER_SIZE,
-    ) -> copy.CopyStats:
-        """Run the copy into `target`; a qcow2 target gets `cluster_size`
-        (no larger than the smallest cluster of the chain it is copied from)."""
-        if target_format == "qcow2":
-            tmp = _temporary_name(target)
-            tmp.unlink(missing_ok=True)
-            with qcow2.Writer(tmp, size, cluster_size) as writer:  # removes itself unless finished
-                stats = run(writer)
-                writer.finish()
-            os.replace(tmp, target)
-            return stats
-        if blockdev:
-            fd = _open_exclusive(target)
-            try:
-                return run(copy.FileTarget(fd, str(target), fresh=False))
-            finally:
-                os.fsync(fd)
-                os.close(fd)
-        tmp = _temporary_name(target)
-        fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
-        try:
-            os.ftruncate(fd, size)
-            stats = run(copy.FileTarget(fd, str(target)))
-            os.ftruncate(fd, size)  # the image's zero tail up to a whole sector goes
-            os.fsync(fd)
-        except BaseException:
-            os.close(fd)
-            tmp.unlink(missing_ok=True)
-            raise
-        os.close(fd)
-        os.replace(tmp, target)
-        return stats
 
     def restore_container(self, volid: str, target: Path, *, force: bool = False) -> float:
         """Restore a container backup into a directory (extracted tar, or the
@@ -559,10 +514,7 @@ class Host:
         if vmtype != VmType.LXC:
             raise HostError(f"{volid} is not a container backup")
         target = Path(target)
-        if target.exists() and not target.is_dir():
-            raise HostError(f"restore target {target} is not a directory")
-        if target.exists() and any(target.iterdir()) and not force:
-            raise HostError(f"restore target {target} is not empty; use --force")
+        restore_target.check_directory(target, force)
         info = p.restore_container_init(volname, {})
         try:
             if mechanism == "tar":
@@ -608,145 +560,10 @@ def _check_sizes(disks: Sequence[Disk], sizes: Mapping[str, Mapping[str, int]]) 
             )
 
 
-def _is_block_device(path: Path) -> bool:
-    try:
-        return stat.S_ISBLK(path.stat().st_mode)
-    except FileNotFoundError:
-        return False
-
-
-def _check_targets(
-    targets: Mapping[str, tuple[Path, int]],
-    target_format: str,
-    force: bool,
-    store_root: Path | None = None,
-) -> None:
-    """Refuse, before anything is written, restore targets that would fail
-    half-way or lose data: one target for two disks, a target inside the
-    backup store, a target in use (even with `force`), an existing target
-    without `force`, a directory, a missing parent directory, a block device
-    smaller than its disk or given a qcow2."""
-    if target_format not in ("raw", "qcow2"):
-        raise HostError(f"unknown target format {target_format!r} (raw or qcow2)")
-    seen: dict[str, str] = {}
-    for device, (target, size) in targets.items():
-        key = os.path.realpath(target)
-        if key in seen:
-            raise HostError(f"{seen[key]} and {device} are both to be restored into {target}")
-        seen[key] = device
-        if store_root is not None and _inside(Path(key), store_root):
-            raise HostError(f"restore target {target} lies inside the backup store; refused")
-        if target.is_dir():
-            raise HostError(f"restore target {target} is a directory (give a file or device)")
-        if not target.exists():
-            if not target.parent.is_dir():
-                raise HostError(f"restore target {target}: {target.parent} is not a directory")
-            continue
-        _check_not_in_use(target)
-        if not force:
-            raise HostError(f"restore target {target} exists; use --force to overwrite it")
-        if _is_block_device(target):
-            if target_format != "raw":
-                raise HostError(f"{target} is a block device: only raw restores go there")
-            if _raw_size(target) < size:
-                raise HostError(f"block device {target} is smaller than the disk ({size} bytes)")
-
-
-def _inside(path: Path, root: Path) -> bool:
-    """Whether `path` (a real path) is `root` or lies below it; compared by
-    device and inode too, so that a bind mount of the store counts."""
-    try:
-        want = os.stat(root)
-    except OSError:
-        return False
-    real_root = os.path.realpath(root)
-    if path == Path(real_root) or Path(real_root) in path.parents:
-        return True
-    for d in (path, *path.parents):
-        with contextlib.suppress(OSError):
-            if os.path.samestat(os.stat(d), want):
-                return True
-    return False
-
-
-def _check_not_in_use(target: Path) -> None:
-    """A target another process uses is never written, not even with --force:
-    a block device that is mounted or opened exclusively (O_EXCL: LVM, md, a
-    file system, a running restore), or an image that QEMU (a VM, qemu-nbd,
-    qemu-img) holds its lock on."""
-    if _is_block_device(target):
-        os.close(_open_exclusive(target, os.O_RDONLY))
-    if qemu.image_locked(target):
-        raise HostError(
-            f"restore target {target} is in use by QEMU (a VM, qemu-nbd or qemu-img holds "
-            "its image lock); refused"
-        )
-
-
-def _open_exclusive(target: Path, mode: int = os.O_WRONLY) -> int:
-    """Open a block device exclusively: the kernel then refuses it to mounts
-    and to other exclusive openers for as long as it is open."""
-    try:
-        return os.open(target, mode | os.O_EXCL | os.O_CLOEXEC)
-    except OSError as exc:
-        if exc.errno == errno.EBUSY:
-            raise HostError(
-                f"restore target {target} is in use (mounted, or held open exclusively by "
-                "another process); refused"
-            ) from None
-        raise
-
-
-def _temporary_name(target: Path) -> Path:
-    """Where a file target is written before it is renamed into place."""
-    return target.with_name(f".{target.name}.restore-{os.getpid()}")
-
-
-def _qemu_img_convert(
-    source: str, target: Path, size: int, target_format: str, blockdev: bool
-) -> None:
-    """`qemu-img convert` into the target: a block device in place (held
-    exclusively meanwhile); a file under a temporary name, synced and renamed
-    into place when complete, so that a failure (ENOSPC) or an interruption
-    leaves the old target as it was and no partial file."""
-    cmd = ["qemu-img", "convert", "-f", "raw", "-O", target_format]
-    if blockdev:
-        fd = _open_exclusive(target)
-        try:
-            qemu.run([*cmd, "-n", source, str(target)], timeout=None)
-        finally:
-            os.close(fd)
-        return
-    tmp = _temporary_name(target)
-    tmp.unlink(missing_ok=True)
-    try:
-        qemu.run([*cmd, source, str(tmp)], timeout=None)
-        fd = os.open(tmp, os.O_RDWR | os.O_CLOEXEC)
-        try:
-            if target_format == "raw":
-                os.ftruncate(fd, size)  # the export's zero tail up to a whole sector goes
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    os.replace(tmp, target)
-
-
 def _disk_size(path: Path) -> int:
     if _image_format(path) == "qcow2":
         return int(qemu.img_info(path, fmt="qcow2")["virtual-size"])
-    return _raw_size(path)
-
-
-def _raw_size(path: Path) -> int:
-    """Bytes in a file or block device, read as raw."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        return copy.fd_size(fd)
-    finally:
-        os.close(fd)
+    return restore_target.raw_size(path)
 
 
 @contextlib.contextmanager
@@ -763,21 +580,3 @@ def _open_direct(path: Path) -> int:
         return os.open(path, os.O_RDONLY | os.O_DIRECT)
     except OSError:
         return os.open(path, os.O_RDONLY)  # FUSE without direct I/O support
-
-
-def _dirty_iterator(
-    uri: str, bitmap: str | None, size: int, io_timeout: float
-) -> Callable[[], Any]:
-    """The hypervisor's next-dirty-region: (offset, length) per call, then None."""
-    if bitmap is None:
-        regions = [(0, size)]
-    else:
-        context = extents.dirty_bitmap_context(bitmap)
-        h = nbd.connect(uri, [context], timeout=io_timeout)
-        try:
-            dirty = extents.dirty(watchdog.block_status(h, context, io_timeout, uri))
-        finally:
-            nbd.close_all([h])
-        regions = [(int(o), int(n)) for o, n, _ in dirty]
-    it = iter(regions)
-    return lambda: next(it, None)

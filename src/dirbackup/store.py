@@ -44,6 +44,7 @@ from typing import Any, TypeVar
 
 from dirbackup import __version__
 from dirbackup.api import VmType
+from dirbackup.atomicfile import fsync_path, write_atomic
 from dirbackup.errors import StoreError, VolumeNameError
 from dirbackup.procs import owner_alive, owner_line
 
@@ -328,41 +329,6 @@ class PreviousInfo:
 
 # ----------------------------------------------------------------------------
 # File helpers
-
-
-def fsync_path(path: Path) -> None:
-    """fsync a file or directory by path."""
-    fd = os.open(path, os.O_RDONLY | (os.O_DIRECTORY if path.is_dir() else 0))
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def write_atomic(path: Path, data: str | bytes, mode: int = 0o644) -> None:
-    """Replace a file's content all at once (temp file, fsync, rename, fsync dir).
-
-    Errors name the file (ENOSPC from write() alone would not)."""
-    raw = data.encode() if isinstance(data, str) else data
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
-        try:
-            view = memoryview(raw)
-            while view:
-                view = view[os.write(fd, view) :]
-            os.fsync(fd)
-        except BaseException:
-            os.close(fd)
-            tmp.unlink(missing_ok=True)
-            raise
-        os.close(fd)
-        os.replace(tmp, path)
-        fsync_path(path.parent)
-    except OSError as exc:
-        if exc.filename is not None or exc.errno is None:
-            raise
-        raise OSError(exc.errno, f"writing {path}: {exc.strerror}", str(path)) from None
 
 
 _libc = ctypes.CDLL(None, use_errno=True)
