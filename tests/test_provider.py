@@ -17,8 +17,9 @@ from guests import STOREID, Guest, make_storage, restore_and_compare, store_bitm
 from dirbackup import qemu
 from dirbackup.errors import ImageError, StoreError, VolumeNameError
 from dirbackup.host import Host
+from dirbackup.manifest import PreviousInfo
 from dirbackup.storage import DirectoryStorage, StorageOperationError
-from dirbackup.store import BackupId, PreviousInfo, VmType
+from dirbackup.store import BackupId, VmType
 
 
 @pytest.mark.parametrize("mechanism", ["nbd", "file-handle"])

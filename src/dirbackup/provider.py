@@ -66,6 +66,15 @@ from dirbackup.api import (
     VolumeInfo,
 )
 from dirbackup.errors import DirbackupError, IntegrityError, StoreError
+from dirbackup.fsutil import dir_usage, read_json, read_regular, sha256_file, write_atomic
+from dirbackup.manifest import (
+    DiskRecord,
+    FileRecord,
+    Manifest,
+    PreviousDevice,
+    PreviousInfo,
+    digest_map,
+)
 from dirbackup.store import (
     DEFAULT_LOCK_TIMEOUT,
     FIREWALL_CONFIG,
@@ -75,23 +84,12 @@ from dirbackup.store import (
     SQUASHFS_ARCHIVE,
     TAR_ARCHIVE,
     BackupId,
-    DiskRecord,
-    FileRecord,
-    Manifest,
-    PreviousDevice,
-    PreviousInfo,
     Store,
     VmType,
     check_device_name,
     check_start_time,
     check_vmid,
-    digest_map,
-    dir_usage,
     disk_file,
-    read_json,
-    read_regular,
-    sha256_file,
-    write_atomic,
 )
 from dirbackup.units import human
 from dirbackup.watchdog import DEFAULT_IO_TIMEOUT

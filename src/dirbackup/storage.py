@@ -12,7 +12,6 @@ first), attributes are stored, and `verify` checks what was written.
 
 from __future__ import annotations
 
-import errno
 import json
 import multiprocessing
 import os
@@ -26,6 +25,8 @@ from typing import Any
 
 from dirbackup import qcow2
 from dirbackup.errors import DirbackupError, ImageError, IntegrityError, StoreError
+from dirbackup.fsutil import dir_usage, exchange, fsync_path, link_rest, read_json, write_atomic
+from dirbackup.manifest import DiskRecord, Manifest, digest_map
 from dirbackup.prune import KeepRules, Mark, PruneCandidate, mark
 from dirbackup.store import (
     DEFAULT_LOCK_TIMEOUT,
@@ -33,20 +34,12 @@ from dirbackup.store import (
     PENDING_ATTRIBUTES,
     BackupEntry,
     BackupId,
-    DiskRecord,
-    Manifest,
     Store,
     StoreProblem,
     VmType,
     describe_error,
-    digest_map,
-    dir_usage,
-    exchange,
-    fsync_path,
     future_horizon,
-    read_json,
     split_volid,
-    write_atomic,
 )
 from dirbackup.units import parse_seconds
 from dirbackup.verify import Checker, MergeCheck, Verifier, VerifyResult, check_merge, check_merged
@@ -211,22 +204,6 @@ def _failed(failures: list[str], log: LogFunction | None, message: str) -> None:
 
 def _date(epoch: int) -> str:
     return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(epoch))
-
-
-def _link_rest(source: Path, staging: Path) -> bool:
-    """Hard-link the files of `source` that `staging` does not have yet into it;
-    False where the file system has no hard links."""
-    for p in source.iterdir():
-        if (staging / p.name).exists() or p.name.startswith("."):
-            continue
-        try:
-            os.link(p, staging / p.name, follow_symlinks=False)
-        except OSError as exc:
-            if exc.errno in (errno.EPERM, errno.EOPNOTSUPP, errno.EXDEV, errno.EMLINK):
-                return False
-            raise
-    fsync_path(staging)
-    return True
 
 
 def _activate_probe(path: str) -> bool:
@@ -671,7 +648,7 @@ class DirectoryStorage:
                     mode="incremental" if parents else "full",
                 )
                 write_atomic(staging / MANIFEST, m.to_json())
-            if _link_rest(child.path, staging) and exchange(staging, child.path):
+            if link_rest(child.path, staging) and exchange(staging, child.path):
                 fsync_path(gdir)
                 return
             # no atomic exchange here: images first, the manifest last

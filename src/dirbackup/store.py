@@ -25,26 +25,21 @@ path outside the store.
 from __future__ import annotations
 
 import contextlib
-import ctypes
-import errno
 import fcntl
-import hashlib
-import json
 import os
 import re
 import secrets
 import shutil
-import stat
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator
-from dataclasses import asdict, dataclass, field, fields
+from collections.abc import Iterator
+from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
-from typing import Any, TypeVar
 
-from dirbackup import __version__
 from dirbackup.errors import StoreError, VolumeNameError
+from dirbackup.fsutil import fsync_path, read_regular, write_atomic
+from dirbackup.manifest import Manifest, PreviousInfo
 
 
 class VmType(StrEnum):
@@ -80,7 +75,6 @@ FUTURE_SLACK = 86_400
 _HELD_LOCKS: dict[tuple[str, int, int], int] = {}
 _STORE_ID_RE = re.compile(r"[0-9a-f]{16}")
 
-_R = TypeVar("_R")
 _NAME_RE = re.compile(r"(qemu|lxc)-([0-9]{1,13})")
 _DEVICE_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.+-]{0,63}")
 
@@ -196,202 +190,6 @@ def split_volid(text: str) -> tuple[str | None, str]:
     return None, text
 
 
-# ----------------------------------------------------------------------------
-# Manifest
-
-
-@dataclass
-class DiskRecord:
-    """One VM disk of a backup."""
-
-    file: str
-    size: int  # virtual size in bytes
-    mode: str  # "full" or "incremental"
-    parent: str | None  # volname of the backup holding the backing image
-    cluster_size: int
-    digest_chunk: int
-    digests: dict[str, str]  # chunk index -> hex XXH64 sum, non-zero sums only
-    dirty_bytes: int = 0
-    written_bytes: int = 0
-
-
-@dataclass
-class FileRecord:
-    """A plain file of a backup (configs, archives)."""
-
-    size: int
-    sha256: str | None = None
-
-
-@dataclass
-class Manifest:
-    """What a backup holds, and its attributes (notes, protected)."""
-
-    vmid: int
-    vmtype: str
-    ctime: int
-    mode: str  # "full", "incremental" or "container"
-    parent: str | None = None
-    disks: dict[str, DiskRecord] = field(default_factory=dict)
-    files: dict[str, FileRecord] = field(default_factory=dict)
-    notes: str = ""
-    protected: bool = False
-    tool: str = f"dirbackup {__version__}"
-    format: int = 1
-    legacy: bool = False  # made for a backup written without a manifest (the seed's layout)
-
-    def to_json(self) -> str:
-        return json.dumps(asdict(self), indent=1, sort_keys=True) + "\n"
-
-    @classmethod
-    def from_json(cls, text: str, where: str = "manifest") -> Manifest:
-        """Parse a manifest; one whose JSON or field types are wrong raises
-        StoreError (a listing reports it as that backup's problem, and no
-        later check trips over a list where a table belongs)."""
-        try:
-            raw = json.loads(text)
-            if not isinstance(raw, dict):
-                raise TypeError("not a JSON object")
-            disks = {k: _typed(DiskRecord(**v), k) for k, v in _table(raw.pop("disks", {}))}
-            files = {k: _typed(FileRecord(**v), k) for k, v in _table(raw.pop("files", {}))}
-            return _typed(cls(disks=disks, files=files, **raw), "manifest")
-        except (ValueError, TypeError) as exc:
-            raise StoreError(f"{where}: unreadable manifest ({exc})") from None
-
-
-def _table(value: object) -> list[tuple[str, dict[str, Any]]]:
-    """The items of a JSON object of objects (disks, files), or TypeError."""
-    if not isinstance(value, dict) or not all(isinstance(v, dict) for v in value.values()):
-        raise TypeError("disks and files must be objects of objects")
-    return list(value.items())
-
-
-_FIELD_TYPES: dict[str, Callable[[object], bool]] = {
-    "int": lambda v: isinstance(v, int) and not isinstance(v, bool),
-    "str": lambda v: isinstance(v, str),
-    "bool": lambda v: isinstance(v, bool),
-    "str | None": lambda v: v is None or isinstance(v, str),
-    "dict[str, str]": lambda v: isinstance(v, dict) and all(isinstance(x, str) for x in v.values()),
-}
-
-
-def _typed(record: _R, what: str) -> _R:
-    """`record`, after checking that its fields hold the JSON types they are
-    declared with (fields of other types are checked where they are made)."""
-    for f in fields(record):  # type: ignore[arg-type]
-        check = _FIELD_TYPES.get(str(f.type))
-        if check is not None and not check(getattr(record, f.name)):
-            raise TypeError(f"{what}: {f.name} is not of type {f.type}")
-    return record
-
-
-# ----------------------------------------------------------------------------
-# previous-info
-
-
-@dataclass
-class PreviousDevice:
-    """The last good backup of one device, to build the next incremental on.
-
-    `bitmap` and `backing` are recorded when the host takes part in the
-    bitmap generations (api.BitmapGenerations): the name of the dirty bitmap
-    that starts with this backup, and the identity of the disk's layers below
-    its top image.  The next incremental needs both to match the disk."""
-
-    backup: str  # backup directory name, e.g. qemu-1700000000
-    size: int
-    file: str
-    bitmap: str | None = None
-    backing: list[dict[str, Any]] | None = None
-
-
-@dataclass
-class PreviousInfo:
-    """The provider's record of the last good backup per device of a guest.
-
-    The seed wrote `"<bitmap-id> <backup-time>"`; that form is still read."""
-
-    devices: dict[str, PreviousDevice] = field(default_factory=dict)
-    backup: str | None = None  # newest good backup of the guest
-
-    def to_json(self) -> str:
-        return json.dumps(asdict(self), indent=1, sort_keys=True) + "\n"
-
-    @classmethod
-    def parse(cls, text: str, vmtype: str = "qemu") -> PreviousInfo:
-        text = text.strip()
-        if not text:
-            return cls()
-        legacy = re.fullmatch(r"(\d+)\s+(\d+)", text)
-        if legacy:
-            return cls(backup=f"{vmtype}-{legacy.group(2)}")
-        try:
-            raw = json.loads(text)
-            devices = {k: PreviousDevice(**v) for k, v in raw.get("devices", {}).items()}
-            return cls(devices=devices, backup=raw.get("backup"))
-        except (ValueError, TypeError, AttributeError):
-            return cls()  # unreadable: no incremental, next backup is full
-
-
-# ----------------------------------------------------------------------------
-# File helpers
-
-
-def fsync_path(path: Path) -> None:
-    """fsync a file or directory by path."""
-    fd = os.open(path, os.O_RDONLY | (os.O_DIRECTORY if path.is_dir() else 0))
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def write_atomic(path: Path, data: str | bytes, mode: int = 0o644) -> None:
-    """Replace a file's content all at once (temp file, fsync, rename, fsync dir).
-
-    Errors name the file (ENOSPC from write() alone would not)."""
-    raw = data.encode() if isinstance(data, str) else data
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
-        try:
-            view = memoryview(raw)
-            while view:
-                view = view[os.write(fd, view) :]
-            os.fsync(fd)
-        except BaseException:
-            os.close(fd)
-            tmp.unlink(missing_ok=True)
-            raise
-        os.close(fd)
-        os.replace(tmp, path)
-        fsync_path(path.parent)
-    except OSError as exc:
-        if exc.filename is not None or exc.errno is None:
-            raise
-        raise OSError(exc.errno, f"writing {path}: {exc.strerror}", str(path)) from None
-
-
-_libc = ctypes.CDLL(None, use_errno=True)
-_AT_FDCWD = -100
-_RENAME_EXCHANGE = 2
-
-
-def exchange(a: Path, b: Path) -> bool:
-    """Swap two directories atomically (renameat2 with RENAME_EXCHANGE).
-    False where the C library, kernel or file system cannot."""
-    renameat2 = getattr(_libc, "renameat2", None)
-    if renameat2 is None:
-        return False
-    rc = renameat2(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE)
-    if rc == 0:
-        return True
-    err = ctypes.get_errno()
-    if err in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
-        return False
-    raise OSError(err, f"exchanging {a} and {b}: {os.strerror(err)}", str(b))
-
-
 def _process_alive(pid: int, start: str) -> bool:
     try:
         with open(f"/proc/{pid}/stat") as f:
@@ -460,26 +258,6 @@ def real_dir(path: Path) -> bool:
     """A directory, and not through a symlink: what the store is made of.  A
     symlink placed in the store never leads a listing or a restore outside."""
     return path.is_dir() and not path.is_symlink()
-
-
-def read_regular(path: Path) -> bytes:
-    """The content of a regular file of the store; a symlink or anything else
-    is refused (StoreError), FileNotFoundError passes."""
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
-    except OSError as exc:
-        if exc.errno == errno.ELOOP:
-            raise StoreError(f"{path} is a symbolic link; refused") from None
-        raise
-    try:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            raise StoreError(f"{path} is not a regular file; refused")
-        chunks = []
-        while chunk := os.read(fd, 1 << 20):
-            chunks.append(chunk)
-        return b"".join(chunks)
-    finally:
-        os.close(fd)
 
 
 DEFAULT_LOCK_TIMEOUT = 60.0
@@ -906,43 +684,3 @@ def _remove_tree(path: Path) -> None:
 
 def disk_file(device: str) -> str:
     return f"{check_device_name(device)}.qcow2"
-
-
-def dir_usage(path: Path) -> tuple[int, int]:
-    """(apparent size, allocated bytes) of the files in a directory."""
-    size = used = 0
-    for p in path.iterdir():
-        try:
-            st = p.lstat()
-        except OSError as exc:
-            if exc.errno == errno.ENOENT:
-                continue
-            raise
-        if p.is_file():
-            size += st.st_size
-            used += st.st_blocks * 512
-    return size, used
-
-
-def digest_map(digests: Iterable[int]) -> dict[str, str]:
-    """Non-zero per-chunk digest sums as {chunk index: 16 hex digits}, the
-    manifest's sparse form (an incremental touches few chunks)."""
-    return {str(i): f"{int(v):016x}" for i, v in enumerate(digests) if int(v)}
-
-
-def sha256_file(path: Path) -> str:
-    """Hex SHA-256 of a file's content."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def read_json(path: Path) -> dict[str, Any]:
-    """A small JSON object file, or {} when missing or unreadable."""
-    try:
-        data = json.loads(path.read_text())
-    except (FileNotFoundError, ValueError):
-        return {}
-    return data if isinstance(data, dict) else {}

@@ -31,18 +31,16 @@ import numpy.typing as npt
 
 from dirbackup import qcow2
 from dirbackup.errors import DirbackupError, IntegrityError, StoreError
+from dirbackup.fsutil import sha256_file
+from dirbackup.manifest import DiskRecord, Manifest, digest_map
 from dirbackup.store import (
     GUEST_CONFIG,
     SQUASHFS_ARCHIVE,
     TAR_ARCHIVE,
     BackupEntry,
     BackupId,
-    DiskRecord,
-    Manifest,
     Store,
     VmType,
-    digest_map,
-    sha256_file,
 )
 
 Digests = npt.NDArray[np.uint64]
