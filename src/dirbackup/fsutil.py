@@ -22,6 +22,13 @@ from typing import Any
 from dirbackup.errors import StoreError
 
 
+def temporary_path(path: Path, kind: str = "tmp") -> Path:
+    """`.<name>.<kind>-<pid>` next to `path`: a temporary file or directory
+    of this process, which the store's clean_stale removes once the process
+    is gone (kinds: tmp, merge)."""
+    return path.with_name(f".{path.name}.{kind}-{os.getpid()}")
+
+
 def fsync_path(path: Path) -> None:
     """fsync a file or directory by path."""
     fd = os.open(path, os.O_RDONLY | (os.O_DIRECTORY if path.is_dir() else 0))
@@ -36,7 +43,7 @@ def write_atomic(path: Path, data: str | bytes, mode: int = 0o644) -> None:
 
     Errors name the file (ENOSPC from write() alone would not)."""
     raw = data.encode() if isinstance(data, str) else data
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp = temporary_path(path)
     try:
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
         try:

@@ -66,7 +66,6 @@ from dirbackup.api import (
     VolumeInfo,
 )
 from dirbackup.errors import DirbackupError, IntegrityError, StoreError
-from dirbackup.fsutil import dir_usage, read_json, read_regular, sha256_file, write_atomic
 from dirbackup.manifest import (
     DiskRecord,
     FileRecord,
@@ -77,26 +76,19 @@ from dirbackup.manifest import (
 )
 from dirbackup.store import (
     DEFAULT_LOCK_TIMEOUT,
-    FIREWALL_CONFIG,
-    GUEST_CONFIG,
-    LOG_FILE,
-    PENDING_ATTRIBUTES,
-    SQUASHFS_ARCHIVE,
-    TAR_ARCHIVE,
+    Backup,
     BackupId,
     Store,
     VmType,
     check_device_name,
     check_start_time,
     check_vmid,
-    disk_file,
 )
 from dirbackup.units import human
 from dirbackup.watchdog import DEFAULT_IO_TIMEOUT
 
 DEFAULT_CLUSTER = 64 * 1024
 DIGEST_CHUNK = 16 << 20
-CONTAINER_RESULT = ".container-result.json"
 PROGRESS_INTERVAL = 10.0
 DeviceProgress = Callable[[str, copy.CopyStats], None]
 
@@ -248,7 +240,7 @@ class DirectoryBackupProvider(BackupProvider):
                 return None
             name, file = rec.backup, rec.file
         elif prev.backup and not prev.devices:
-            name, file = prev.backup, disk_file(device)  # the seed's previous-info
+            name, file = prev.backup, None  # the seed's previous-info: the image's usual name
         else:
             return None
         try:
@@ -256,14 +248,14 @@ class DirectoryBackupProvider(BackupProvider):
         except DirbackupError:
             why.append(f"its previous-info names no backup ({name!r})")
             return None
-        if file != disk_file(device) or not self.store.exists(bid):
+        image = self.store.image_path(bid, device)
+        if (file is not None and file != image.name) or not self.store.exists(bid):
             why.append(f"its last backup {name} is gone")
             return None  # a record naming anything else is no base
         g = self._guests.get(vmid)
         if g is not None and bid.epoch >= g.bid.epoch:  # stamped in the future
             self.log("info", f"{device}: {bid.name} is stamped after this backup; full backup")
             return None  # (an incremental would sort before its base)
-        image = self.store.backup_dir(bid) / file
         try:  # a base is a valid chain inside the guest's directory
             with qcow2.Chain(image, self.store.guest_dir(vmid)) as chain:
                 if chain.virtual_size != size:
@@ -375,8 +367,7 @@ class DirectoryBackupProvider(BackupProvider):
     ) -> None:
         g = self._guest(vmid)
         binfo = BackupInfo.coerce(info)
-        part = self.store.partial_dir(g.bid)
-        self._write_configs(g, part, guest_config, binfo.firewall_config)
+        g.files.update(self.store.partial(g.bid).write_configs(guest_config, binfo.firewall_config))
         for device in sorted(volumes):
             check_device_name(device)
             g.disks[device] = self._backup_volume(
@@ -384,16 +375,6 @@ class DirectoryBackupProvider(BackupProvider):
             )
         self._publish(g, "incremental" if any(d.parent for d in g.disks.values()) else "full")
         g.returned = True
-
-    def _write_configs(
-        self, g: _GuestBackup, part: Path, guest_config: str, firewall: str | None
-    ) -> None:
-        for name, text in ((GUEST_CONFIG, guest_config), (FIREWALL_CONFIG, firewall)):
-            if text is None:
-                continue
-            data = text.encode() if isinstance(text, str) else bytes(text)
-            write_atomic(part / name, data)
-            g.files[name] = FileRecord(len(data), sha256_file(part / name))
 
     def _backup_volume(
         self, g: _GuestBackup, device: str, vol: VolumeInfo, bwlimit: int
@@ -431,7 +412,7 @@ class DirectoryBackupProvider(BackupProvider):
             else:
                 cluster = max(DEFAULT_CLUSTER, qcow2.smallest_cluster_size(vsize))
             regions = extents.align(regions, cluster, vsize)
-            image = self.store.partial_dir(g.bid) / disk_file(device)
+            image = self.store.partial(g.bid).image_path(device)
             backing = os.path.relpath(base[1], image.parent) if base else None
             mode = "incremental" if base else "full"
             self.log("info", f"{device}: {mode} backup of {human(size)}, {human(dirty)} to read")
@@ -543,9 +524,7 @@ class DirectoryBackupProvider(BackupProvider):
     # ------------------------------------------------------------------ publish
 
     def _publish(self, g: _GuestBackup, mode: str) -> None:
-        part = self.store.partial_dir(g.bid)
-        pending = read_json(part / PENDING_ATTRIBUTES)
-        (part / PENDING_ATTRIBUTES).unlink(missing_ok=True)
+        pending = self.store.partial(g.bid).take_pending_attributes()
         parents = [d.parent for d in g.disks.values() if d.parent]
         manifest = Manifest(
             vmid=g.bid.vmid,
@@ -561,7 +540,7 @@ class DirectoryBackupProvider(BackupProvider):
         self.store.publish(g.bid, manifest)
         g.published = True
         if g.bid.vmtype == VmType.QEMU:
-            g.old_previous_raw = self._previous_raw(g.bid.vmid)
+            g.old_previous_raw = self.store.read_previous_raw(g.bid.vmid)
             old = self.store.read_previous(g.bid.vmid, VmType.QEMU)
             g.old_previous = old
             new = PreviousInfo(devices=dict(old.devices), backup=g.bid.name)
@@ -582,8 +561,7 @@ class DirectoryBackupProvider(BackupProvider):
         """Privileged: let the container's mapped root user write the partial backup."""
         g = self._guest(vmid)
         cinfo = ContainerInfo.coerce(info)
-        part = self.store.partial_dir(g.bid)
-        os.chown(part, cinfo.backup_user_id, -1)
+        os.chown(self.store.partial(g.bid).path, cinfo.backup_user_id, -1)
 
     def backup_container(
         self,
@@ -597,8 +575,8 @@ class DirectoryBackupProvider(BackupProvider):
 
         g = self._guest(vmid)
         cinfo = ContainerInfo.coerce(info)
-        part = self.store.partial_dir(g.bid)
-        self._write_configs(g, part, guest_config, cinfo.firewall_config)
+        part = self.store.partial(g.bid)
+        g.files.update(part.write_configs(guest_config, cinfo.firewall_config))
         directory = Path(cinfo.directory)
         if not directory.is_dir():
             raise DirbackupError(f"container root {directory} does not exist or is not a directory")
@@ -606,7 +584,7 @@ class DirectoryBackupProvider(BackupProvider):
         if mode == "squashfs":
             result = container.create_squashfs(
                 directory,
-                part / SQUASHFS_ARCHIVE,
+                part.archive_path(mode),
                 exclude_patterns=list(exclude_patterns),
                 bandwidth_limit=cinfo.bandwidth_limit,
                 log=self.log_function,
@@ -614,19 +592,14 @@ class DirectoryBackupProvider(BackupProvider):
         else:
             result = container.create_tar(
                 directory,
-                part / TAR_ARCHIVE,
+                part.archive_path(mode),
                 sources=list(cinfo.sources),
                 exclude_patterns=list(exclude_patterns),
                 bandwidth_limit=cinfo.bandwidth_limit,
                 log=self.log_function,
             )
         g.files[result.path.name] = FileRecord(result.size, result.sha256)
-        write_atomic(
-            part / CONTAINER_RESULT,
-            json.dumps(
-                {name: {"size": rec.size, "sha256": rec.sha256} for name, rec in g.files.items()}
-            ),
-        )
+        part.save_container_result(g.files)
         self.log("info", f"archive {result.path.name}: {human(result.size)}")
 
     # ------------------------------------------------------------------ backup: end
@@ -648,7 +621,7 @@ class DirectoryBackupProvider(BackupProvider):
                     except BaseException:
                         self._abort(g)  # e.g. ENOSPC writing the manifest
                         raise
-                size, _used = dir_usage(self.store.backup_dir(g.bid))
+                size, _used = self.store.backup(g.bid).usage()
                 self._finished[vmid] = (g.bid, True)
                 return {"stats": {"archive-size": size}}
             error = (info or {}).get("error", "unknown error")
@@ -660,12 +633,10 @@ class DirectoryBackupProvider(BackupProvider):
             g.lock.close()
 
     def _publish_container(self, g: _GuestBackup) -> None:
-        part = self.store.partial_dir(g.bid)
-        result = read_json(part / CONTAINER_RESULT)
-        if not result:
+        files = self.store.partial(g.bid).take_container_result()
+        if files is None:
             raise DirbackupError(f"backup {g.bid.archive}: the container archive was not written")
-        (part / CONTAINER_RESULT).unlink()
-        g.files = {name: FileRecord(**rec) for name, rec in result.items()}
+        g.files = files
         self._publish(g, "container")
 
     def _abort(self, g: _GuestBackup) -> None:
@@ -677,12 +648,8 @@ class DirectoryBackupProvider(BackupProvider):
             # could not be written, say): the hypervisor keeps its bitmap as it
             # was, so the old record is still right.  Put it back as it was.
             self.store.remove_backup(g.bid)
-            path = self.store.previous_info_path(g.bid.vmid)
-            if self._previous_raw(g.bid.vmid) != g.old_previous_raw:
-                if g.old_previous_raw is None:
-                    path.unlink()
-                else:
-                    write_atomic(path, g.old_previous_raw)
+            if self.store.read_previous_raw(g.bid.vmid) != g.old_previous_raw:
+                self.store.restore_previous_raw(g.bid.vmid, g.old_previous_raw)
             return
         # Published, but the hypervisor failed the backup afterwards: remove it.
         # Its dirty bitmap may already have advanced past this backup, so the
@@ -696,13 +663,6 @@ class DirectoryBackupProvider(BackupProvider):
             self.store.write_previous(g.bid.vmid, prev)
             self.log("warn", "the next backup of the removed backup's disks will be full")
 
-    def _previous_raw(self, vmid: int) -> bytes | None:
-        """previous-info as it is on disk (None: none, or not a regular file)."""
-        try:
-            return read_regular(self.store.previous_info_path(vmid))
-        except (FileNotFoundError, StoreError):
-            return None
-
     def backup_handle_log_file(self, vmid: int, filename: str) -> None:
         vmid = int(vmid)
         done = self._finished.get(vmid)
@@ -712,50 +672,44 @@ class DirectoryBackupProvider(BackupProvider):
         bid, ok = done if done is not None else (g.bid, False)  # type: ignore[union-attr]
         data = Path(filename).read_bytes()
         if ok and self.store.exists(bid):
-            write_atomic(self.store.backup_dir(bid) / LOG_FILE, data)
+            self.store.backup(bid).keep_log(data)
         else:
-            target = self.store.failed_dir(bid)
-            target.mkdir(parents=True, exist_ok=True)
-            write_atomic(target / LOG_FILE, data)
+            self.store.keep_failed_log(bid, data)
 
     # ------------------------------------------------------------------ restore
 
-    def _backup(self, volname: str) -> tuple[BackupId, Path]:
-        bid = self.storage_plugin.backup_id(volname)
-        return bid, self.store.require(bid)
+    def _backup(self, volname: str) -> Backup:
+        return self.store.backup(self.storage_plugin.backup_id(volname))
 
     def restore_get_mechanism(self, volname: str, *storeid: str) -> tuple[str, str]:
-        bid, path = self._backup(volname)
+        backup = self._backup(volname)
+        bid = backup.id
         if bid.vmtype == VmType.QEMU:
             return RestoreMechanism.QEMU_IMG.value, bid.vmtype.value
-        if (path / TAR_ARCHIVE).exists():
+        archive = backup.archive()
+        if archive is not None and archive[0] == "tar":
             return RestoreMechanism.TAR.value, bid.vmtype.value
-        if (path / SQUASHFS_ARCHIVE).exists():
+        if archive is not None:
             return RestoreMechanism.DIRECTORY.value, bid.vmtype.value
         raise StoreError(f"backup {volname} holds no container archive")
 
     def archive_get_guest_config(self, volname: str, *storeid: str) -> str:
-        _bid, path = self._backup(volname)
-        try:
-            return read_regular(path / GUEST_CONFIG).decode("utf-8", "replace")
-        except FileNotFoundError:
-            raise StoreError(f"backup {volname} has no guest configuration") from None
+        config = self._backup(volname).guest_config()
+        if config is None:
+            raise StoreError(f"backup {volname} has no guest configuration")
+        return config
 
     def archive_get_firewall_config(self, volname: str, *storeid: str) -> str | None:
-        _bid, path = self._backup(volname)
-        try:
-            return read_regular(path / FIREWALL_CONFIG).decode("utf-8", "replace")
-        except FileNotFoundError:
-            return None
+        return self._backup(volname).firewall_config()
 
     def restore_vm_init(self, volname: str, *storeid: str) -> dict[str, dict[str, int]]:
-        bid, path = self._backup(volname)
-        manifest = self.store.read_manifest(bid)
+        backup = self._backup(volname)
+        manifest = self.store.read_manifest(backup.id)
         if manifest is not None:
             return {dev: {"size": d.size} for dev, d in sorted(manifest.disks.items())}
         out = {}
-        for image in sorted(path.glob("*.qcow2")):
-            out[image.stem] = {"size": qcow2.read_header(image).virtual_size}
+        for device, image in backup.seed_images().items():
+            out[device] = {"size": qcow2.read_header(image).virtual_size}
         return out
 
     def open_chain(self, volname: str, device: str) -> qcow2.Chain:
@@ -768,13 +722,14 @@ class DirectoryBackupProvider(BackupProvider):
         names as parent (a backing name changed to point at another backup is
         refused).  Layers of backups without a manifest (the seed's layout)
         have no digests: `Chain.unchecked` lists them."""
-        bid, path = self._backup(volname)
+        backup = self._backup(volname)
+        bid = backup.id
         manifest = self.store.read_manifest(bid)
         check_device_name(device)
         if manifest is not None:
-            image = path / self._disk_record(bid, manifest, device).file
+            image = backup.image_path(device, self._disk_record(bid, manifest, device))
         else:
-            image = path / disk_file(device)
+            image = backup.image_path(device)
             if not image.exists():
                 raise StoreError(f"backup {volname} has no disk {device!r}")
         chain = qcow2.Chain(image, self.store.guest_dir(bid.vmid))
@@ -945,10 +900,10 @@ class DirectoryBackupProvider(BackupProvider):
         from dirbackup import container
 
         mechanism, _ = self.restore_get_mechanism(volname)
-        _bid, path = self._backup(volname)
-        if mechanism not in (RestoreMechanism.TAR, RestoreMechanism.DIRECTORY):
+        found = self._backup(volname).archive()
+        if mechanism not in (RestoreMechanism.TAR, RestoreMechanism.DIRECTORY) or found is None:
             raise StoreError(f"backup {volname} is not a container backup")
-        archive = path / (TAR_ARCHIVE if mechanism == RestoreMechanism.TAR else SQUASHFS_ARCHIVE)
+        archive = found[1]
         if not stat.S_ISREG(os.lstat(archive).st_mode):
             raise StoreError(f"{archive} is not a regular file (a symlink?); refused")
         if mechanism == RestoreMechanism.TAR:
@@ -959,7 +914,7 @@ class DirectoryBackupProvider(BackupProvider):
         mountpoint = rundir / "root"
         mountpoint.mkdir()
         try:
-            mount = container.SquashfsMount(path / SQUASHFS_ARCHIVE, mountpoint)
+            mount = container.SquashfsMount(archive, mountpoint)
             mount.__enter__()
         except BaseException:
             shutil.rmtree(rundir, ignore_errors=True)

@@ -12,10 +12,8 @@ first), attributes are stored, and `verify` checks what was written.
 
 from __future__ import annotations
 
-import json
 import multiprocessing
 import os
-import shutil
 import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field, replace
@@ -25,13 +23,10 @@ from typing import Any
 
 from dirbackup import qcow2
 from dirbackup.errors import DirbackupError, ImageError, IntegrityError, StoreError
-from dirbackup.fsutil import dir_usage, exchange, fsync_path, link_rest, read_json, write_atomic
 from dirbackup.manifest import DiskRecord, Manifest, digest_map
 from dirbackup.prune import KeepRules, Mark, PruneCandidate, mark
 from dirbackup.store import (
     DEFAULT_LOCK_TIMEOUT,
-    MANIFEST,
-    PENDING_ATTRIBUTES,
     BackupEntry,
     BackupId,
     Store,
@@ -389,7 +384,7 @@ class DirectoryStorage:
 
     def _legacy_parent(self, entry: BackupEntry) -> BackupId | None:
         """For a backup without manifest: follow the first image's backing file."""
-        for img in sorted(entry.path.glob("*.qcow2")):
+        for img in entry.seed_images().values():
             try:
                 header = qcow2.read_header(img)
             except ImageError:
@@ -415,7 +410,7 @@ class DirectoryStorage:
         out = []
         for entry in self.store.backups(vmid):
             try:
-                size, _used = dir_usage(entry.path)
+                size, _used = entry.usage()
             except OSError:  # unreadable: still listed (verify says why)
                 size = 0
             parent = self.parent_of(entry)
@@ -444,7 +439,7 @@ class DirectoryStorage:
     ) -> tuple[int, str, int, str | None, int]:
         """(size, format, used, parent volid, ctime)."""
         entry = self._entry(volname)
-        size, used = dir_usage(entry.path)
+        size, used = entry.usage()
         parent = self.parent_of(entry)
         parent_volid = parent.volid(self.storeid) if parent else None
         return size, "directory", used, parent_volid, entry.id.epoch
@@ -455,8 +450,9 @@ class DirectoryStorage:
         if attribute not in ("notes", "protected"):
             return None
         bid = self.backup_id(volname)
-        if not self.store.exists(bid) and self.store.partial_dir(bid).is_dir():
-            pending = read_json(self.store.partial_dir(bid) / PENDING_ATTRIBUTES)
+        part = self.store.being_written(bid)
+        if part is not None:
+            pending = part.pending_attributes()
             value = pending.get(attribute, "" if attribute == "notes" else 0)
             return str(value) if attribute == "notes" else int(bool(value))
         m = self._entry(volname).manifest
@@ -474,14 +470,14 @@ class DirectoryStorage:
             )
         bid = self.backup_id(volname)
         with self.store.lock(bid.vmid, what=f"setting {attribute}"):
-            if not self.store.exists(bid) and self.store.partial_dir(bid).is_dir():
+            part = self.store.being_written(bid)
+            if part is not None:
                 # being written (the hypervisor sets attributes before it is published)
                 if attribute == "protected" and int(bool(value)):
                     self._check_protected_limit(bid.vmid)
-                path = self.store.partial_dir(bid) / PENDING_ATTRIBUTES
-                pending = read_json(path)
-                pending[attribute] = str(value) if attribute == "notes" else bool(int(value))
-                write_atomic(path, json.dumps(pending))
+                part.set_pending_attribute(
+                    attribute, str(value) if attribute == "notes" else bool(int(value))
+                )
                 return
             entry = self._entry(volname)
             m = entry.manifest or self._legacy_manifest(entry)
@@ -574,12 +570,12 @@ class DirectoryStorage:
         checked against their digests (IntegrityError if one fails)."""
         gdir = self.store.guest_dir(bid.vmid)
         m = child.manifest
-        disks = m.disks if m is not None else {p.stem: None for p in child.path.glob("*.qcow2")}
+        disks = m.disks if m is not None else dict.fromkeys(child.seed_images())
         todo = []
         for device, record in disks.items():
             if record is not None and record.parent != bid.volname:
                 continue
-            image = child.path / (record.file if record else f"{device}.qcow2")
+            image = child.image_path(device, record)
             with qcow2.Chain(image, gdir) as chain:
                 if chain.depth < 2 or Path(chain.paths[1]).parent != entry.path.resolve():
                     continue
@@ -609,24 +605,17 @@ class DirectoryStorage:
         Each merged image must read exactly as the two checked layers did
         (check_merged) before it is used, and the child's new digests are
         those of the merged image as written.  The merged images and the
-        updated manifest are made in a sibling staging directory (the child's
-        other files hard-linked), which then takes the child's place in one
-        atomic exchange: a crash at any point leaves either the old child or
-        the new one, never a merged image with the old manifest.  Where the
-        file system cannot exchange directories, the images are replaced one
-        by one and the manifest last."""
+        updated manifest replace the child's at once (Store.rewrite): a crash
+        at any point leaves either the old child or the new one."""
         if not todo:
             return
         gdir = self.store.guest_dir(bid.vmid)
         m = child.manifest
         if log:
             log("info", f"merging {bid.volname} into {child.id.volname} before removal")
-        staging = gdir / f".{child.id.name}.merge-{os.getpid()}"
-        shutil.rmtree(staging, ignore_errors=True)  # left over by a crashed merge of ours
-        staging.mkdir()
-        try:
+        with self.store.rewrite(child.id) as rewrite:
             for job in todo:
-                merged = staging / job.image.name
+                merged = rewrite.new_path(job.image.name)
                 with qcow2.Chain(job.image, gdir) as chain:
                     if chain.depth < 2 or Path(chain.paths[1]).parent != entry.path.resolve():
                         raise IntegrityError(f"{job.image} no longer builds on {bid.volname}")
@@ -647,18 +636,7 @@ class DirectoryStorage:
                     parent=max(parents) if parents else None,
                     mode="incremental" if parents else "full",
                 )
-                write_atomic(staging / MANIFEST, m.to_json())
-            if link_rest(child.path, staging) and exchange(staging, child.path):
-                fsync_path(gdir)
-                return
-            # no atomic exchange here: images first, the manifest last
-            for job in todo:
-                os.replace(staging / job.image.name, job.image)
-            fsync_path(child.path)
-            if m is not None:
-                self.store.write_manifest(child.id, m)
-        finally:
-            shutil.rmtree(staging, ignore_errors=True)
+            rewrite.commit([job.image.name for job in todo], m)
 
     def prune_backups(
         self,

@@ -26,20 +26,32 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import json
 import os
 import re
 import secrets
 import shutil
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
+from typing import Any
 
 from dirbackup.errors import StoreError, VolumeNameError
-from dirbackup.fsutil import fsync_path, read_regular, write_atomic
-from dirbackup.manifest import Manifest, PreviousInfo
+from dirbackup.fsutil import (
+    dir_usage,
+    exchange,
+    fsync_path,
+    link_rest,
+    read_json,
+    read_regular,
+    sha256_file,
+    temporary_path,
+    write_atomic,
+)
+from dirbackup.manifest import DiskRecord, FileRecord, Manifest, PreviousInfo
 
 
 class VmType(StrEnum):
@@ -60,6 +72,8 @@ OWNER_FILE = ".owner"
 PENDING_ATTRIBUTES = ".attributes.json"
 CHECK_FAILED = "check-failed"
 STORE_ID_FILE = "store-id"
+_IMAGE_SUFFIX = ".qcow2"
+CONTAINER_RESULT = ".container-result.json"
 MAX_VMID = 999_999_999  # the hypervisor's largest guest id
 # Backup times have at most 11 digits (up to the year 5138): a time in
 # milliseconds is refused, and every time is one the calendar (prune's
@@ -243,13 +257,133 @@ class StoreProblem:
         return f"{self.path}: {self.message}"
 
 
+_ARCHIVES = {"tar": TAR_ARCHIVE, "squashfs": SQUASHFS_ARCHIVE}
+
+
 @dataclass(frozen=True)
-class BackupEntry:
-    """A published backup as listing sees it.  `problem` says why its
-    manifest could not be read (the backup is then listed, and fails verify)."""
+class PartialBackup:
+    """A backup being written (its `.partial` directory): where each of its
+    files goes.  Everything a writer leaves for the publisher -- possibly
+    from another, unprivileged process -- is on disk here, never only in
+    memory."""
 
     id: BackupId
     path: Path
+
+    def image_path(self, device: str) -> Path:
+        """Where the qcow2 image of `device` is written."""
+        return self.path / disk_file(device)
+
+    def write_configs(self, guest_config: str, firewall: str | None) -> dict[str, FileRecord]:
+        """Write the guest's configuration and firewall (if any); their records."""
+        files = {}
+        for name, text in ((GUEST_CONFIG, guest_config), (FIREWALL_CONFIG, firewall)):
+            if text is None:
+                continue
+            data = text.encode() if isinstance(text, str) else bytes(text)
+            write_atomic(self.path / name, data)
+            files[name] = FileRecord(len(data), sha256_file(self.path / name))
+        return files
+
+    def archive_path(self, mode: str) -> Path:
+        """Where a container archive of `mode` (tar or squashfs) is written."""
+        return self.path / _ARCHIVES[mode]
+
+    def pending_attributes(self) -> dict[str, Any]:
+        """Attributes (notes, protected) set before the backup is published."""
+        return read_json(self.path / PENDING_ATTRIBUTES)
+
+    def set_pending_attribute(self, attribute: str, value: object) -> None:
+        pending = self.pending_attributes()
+        pending[attribute] = value
+        write_atomic(self.path / PENDING_ATTRIBUTES, json.dumps(pending))
+
+    def take_pending_attributes(self) -> dict[str, Any]:
+        """The pending attributes, removed from the partial backup (the
+        manifest takes them over)."""
+        pending = self.pending_attributes()
+        (self.path / PENDING_ATTRIBUTES).unlink(missing_ok=True)
+        return pending
+
+    def save_container_result(self, files: dict[str, FileRecord]) -> None:
+        """Record the files a container backup wrote, for the publisher."""
+        write_atomic(
+            self.path / CONTAINER_RESULT,
+            json.dumps({name: {"size": r.size, "sha256": r.sha256} for name, r in files.items()}),
+        )
+
+    def take_container_result(self) -> dict[str, FileRecord] | None:
+        """The files a container backup recorded (removed from the partial
+        backup), or None if it recorded none."""
+        result = read_json(self.path / CONTAINER_RESULT)
+        if not result:
+            return None
+        (self.path / CONTAINER_RESULT).unlink()
+        return {name: FileRecord(**rec) for name, rec in result.items()}
+
+
+@dataclass(frozen=True)
+class Backup:
+    """A published backup's directory: where its files are."""
+
+    id: BackupId
+    path: Path
+
+    def image_path(self, device: str, record: DiskRecord | None = None) -> Path:
+        """The image of `device`: the file its manifest record names, or the
+        seed's name for it (callers check the record's file name)."""
+        return self.path / (record.file if record is not None else f"{device}{_IMAGE_SUFFIX}")
+
+    def seed_images(self) -> dict[str, Path]:
+        """The images of a backup without a manifest (the seed's layout), by device."""
+        return {p.stem: p for p in sorted(self.path.glob(f"*{_IMAGE_SUFFIX}"))}
+
+    def file(self, name: str) -> Path:
+        """A file a manifest names (callers check the name is a plain one)."""
+        return self.path / name
+
+    def is_archive(self, name: str) -> bool:
+        """Whether a file of the backup is a container archive."""
+        return name in _ARCHIVES.values()
+
+    def archive(self) -> tuple[str, Path] | None:
+        """The container archive, as (mode, path): tar or squashfs; None if none."""
+        for mode, name in _ARCHIVES.items():
+            if (self.path / name).exists():
+                return mode, self.path / name
+        return None
+
+    def guest_config(self) -> str | None:
+        """The guest's configuration, or None if the backup has none."""
+        return self._text(GUEST_CONFIG)
+
+    def firewall_config(self) -> str | None:
+        """The guest's firewall configuration, or None if it had none."""
+        return self._text(FIREWALL_CONFIG)
+
+    def _text(self, name: str) -> str | None:
+        try:
+            return read_regular(self.path / name).decode("utf-8", "replace")
+        except FileNotFoundError:
+            return None
+
+    def missing_seed_files(self) -> list[str]:
+        """Files every backup without a manifest has, that this one lacks."""
+        return [] if (self.path / GUEST_CONFIG).exists() else [GUEST_CONFIG]
+
+    def usage(self) -> tuple[int, int]:
+        """(apparent size, allocated bytes) of the backup's files."""
+        return dir_usage(self.path)
+
+    def keep_log(self, data: bytes) -> None:
+        write_atomic(self.path / LOG_FILE, data)
+
+
+@dataclass(frozen=True)
+class BackupEntry(Backup):
+    """A published backup as listing sees it.  `problem` says why its
+    manifest could not be read (the backup is then listed, and fails verify)."""
+
     manifest: Manifest | None
     problem: str | None = None
 
@@ -258,6 +392,41 @@ def real_dir(path: Path) -> bool:
     """A directory, and not through a symlink: what the store is made of.  A
     symlink placed in the store never leads a listing or a restore outside."""
     return path.is_dir() and not path.is_symlink()
+
+
+@dataclass(frozen=True)
+class BackupRewrite:
+    """Files of a published backup being replaced (Store.rewrite): new files
+    are written at `new_path(name)`, then `commit` puts them in place."""
+
+    store: Store
+    id: BackupId
+    _final: Path
+    _staging: Path
+
+    def new_path(self, name: str) -> Path:
+        """Where the new content of the backup's file `name` is written."""
+        return self._staging / name
+
+    def commit(self, names: Iterable[str], manifest: Manifest | None) -> None:
+        """Put the new files `names` (and the manifest, if given) in place.
+
+        The staging directory gets the backup's other files hard-linked and
+        then takes the backup's place in one atomic exchange: a crash at any
+        point leaves either the old backup or the new one, never new images
+        with the old manifest.  Where the file system cannot exchange
+        directories (or link files), the files are replaced one by one and
+        the manifest last."""
+        if manifest is not None:
+            write_atomic(self._staging / MANIFEST, manifest.to_json())
+        if link_rest(self._final, self._staging) and exchange(self._staging, self._final):
+            fsync_path(self._final.parent)
+            return
+        for name in names:
+            os.replace(self._staging / name, self._final / name)
+        fsync_path(self._final)
+        if manifest is not None:
+            self.store.write_manifest(self.id, manifest)
 
 
 DEFAULT_LOCK_TIMEOUT = 60.0
@@ -433,7 +602,7 @@ class Store:
                 return bid
             epoch += 1
 
-    def begin(self, bid: BackupId) -> Path:
+    def begin(self, bid: BackupId) -> PartialBackup:
         """Create the partial directory of a new backup, owned by this process."""
         self.guest_dir(bid.vmid).mkdir(parents=True, exist_ok=True)
         part = self.partial_dir(bid)
@@ -442,7 +611,17 @@ class Store:
         except FileExistsError:
             raise StoreError(f"backup {bid.archive} is already being written") from None
         (part / OWNER_FILE).write_text(owner_line())
-        return part
+        return PartialBackup(bid, part)
+
+    def partial(self, bid: BackupId) -> PartialBackup:
+        """The backup being written under `bid` (see begin)."""
+        return PartialBackup(bid, self.partial_dir(bid))
+
+    def being_written(self, bid: BackupId) -> PartialBackup | None:
+        """The partial backup of `bid` if it is being written and not published."""
+        if self.exists(bid) or not self.partial_dir(bid).is_dir():
+            return None
+        return self.partial(bid)
 
     def publish(self, bid: BackupId, manifest: Manifest) -> Path:
         """Make a partial backup visible: sync every file, write the manifest,
@@ -464,10 +643,14 @@ class Store:
         """Remove a partial backup; keep its log as `<name>.failed/backup.log`."""
         part = self.partial_dir(bid)
         if keep_log is not None:
-            failed = self.failed_dir(bid)
-            failed.mkdir(parents=True, exist_ok=True)
-            write_atomic(failed / LOG_FILE, keep_log)
+            self.keep_failed_log(bid, keep_log)
         shutil.rmtree(part, ignore_errors=True)
+
+    def keep_failed_log(self, bid: BackupId, data: str | bytes) -> None:
+        """Keep the log of a backup that failed (`<name>.failed/backup.log`)."""
+        failed = self.failed_dir(bid)
+        failed.mkdir(parents=True, exist_ok=True)
+        write_atomic(failed / LOG_FILE, data)
 
     def clean_stale(self, vmid: int) -> list[str]:
         """Remove what interrupted writers of a guest left behind, once they are
@@ -520,6 +703,14 @@ class Store:
         if not self.exists(bid):
             raise StoreError(f"backup {bid.volname} does not exist in {self.root}")
         return path
+
+    def image_path(self, bid: BackupId, device: str) -> Path:
+        """Where the image of `device` is in backup `bid` (published or not)."""
+        return self.backup_dir(bid) / disk_file(device)
+
+    def backup(self, bid: BackupId) -> Backup:
+        """The published backup `bid`, or StoreError."""
+        return Backup(bid, self.require(bid))
 
     def read_manifest(self, bid: BackupId) -> Manifest | None:
         """The manifest, or None for a backup in the seed's layout (no manifest)."""
@@ -638,6 +829,35 @@ class Store:
     def write_previous(self, vmid: int, info: PreviousInfo) -> None:
         write_atomic(self.previous_info_path(vmid), info.to_json())
 
+    def read_previous_raw(self, vmid: int) -> bytes | None:
+        """previous-info as it is on disk (None: none, or not a regular file)."""
+        try:
+            return read_regular(self.previous_info_path(vmid))
+        except (FileNotFoundError, StoreError):
+            return None
+
+    def restore_previous_raw(self, vmid: int, raw: bytes | None) -> None:
+        """Put previous-info back as read_previous_raw found it (None: none)."""
+        path = self.previous_info_path(vmid)
+        if raw is None:
+            path.unlink()
+        else:
+            write_atomic(path, raw)
+
+    @contextlib.contextmanager
+    def rewrite(self, bid: BackupId) -> Iterator[BackupRewrite]:
+        """New content for some files of a published backup, made aside in a
+        staging directory (`.<name>.merge-<pid>`, which clean_stale removes
+        after a crash) and put in place at once by BackupRewrite.commit."""
+        final = self.require(bid)
+        staging = temporary_path(final, "merge")
+        shutil.rmtree(staging, ignore_errors=True)  # left over by a crashed merge of ours
+        staging.mkdir()
+        try:
+            yield BackupRewrite(self, bid, final, staging)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+
     def failed_logs(self, vmid: int) -> list[BackupId]:
         """The failed backups of a guest whose logs are kept (oldest first)."""
         gdir = self.guest_dir(vmid)
@@ -683,4 +903,5 @@ def _remove_tree(path: Path) -> None:
 
 
 def disk_file(device: str) -> str:
-    return f"{check_device_name(device)}.qcow2"
+    """The file name of a disk's image in a backup."""
+    return f"{check_device_name(device)}{_IMAGE_SUFFIX}"
