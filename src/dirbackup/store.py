@@ -20,6 +20,14 @@ when complete and synced, so a crash never leaves a half-written backup that
 lists as valid; the next writer removes partial directories whose owner is
 gone.  Volume names are parsed strictly: nothing a caller passes can name a
 path outside the store.
+
+No other module names a file or directory of the store: they get handles
+from Store -- PartialBackup (a backup being written), Backup and
+BackupEntry (a published one), BackupRewrite (files of one replaced at
+once).  That is why this module stays one, and larger than most: its names,
+its ids, its handles and its Store all change together when the layout
+does.  The records it keeps are in manifest.py, the file-system helpers it
+uses in fsutil.py.
 """
 
 from __future__ import annotations
@@ -61,19 +69,22 @@ class VmType(StrEnum):
     LXC = "lxc"
 
 
-MANIFEST = "manifest.json"
-PREVIOUS_INFO = "previous-info"
-GUEST_CONFIG = "guest.conf"
-FIREWALL_CONFIG = "firewall.conf"
-LOG_FILE = "backup.log"
-TAR_ARCHIVE = "archive.tar"
-SQUASHFS_ARCHIVE = "archive.sqfs"
-OWNER_FILE = ".owner"
-PENDING_ATTRIBUTES = ".attributes.json"
-CHECK_FAILED = "check-failed"
-STORE_ID_FILE = "store-id"
+# The names of the store's files and directories: private to this module (the
+# rest of the package reaches them through Store and its handles).
+_MANIFEST = "manifest.json"
+_PREVIOUS_INFO = "previous-info"
+_GUEST_CONFIG = "guest.conf"
+_FIREWALL_CONFIG = "firewall.conf"
+_LOG_FILE = "backup.log"
+_TAR_ARCHIVE = "archive.tar"
+_SQUASHFS_ARCHIVE = "archive.sqfs"
+_OWNER_FILE = ".owner"
+_LOCK_FILE = ".lock"
+_PENDING_ATTRIBUTES = ".attributes.json"
+_CHECK_FAILED = "check-failed"
+_STORE_ID_FILE = "store-id"
 _IMAGE_SUFFIX = ".qcow2"
-CONTAINER_RESULT = ".container-result.json"
+_CONTAINER_RESULT = ".container-result.json"
 MAX_VMID = 999_999_999  # the hypervisor's largest guest id
 # Backup times have at most 11 digits (up to the year 5138): a time in
 # milliseconds is refused, and every time is one the calendar (prune's
@@ -257,7 +268,7 @@ class StoreProblem:
         return f"{self.path}: {self.message}"
 
 
-_ARCHIVES = {"tar": TAR_ARCHIVE, "squashfs": SQUASHFS_ARCHIVE}
+_ARCHIVES = {"tar": _TAR_ARCHIVE, "squashfs": _SQUASHFS_ARCHIVE}
 
 
 @dataclass(frozen=True)
@@ -272,12 +283,12 @@ class PartialBackup:
 
     def image_path(self, device: str) -> Path:
         """Where the qcow2 image of `device` is written."""
-        return self.path / disk_file(device)
+        return self.path / _disk_file(device)
 
     def write_configs(self, guest_config: str, firewall: str | None) -> dict[str, FileRecord]:
         """Write the guest's configuration and firewall (if any); their records."""
         files = {}
-        for name, text in ((GUEST_CONFIG, guest_config), (FIREWALL_CONFIG, firewall)):
+        for name, text in ((_GUEST_CONFIG, guest_config), (_FIREWALL_CONFIG, firewall)):
             if text is None:
                 continue
             data = text.encode() if isinstance(text, str) else bytes(text)
@@ -291,34 +302,34 @@ class PartialBackup:
 
     def pending_attributes(self) -> dict[str, Any]:
         """Attributes (notes, protected) set before the backup is published."""
-        return read_json(self.path / PENDING_ATTRIBUTES)
+        return read_json(self.path / _PENDING_ATTRIBUTES)
 
     def set_pending_attribute(self, attribute: str, value: object) -> None:
         pending = self.pending_attributes()
         pending[attribute] = value
-        write_atomic(self.path / PENDING_ATTRIBUTES, json.dumps(pending))
+        write_atomic(self.path / _PENDING_ATTRIBUTES, json.dumps(pending))
 
     def take_pending_attributes(self) -> dict[str, Any]:
         """The pending attributes, removed from the partial backup (the
         manifest takes them over)."""
         pending = self.pending_attributes()
-        (self.path / PENDING_ATTRIBUTES).unlink(missing_ok=True)
+        (self.path / _PENDING_ATTRIBUTES).unlink(missing_ok=True)
         return pending
 
     def save_container_result(self, files: dict[str, FileRecord]) -> None:
         """Record the files a container backup wrote, for the publisher."""
         write_atomic(
-            self.path / CONTAINER_RESULT,
+            self.path / _CONTAINER_RESULT,
             json.dumps({name: {"size": r.size, "sha256": r.sha256} for name, r in files.items()}),
         )
 
     def take_container_result(self) -> dict[str, FileRecord] | None:
         """The files a container backup recorded (removed from the partial
         backup), or None if it recorded none."""
-        result = read_json(self.path / CONTAINER_RESULT)
+        result = read_json(self.path / _CONTAINER_RESULT)
         if not result:
             return None
-        (self.path / CONTAINER_RESULT).unlink()
+        (self.path / _CONTAINER_RESULT).unlink()
         return {name: FileRecord(**rec) for name, rec in result.items()}
 
 
@@ -355,11 +366,11 @@ class Backup:
 
     def guest_config(self) -> str | None:
         """The guest's configuration, or None if the backup has none."""
-        return self._text(GUEST_CONFIG)
+        return self._text(_GUEST_CONFIG)
 
     def firewall_config(self) -> str | None:
         """The guest's firewall configuration, or None if it had none."""
-        return self._text(FIREWALL_CONFIG)
+        return self._text(_FIREWALL_CONFIG)
 
     def _text(self, name: str) -> str | None:
         try:
@@ -369,14 +380,14 @@ class Backup:
 
     def missing_seed_files(self) -> list[str]:
         """Files every backup without a manifest has, that this one lacks."""
-        return [] if (self.path / GUEST_CONFIG).exists() else [GUEST_CONFIG]
+        return [] if (self.path / _GUEST_CONFIG).exists() else [_GUEST_CONFIG]
 
     def usage(self) -> tuple[int, int]:
         """(apparent size, allocated bytes) of the backup's files."""
         return dir_usage(self.path)
 
     def keep_log(self, data: bytes) -> None:
-        write_atomic(self.path / LOG_FILE, data)
+        write_atomic(self.path / _LOG_FILE, data)
 
 
 @dataclass(frozen=True)
@@ -418,7 +429,7 @@ class BackupRewrite:
         directories (or link files), the files are replaced one by one and
         the manifest last."""
         if manifest is not None:
-            write_atomic(self._staging / MANIFEST, manifest.to_json())
+            write_atomic(self._staging / _MANIFEST, manifest.to_json())
         if link_rest(self._final, self._staging) and exchange(self._staging, self._final):
             fsync_path(self._final.parent)
             return
@@ -460,7 +471,7 @@ class Store:
         return self.guest_dir(bid.vmid) / f"{bid.name}.failed"
 
     def previous_info_path(self, vmid: int) -> Path:
-        return self.guest_dir(vmid) / PREVIOUS_INFO
+        return self.guest_dir(vmid) / _PREVIOUS_INFO
 
     # -- checks
 
@@ -481,7 +492,7 @@ class Store:
         every disk's next backup into it is then full.  Two processes
         creating it at once agree: the file appears whole, by a hard link
         that fails if another process linked its file first."""
-        path = self.root / STORE_ID_FILE
+        path = self.root / _STORE_ID_FILE
         try:
             return self._read_identity(path)
         except FileNotFoundError:
@@ -551,7 +562,7 @@ class Store:
             return
         if timeout is None:
             timeout = self.lock_timeout
-        fd = os.open(gdir / ".lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        fd = os.open(gdir / _LOCK_FILE, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
         try:
             deadline = time.monotonic() + timeout
             while True:
@@ -610,7 +621,7 @@ class Store:
             part.mkdir(mode=0o755)
         except FileExistsError:
             raise StoreError(f"backup {bid.archive} is already being written") from None
-        (part / OWNER_FILE).write_text(owner_line())
+        (part / _OWNER_FILE).write_text(owner_line())
         return PartialBackup(bid, part)
 
     def partial(self, bid: BackupId) -> PartialBackup:
@@ -628,11 +639,11 @@ class Store:
         sync, and rename the directory into place."""
         part = self.partial_dir(bid)
         final = self.backup_dir(bid)
-        (part / OWNER_FILE).unlink(missing_ok=True)
+        (part / _OWNER_FILE).unlink(missing_ok=True)
         for p in part.iterdir():
             if p.is_file():
                 fsync_path(p)
-        write_atomic(part / MANIFEST, manifest.to_json())
+        write_atomic(part / _MANIFEST, manifest.to_json())
         if final.exists():
             raise StoreError(f"backup {bid.archive} exists already; not overwritten")
         os.rename(part, final)
@@ -650,7 +661,7 @@ class Store:
         """Keep the log of a backup that failed (`<name>.failed/backup.log`)."""
         failed = self.failed_dir(bid)
         failed.mkdir(parents=True, exist_ok=True)
-        write_atomic(failed / LOG_FILE, data)
+        write_atomic(failed / _LOG_FILE, data)
 
     def clean_stale(self, vmid: int) -> list[str]:
         """Remove what interrupted writers of a guest left behind, once they are
@@ -666,7 +677,7 @@ class Store:
                 continue
             if p.name.startswith(".") and p.name.endswith(".partial") and p.is_dir():
                 try:
-                    alive = owner_alive((p / OWNER_FILE).read_text())
+                    alive = owner_alive((p / _OWNER_FILE).read_text())
                 except OSError:
                     alive = False
                 if not alive:
@@ -706,7 +717,7 @@ class Store:
 
     def image_path(self, bid: BackupId, device: str) -> Path:
         """Where the image of `device` is in backup `bid` (published or not)."""
-        return self.backup_dir(bid) / disk_file(device)
+        return self.backup_dir(bid) / _disk_file(device)
 
     def backup(self, bid: BackupId) -> Backup:
         """The published backup `bid`, or StoreError."""
@@ -714,7 +725,7 @@ class Store:
 
     def read_manifest(self, bid: BackupId) -> Manifest | None:
         """The manifest, or None for a backup in the seed's layout (no manifest)."""
-        path = self.backup_dir(bid) / MANIFEST
+        path = self.backup_dir(bid) / _MANIFEST
         try:
             text = read_regular(path).decode("utf-8", "replace")
         except FileNotFoundError:
@@ -722,7 +733,7 @@ class Store:
         return Manifest.from_json(text, str(path))
 
     def write_manifest(self, bid: BackupId, manifest: Manifest) -> None:
-        write_atomic(self.require(bid) / MANIFEST, manifest.to_json())
+        write_atomic(self.require(bid) / _MANIFEST, manifest.to_json())
 
     # -- check failures
 
@@ -731,13 +742,13 @@ class Store:
         a merge's check): no incremental is built on it, or on anything built
         on it, until a verify of it succeeds (clear_check_failure)."""
         text = " ".join(reason.split()) or "check failed"
-        write_atomic(self.require(bid) / CHECK_FAILED, text[:4096] + "\n")
+        write_atomic(self.require(bid) / _CHECK_FAILED, text[:4096] + "\n")
 
     def check_failure(self, bid: BackupId) -> str | None:
         """Why the backup's last check failed, or None if it did not (or none
         ran).  A marker that is not a regular file counts as a failure."""
         try:
-            text = read_regular(self.backup_dir(bid) / CHECK_FAILED)
+            text = read_regular(self.backup_dir(bid) / _CHECK_FAILED)
         except FileNotFoundError:
             return None
         except (StoreError, OSError) as exc:
@@ -746,7 +757,7 @@ class Store:
 
     def clear_check_failure(self, bid: BackupId) -> None:
         """Forget a recorded check failure (after a verify that succeeded)."""
-        path = self.require(bid) / CHECK_FAILED
+        path = self.require(bid) / _CHECK_FAILED
         if os.path.lexists(path):
             path.unlink()
             fsync_path(path.parent)
@@ -902,6 +913,6 @@ def _remove_tree(path: Path) -> None:
     fsync_path(path.parent)
 
 
-def disk_file(device: str) -> str:
+def _disk_file(device: str) -> str:
     """The file name of a disk's image in a backup."""
     return f"{check_device_name(device)}{_IMAGE_SUFFIX}"
