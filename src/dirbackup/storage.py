@@ -8,6 +8,11 @@ is the seed's `BackupProviderDirExamplePlugin` with its "a proper backup
 storage should implement this" parts done: pruning and removal keep
 incremental chains intact (a removed base is merged into its kept child
 first), attributes are stored, and `verify` checks what was written.
+
+This module is the adapter: the plugin's configuration and answers, volume
+names, listing, attributes and the prune of a guest, calling out for the
+rest -- removal with merge (removal.py), verify (verify.py), the store's
+layout (store.py), the keep rules (prune.py).
 """
 
 from __future__ import annotations
@@ -18,12 +23,11 @@ import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from enum import StrEnum
-from pathlib import Path
 from typing import Any
 
-from dirbackup import qcow2
-from dirbackup.errors import DirbackupError, ImageError, IntegrityError, StoreError
-from dirbackup.manifest import DiskRecord, Manifest, digest_map
+from dirbackup import removal
+from dirbackup.errors import DirbackupError, StoreError
+from dirbackup.manifest import Manifest
 from dirbackup.prune import KeepRules, Mark, PruneCandidate, mark
 from dirbackup.store import (
     DEFAULT_LOCK_TIMEOUT,
@@ -37,7 +41,7 @@ from dirbackup.store import (
     split_volid,
 )
 from dirbackup.units import parse_seconds
-from dirbackup.verify import Checker, MergeCheck, Verifier, VerifyResult, check_merge, check_merged
+from dirbackup.verify import Verifier, VerifyResult
 from dirbackup.watchdog import DEFAULT_IO_TIMEOUT
 
 PLUGIN_TYPE = "dirbackup"
@@ -168,17 +172,6 @@ class PruneEntry:
             "vmid": self.vmid,
             "mark": str(self.mark),
         }
-
-
-@dataclass(frozen=True)
-class _Merge:
-    """One image of a child to merge its base into, with the checked outcome."""
-
-    device: str
-    record: DiskRecord | None
-    image: Path
-    base_record: DiskRecord | None
-    check: MergeCheck
 
 
 class PruneError(StoreError):
@@ -372,33 +365,7 @@ class DirectoryStorage:
 
     def parent_of(self, entry: BackupEntry) -> BackupId | None:
         """The backup an incremental builds on (the newest one its disks name)."""
-        if entry.manifest is not None:
-            parents = [d.parent for d in entry.manifest.disks.values() if d.parent]
-            if not parents:
-                return None
-            try:
-                return max(BackupId.parse(p) for p in parents)
-            except DirbackupError:
-                return None  # a damaged manifest (verify reports it)
-        return self._legacy_parent(entry)
-
-    def _legacy_parent(self, entry: BackupEntry) -> BackupId | None:
-        """For a backup without manifest: follow the first image's backing file."""
-        for img in entry.seed_images().values():
-            try:
-                header = qcow2.read_header(img)
-            except ImageError:
-                continue
-            if not header.backing_name:
-                continue
-            backing = Path(header.backing_name)
-            if not backing.is_absolute():
-                backing = img.parent / backing
-            try:
-                return BackupId.parse(f"{entry.id.vmid}/{backing.parent.name}")
-            except DirbackupError:
-                return None
-        return None
+        return removal.parent_of(entry)
 
     def list_volumes(
         self, vmid: int | None = None, content_types: Iterable[str] = ("backup",)
@@ -521,16 +488,9 @@ class DirectoryStorage:
     ) -> list[BackupEntry]:
         """Backups whose images build on `bid` (among `entries`, default: the
         guest's backups)."""
-        out = []
-        for entry in self.store.backups(bid.vmid) if entries is None else entries:
-            if entry.id == bid:
-                continue
-            if entry.manifest is not None:
-                if any(d.parent == bid.volname for d in entry.manifest.disks.values()):
-                    out.append(entry)
-            elif self._legacy_parent(entry) == bid:
-                out.append(entry)
-        return out
+        return removal.children_of(
+            bid, self.store.backups(bid.vmid) if entries is None else entries
+        )
 
     def free_image(self, volname: str, log: LogFunction | None = None) -> None:
         """Remove a backup.  Protected backups are refused; a backup that is the
@@ -541,102 +501,9 @@ class DirectoryStorage:
             self._remove(bid, log)
 
     def _remove(self, bid: BackupId, log: LogFunction | None) -> None:
-        entry = self._entry(bid.volname)
-        if entry.manifest is not None and entry.manifest.protected:
-            raise StoreError(f"backup {bid.volname} is protected; unprotect it first")
-        entries = self.store.backups(bid.vmid)
-        for later in entries:
-            if later.problem and later.id.epoch > bid.epoch:
-                # it may build on this one: removing it could break its chain
-                raise StoreError(
-                    f"the later backup {later.id.volname} cannot be read and may build "
-                    f"on {bid.volname} ({later.problem})"
-                )
-        checker = Checker(self.store)
-        # every merge is checked before the first one starts: a refusal changes nothing
-        merges = [
-            (c, self._merge_plan(bid, entry, c, checker)) for c in self.children_of(bid, entries)
-        ]
-        for child, todo in merges:
-            self._merge_into(bid, entry, child, todo, checker, log)
-        self.store.remove_backup(bid)
+        removal.remove(self.store, self._entry(bid.volname), log)
         if log:
             log("info", f"removed backup {bid.volid(self.storeid)}")
-
-    def _merge_plan(
-        self, bid: BackupId, entry: BackupEntry, child: BackupEntry, checker: Checker
-    ) -> list[_Merge]:
-        """The child's images that build on `bid`'s, each with both layers
-        checked against their digests (IntegrityError if one fails)."""
-        gdir = self.store.guest_dir(bid.vmid)
-        m = child.manifest
-        disks = m.disks if m is not None else dict.fromkeys(child.seed_images())
-        todo = []
-        for device, record in disks.items():
-            if record is not None and record.parent != bid.volname:
-                continue
-            image = child.image_path(device, record)
-            with qcow2.Chain(image, gdir) as chain:
-                if chain.depth < 2 or Path(chain.paths[1]).parent != entry.path.resolve():
-                    continue
-                base_record = None
-                if entry.manifest is not None:
-                    base_record = entry.manifest.disks.get(device)
-                    if base_record is None:
-                        raise IntegrityError(
-                            f"{child.id.volname}: {device} builds on {bid.volname}, whose "
-                            f"manifest has no disk {device}; nothing was changed"
-                        )
-                check = check_merge(checker, chain, device, child.id, record, bid, base_record)
-            todo.append(_Merge(device, record, image, base_record, check))
-        return todo
-
-    def _merge_into(
-        self,
-        bid: BackupId,
-        entry: BackupEntry,
-        child: BackupEntry,
-        todo: list[_Merge],
-        checker: Checker,
-        log: LogFunction | None,
-    ) -> None:
-        """Fold `bid`'s images into the child's that build on them.
-
-        Each merged image must read exactly as the two checked layers did
-        (check_merged) before it is used, and the child's new digests are
-        those of the merged image as written.  The merged images and the
-        updated manifest replace the child's at once (Store.rewrite): a crash
-        at any point leaves either the old child or the new one."""
-        if not todo:
-            return
-        gdir = self.store.guest_dir(bid.vmid)
-        m = child.manifest
-        if log:
-            log("info", f"merging {bid.volname} into {child.id.volname} before removal")
-        with self.store.rewrite(child.id) as rewrite:
-            for job in todo:
-                merged = rewrite.new_path(job.image.name)
-                with qcow2.Chain(job.image, gdir) as chain:
-                    if chain.depth < 2 or Path(chain.paths[1]).parent != entry.path.resolve():
-                        raise IntegrityError(f"{job.image} no longer builds on {bid.volname}")
-                    qcow2.merge_layers(chain, merged)
-                digests = check_merged(checker, merged, job.check, bid, child.id)
-                if m is not None and job.record is not None:
-                    grand = job.base_record.parent if job.base_record is not None else None
-                    m.disks[job.device] = replace(
-                        job.record,
-                        parent=grand,
-                        mode="incremental" if grand else "full",
-                        digests=digest_map(digests),
-                    )
-            if m is not None:
-                parents = [d.parent for d in m.disks.values() if d.parent]
-                m = replace(
-                    m,
-                    parent=max(parents) if parents else None,
-                    mode="incremental" if parents else "full",
-                )
-            rewrite.commit([job.image.name for job in todo], m)
 
     def prune_backups(
         self,
