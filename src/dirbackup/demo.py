@@ -22,6 +22,7 @@ from typing import BinaryIO
 
 from dirbackup import qemu
 from dirbackup.cli import main as cli
+from dirbackup.store import Store
 
 MiB = 1 << 20
 
@@ -193,13 +194,13 @@ def run_demo(workdir: Path | None = None) -> int:
         )
         _run("list", *s)
         _run("verify", *s)
-        backups = sorted((store / "100").glob("qemu-*"))
-        for point, (bdir, snap) in enumerate(zip(backups, snapshots, strict=True)):
+        backups = [e.id for e in Store(store).backups(100)]
+        for point, (bid, snap) in enumerate(zip(backups, snapshots, strict=True)):
             targets = {dev: work / f"restored-{point}-{dev}.raw" for dev in snap}
             _run(
                 "restore",
                 *s,
-                f"100/{bdir.name}",
+                bid.archive,
                 "--force",
                 *[a for dev, t in targets.items() for a in ("--disk", f"{dev}={t}")],
             )
@@ -209,7 +210,7 @@ def run_demo(workdir: Path | None = None) -> int:
         _run(
             "restore",
             *s,
-            f"100/{backups[-1].name}",
+            backups[-1].archive,
             "--force",
             "--format",
             "qcow2",
@@ -217,11 +218,11 @@ def run_demo(workdir: Path | None = None) -> int:
             f"drive-scsi0={qtarget}",
         )
         _compare(snapshots[-1]["drive-scsi0"], qtarget, "qcow2")
-        ct = next((store / "200").glob("lxc-*"))
+        ct = Store(store).backups(200)[0].id
         ctroot = work / "ct-restored"
         if ctroot.exists():
             shutil.rmtree(ctroot)
-        _run("restore", *s, f"200/{ct.name}", "--rootfs", str(ctroot))
+        _run("restore", *s, ct.archive, "--rootfs", str(ctroot))
         skip = ("var/log", "var/cache/big.tmp")
         if _tree(rootfs, skip) != _tree(ctroot):
             raise SystemExit("demo: the restored container tree differs from the original")

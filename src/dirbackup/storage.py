@@ -12,7 +12,9 @@ first), attributes are stored, and `verify` checks what was written.
 This module is the adapter: the plugin's configuration and answers, volume
 names, listing, attributes and the prune of a guest, calling out for the
 rest -- removal with merge (removal.py), verify (verify.py), the store's
-layout (store.py), the keep rules (prune.py).
+layout (store.py), the keep rules (prune.py).  It stays longer than most
+because the plugin API is wide (some thirty methods, most a few lines) and
+prune_backups, with its per-guest locking and error report, is one of them.
 """
 
 from __future__ import annotations
