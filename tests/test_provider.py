@@ -18,8 +18,9 @@ from dirbackup import qemu
 from dirbackup.api import VmType
 from dirbackup.errors import ImageError, StoreError, VolumeNameError
 from dirbackup.host import Host
+from dirbackup.manifest import PreviousInfo
 from dirbackup.storage import DirectoryStorage, StorageOperationError
-from dirbackup.store import BackupId, PreviousInfo
+from dirbackup.store import BackupId
 
 
 @pytest.mark.parametrize("mechanism", ["nbd", "file-handle"])

@@ -1,4 +1,4 @@
-"""Container archives: a root directory as `archive.tar` or `archive.sqfs`, and back.
+"""Container archives: a root directory as a tar archive or a squashfs image, and back.
 
 This is the low-level layer of container backup and restore.  The provider
 decides where archives go and logs through its `log(level, message)`; here we

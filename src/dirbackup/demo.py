@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import BinaryIO
 
 from dirbackup import qemu
+from dirbackup.store import Store
 
 #: The command line's entry point: argv without the program name -> exit status.
 CommandLine = Callable[[Sequence[str]], int]
@@ -199,14 +200,14 @@ def run_demo(cli: CommandLine, workdir: Path | None = None) -> int:
         )
         _run(cli, "list", *s)
         _run(cli, "verify", *s)
-        backups = sorted((store / "100").glob("qemu-*"))
-        for point, (bdir, snap) in enumerate(zip(backups, snapshots, strict=True)):
+        backups = [e.id for e in Store(store).backups(100)]
+        for point, (bid, snap) in enumerate(zip(backups, snapshots, strict=True)):
             targets = {dev: work / f"restored-{point}-{dev}.raw" for dev in snap}
             _run(
                 cli,
                 "restore",
                 *s,
-                f"100/{bdir.name}",
+                bid.archive,
                 "--force",
                 *[a for dev, t in targets.items() for a in ("--disk", f"{dev}={t}")],
             )
@@ -217,7 +218,7 @@ def run_demo(cli: CommandLine, workdir: Path | None = None) -> int:
             cli,
             "restore",
             *s,
-            f"100/{backups[-1].name}",
+            backups[-1].archive,
             "--force",
             "--format",
             "qcow2",
@@ -225,11 +226,11 @@ def run_demo(cli: CommandLine, workdir: Path | None = None) -> int:
             f"drive-scsi0={qtarget}",
         )
         _compare(snapshots[-1]["drive-scsi0"], qtarget, "qcow2")
-        ct = next((store / "200").glob("lxc-*"))
+        ct = Store(store).backups(200)[0].id
         ctroot = work / "ct-restored"
         if ctroot.exists():
             shutil.rmtree(ctroot)
-        _run(cli, "restore", *s, f"200/{ct.name}", "--rootfs", str(ctroot))
+        _run(cli, "restore", *s, ct.archive, "--rootfs", str(ctroot))
         skip = ("var/log", "var/cache/big.tmp")
         if _tree(rootfs, skip) != _tree(ctroot):
             raise SystemExit("demo: the restored container tree differs from the original")

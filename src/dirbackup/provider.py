@@ -26,22 +26,22 @@ The seed's `DirectoryExample`, done properly:
   store, usable, the disk below its top image and its size are unchanged,
   and the last backup is a valid chain short enough for one more layer.
   Anything else is a full backup, with a log line saying why.
-* Restores serve a chain only after validating it (qcow2 only, inside the
-  guest's directory, no protocol names, no cycles) and hand QEMU the layers
-  explicitly; what qemu-img reads (`qemu-img-path`) is checked against every
-  layer's digests first.  No incremental builds on a backup whose last check
-  failed.
+* No incremental builds on a backup whose last check failed.
+* Restores are the base class's (RestoringProvider, provider_restore.py).
+
+This module is the backup side, and one module although longer than most:
+choosing the base of an incremental, copying a disk, publishing and undoing
+a publish share one per-guest state (_GuestBackup) and one order of events
+that the hypervisor dictates; split, each part would need the others'
+internals.  Where the backup's files go is the store's (store.PartialBackup).
 """
 
 from __future__ import annotations
 
 import contextlib
-import functools
 import json
 import os
 import secrets
-import shutil
-import stat
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -49,56 +49,43 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import numpy.typing as npt
 
-from dirbackup import copy, extents, nbd, qcow2, qemu, verify, watchdog
+from dirbackup import copy, extents, nbd, qcow2, watchdog
 from dirbackup.api import (
     BACKING_KEY,
     BITMAPS_KEY,
     BackupInfo,
-    BackupProvider,
     BitmapMode,
     ContainerInfo,
     IncrementalChoice,
     LogFunction,
     Mechanism,
-    RestoreMechanism,
     VmType,
     VolumeInfo,
 )
-from dirbackup.errors import DirbackupError, IntegrityError, StoreError
-from dirbackup.store import (
-    DEFAULT_LOCK_TIMEOUT,
-    FIREWALL_CONFIG,
-    GUEST_CONFIG,
-    LOG_FILE,
-    PENDING_ATTRIBUTES,
-    SQUASHFS_ARCHIVE,
-    TAR_ARCHIVE,
-    BackupId,
+from dirbackup.errors import DirbackupError, StoreError
+from dirbackup.manifest import (
     DiskRecord,
     FileRecord,
     Manifest,
     PreviousDevice,
     PreviousInfo,
+    digest_map,
+)
+from dirbackup.provider_restore import RestoringProvider
+from dirbackup.store import (
+    DEFAULT_LOCK_TIMEOUT,
+    BackupId,
     Store,
     check_device_name,
     check_start_time,
     check_vmid,
-    digest_map,
-    dir_usage,
-    disk_file,
-    read_json,
-    read_regular,
-    sha256_file,
-    write_atomic,
 )
 from dirbackup.units import human
 from dirbackup.watchdog import DEFAULT_IO_TIMEOUT
 
 DEFAULT_CLUSTER = 64 * 1024
 DIGEST_CHUNK = 16 << 20
-CONTAINER_RESULT = ".container-result.json"
 PROGRESS_INTERVAL = 10.0
 DeviceProgress = Callable[[str, copy.CopyStats], None]
 
@@ -124,17 +111,7 @@ class _GuestBackup:
     backing: dict[str, list[dict[str, Any]] | None] = field(default_factory=dict)
 
 
-@dataclass
-class _VolumeRestore:
-    """The processes serving one disk of a restore."""
-
-    rundir: Path
-    server: qemu.NbdServer | None = None
-    fuse: qemu.FuseFile | None = None
-    mountpoint: Path | None = None
-
-
-class DirectoryBackupProvider(BackupProvider):
+class DirectoryBackupProvider(RestoringProvider):
     """Back up into, and restore from, a dirbackup store (see the module doc).
 
     It offers the bitmap generations of api.BitmapGenerations."""
@@ -173,8 +150,8 @@ class DirectoryBackupProvider(BackupProvider):
         self.copy_options = copy_options or copy.CopyOptions()
         self._guests: dict[int, _GuestBackup] = {}
         self._finished: dict[int, tuple[BackupId, bool]] = {}
-        self._restores: dict[tuple[str, str], _VolumeRestore] = {}
-        self._mounts: dict[str, tuple[Any, Path]] = {}
+        self._restores = {}
+        self._mounts = {}
 
     # ------------------------------------------------------------------ job
 
@@ -250,7 +227,7 @@ class DirectoryBackupProvider(BackupProvider):
                 return None
             name, file = rec.backup, rec.file
         elif prev.backup and not prev.devices:
-            name, file = prev.backup, disk_file(device)  # the seed's previous-info
+            name, file = prev.backup, None  # the seed's previous-info: the image's usual name
         else:
             return None
         try:
@@ -258,14 +235,14 @@ class DirectoryBackupProvider(BackupProvider):
         except DirbackupError:
             why.append(f"its previous-info names no backup ({name!r})")
             return None
-        if file != disk_file(device) or not self.store.exists(bid):
+        image = self.store.image_path(bid, device)
+        if (file is not None and file != image.name) or not self.store.exists(bid):
             why.append(f"its last backup {name} is gone")
             return None  # a record naming anything else is no base
         g = self._guests.get(vmid)
         if g is not None and bid.epoch >= g.bid.epoch:  # stamped in the future
             self.log("info", f"{device}: {bid.name} is stamped after this backup; full backup")
             return None  # (an incremental would sort before its base)
-        image = self.store.backup_dir(bid) / file
         try:  # a base is a valid chain inside the guest's directory
             with qcow2.Chain(image, self.store.guest_dir(vmid)) as chain:
                 if chain.virtual_size != size:
@@ -377,8 +354,7 @@ class DirectoryBackupProvider(BackupProvider):
     ) -> None:
         g = self._guest(vmid)
         binfo = BackupInfo.coerce(info)
-        part = self.store.partial_dir(g.bid)
-        self._write_configs(g, part, guest_config, binfo.firewall_config)
+        g.files.update(self.store.partial(g.bid).write_configs(guest_config, binfo.firewall_config))
         for device in sorted(volumes):
             check_device_name(device)
             g.disks[device] = self._backup_volume(
@@ -386,16 +362,6 @@ class DirectoryBackupProvider(BackupProvider):
             )
         self._publish(g, "incremental" if any(d.parent for d in g.disks.values()) else "full")
         g.returned = True
-
-    def _write_configs(
-        self, g: _GuestBackup, part: Path, guest_config: str, firewall: str | None
-    ) -> None:
-        for name, text in ((GUEST_CONFIG, guest_config), (FIREWALL_CONFIG, firewall)):
-            if text is None:
-                continue
-            data = text.encode() if isinstance(text, str) else bytes(text)
-            write_atomic(part / name, data)
-            g.files[name] = FileRecord(len(data), sha256_file(part / name))
 
     def _backup_volume(
         self, g: _GuestBackup, device: str, vol: VolumeInfo, bwlimit: int
@@ -433,7 +399,7 @@ class DirectoryBackupProvider(BackupProvider):
             else:
                 cluster = max(DEFAULT_CLUSTER, qcow2.smallest_cluster_size(vsize))
             regions = extents.align(regions, cluster, vsize)
-            image = self.store.partial_dir(g.bid) / disk_file(device)
+            image = self.store.partial(g.bid).image_path(device)
             backing = os.path.relpath(base[1], image.parent) if base else None
             mode = "incremental" if base else "full"
             self.log("info", f"{device}: {mode} backup of {human(size)}, {human(dirty)} to read")
@@ -545,9 +511,7 @@ class DirectoryBackupProvider(BackupProvider):
     # ------------------------------------------------------------------ publish
 
     def _publish(self, g: _GuestBackup, mode: str) -> None:
-        part = self.store.partial_dir(g.bid)
-        pending = read_json(part / PENDING_ATTRIBUTES)
-        (part / PENDING_ATTRIBUTES).unlink(missing_ok=True)
+        pending = self.store.partial(g.bid).take_pending_attributes()
         parents = [d.parent for d in g.disks.values() if d.parent]
         manifest = Manifest(
             vmid=g.bid.vmid,
@@ -563,7 +527,7 @@ class DirectoryBackupProvider(BackupProvider):
         self.store.publish(g.bid, manifest)
         g.published = True
         if g.bid.vmtype == VmType.QEMU:
-            g.old_previous_raw = self._previous_raw(g.bid.vmid)
+            g.old_previous_raw = self.store.read_previous_raw(g.bid.vmid)
             old = self.store.read_previous(g.bid.vmid, VmType.QEMU)
             g.old_previous = old
             new = PreviousInfo(devices=dict(old.devices), backup=g.bid.name)
@@ -584,8 +548,7 @@ class DirectoryBackupProvider(BackupProvider):
         """Privileged: let the container's mapped root user write the partial backup."""
         g = self._guest(vmid)
         cinfo = ContainerInfo.coerce(info)
-        part = self.store.partial_dir(g.bid)
-        os.chown(part, cinfo.backup_user_id, -1)
+        os.chown(self.store.partial(g.bid).path, cinfo.backup_user_id, -1)
 
     def backup_container(
         self,
@@ -599,8 +562,8 @@ class DirectoryBackupProvider(BackupProvider):
 
         g = self._guest(vmid)
         cinfo = ContainerInfo.coerce(info)
-        part = self.store.partial_dir(g.bid)
-        self._write_configs(g, part, guest_config, cinfo.firewall_config)
+        part = self.store.partial(g.bid)
+        g.files.update(part.write_configs(guest_config, cinfo.firewall_config))
         directory = Path(cinfo.directory)
         if not directory.is_dir():
             raise DirbackupError(f"container root {directory} does not exist or is not a directory")
@@ -608,7 +571,7 @@ class DirectoryBackupProvider(BackupProvider):
         if mode == "squashfs":
             result = container.create_squashfs(
                 directory,
-                part / SQUASHFS_ARCHIVE,
+                part.archive_path(mode),
                 exclude_patterns=list(exclude_patterns),
                 bandwidth_limit=cinfo.bandwidth_limit,
                 log=self.log_function,
@@ -616,19 +579,14 @@ class DirectoryBackupProvider(BackupProvider):
         else:
             result = container.create_tar(
                 directory,
-                part / TAR_ARCHIVE,
+                part.archive_path(mode),
                 sources=list(cinfo.sources),
                 exclude_patterns=list(exclude_patterns),
                 bandwidth_limit=cinfo.bandwidth_limit,
                 log=self.log_function,
             )
         g.files[result.path.name] = FileRecord(result.size, result.sha256)
-        write_atomic(
-            part / CONTAINER_RESULT,
-            json.dumps(
-                {name: {"size": rec.size, "sha256": rec.sha256} for name, rec in g.files.items()}
-            ),
-        )
+        part.save_container_result(g.files)
         self.log("info", f"archive {result.path.name}: {human(result.size)}")
 
     # ------------------------------------------------------------------ backup: end
@@ -650,7 +608,7 @@ class DirectoryBackupProvider(BackupProvider):
                     except BaseException:
                         self._abort(g)  # e.g. ENOSPC writing the manifest
                         raise
-                size, _used = dir_usage(self.store.backup_dir(g.bid))
+                size, _used = self.store.backup(g.bid).usage()
                 self._finished[vmid] = (g.bid, True)
                 return {"stats": {"archive-size": size}}
             error = (info or {}).get("error", "unknown error")
@@ -662,12 +620,10 @@ class DirectoryBackupProvider(BackupProvider):
             g.lock.close()
 
     def _publish_container(self, g: _GuestBackup) -> None:
-        part = self.store.partial_dir(g.bid)
-        result = read_json(part / CONTAINER_RESULT)
-        if not result:
+        files = self.store.partial(g.bid).take_container_result()
+        if files is None:
             raise DirbackupError(f"backup {g.bid.archive}: the container archive was not written")
-        (part / CONTAINER_RESULT).unlink()
-        g.files = {name: FileRecord(**rec) for name, rec in result.items()}
+        g.files = files
         self._publish(g, "container")
 
     def _abort(self, g: _GuestBackup) -> None:
@@ -679,12 +635,8 @@ class DirectoryBackupProvider(BackupProvider):
             # could not be written, say): the hypervisor keeps its bitmap as it
             # was, so the old record is still right.  Put it back as it was.
             self.store.remove_backup(g.bid)
-            path = self.store.previous_info_path(g.bid.vmid)
-            if self._previous_raw(g.bid.vmid) != g.old_previous_raw:
-                if g.old_previous_raw is None:
-                    path.unlink()
-                else:
-                    write_atomic(path, g.old_previous_raw)
+            if self.store.read_previous_raw(g.bid.vmid) != g.old_previous_raw:
+                self.store.restore_previous_raw(g.bid.vmid, g.old_previous_raw)
             return
         # Published, but the hypervisor failed the backup afterwards: remove it.
         # Its dirty bitmap may already have advanced past this backup, so the
@@ -698,13 +650,6 @@ class DirectoryBackupProvider(BackupProvider):
             self.store.write_previous(g.bid.vmid, prev)
             self.log("warn", "the next backup of the removed backup's disks will be full")
 
-    def _previous_raw(self, vmid: int) -> bytes | None:
-        """previous-info as it is on disk (None: none, or not a regular file)."""
-        try:
-            return read_regular(self.store.previous_info_path(vmid))
-        except (FileNotFoundError, StoreError):
-            return None
-
     def backup_handle_log_file(self, vmid: int, filename: str) -> None:
         vmid = int(vmid)
         done = self._finished.get(vmid)
@@ -714,292 +659,9 @@ class DirectoryBackupProvider(BackupProvider):
         bid, ok = done if done is not None else (g.bid, False)  # type: ignore[union-attr]
         data = Path(filename).read_bytes()
         if ok and self.store.exists(bid):
-            write_atomic(self.store.backup_dir(bid) / LOG_FILE, data)
+            self.store.backup(bid).keep_log(data)
         else:
-            target = self.store.failed_dir(bid)
-            target.mkdir(parents=True, exist_ok=True)
-            write_atomic(target / LOG_FILE, data)
-
-    # ------------------------------------------------------------------ restore
-
-    def _backup(self, volname: str) -> tuple[BackupId, Path]:
-        bid = self.storage_plugin.backup_id(volname)
-        return bid, self.store.require(bid)
-
-    def restore_get_mechanism(self, volname: str, *storeid: str) -> tuple[str, str]:
-        bid, path = self._backup(volname)
-        if bid.vmtype == VmType.QEMU:
-            return RestoreMechanism.QEMU_IMG.value, bid.vmtype.value
-        if (path / TAR_ARCHIVE).exists():
-            return RestoreMechanism.TAR.value, bid.vmtype.value
-        if (path / SQUASHFS_ARCHIVE).exists():
-            return RestoreMechanism.DIRECTORY.value, bid.vmtype.value
-        raise StoreError(f"backup {volname} holds no container archive")
-
-    def archive_get_guest_config(self, volname: str, *storeid: str) -> str:
-        _bid, path = self._backup(volname)
-        try:
-            return read_regular(path / GUEST_CONFIG).decode("utf-8", "replace")
-        except FileNotFoundError:
-            raise StoreError(f"backup {volname} has no guest configuration") from None
-
-    def archive_get_firewall_config(self, volname: str, *storeid: str) -> str | None:
-        _bid, path = self._backup(volname)
-        try:
-            return read_regular(path / FIREWALL_CONFIG).decode("utf-8", "replace")
-        except FileNotFoundError:
-            return None
-
-    def restore_vm_init(self, volname: str, *storeid: str) -> dict[str, dict[str, int]]:
-        bid, path = self._backup(volname)
-        manifest = self.store.read_manifest(bid)
-        if manifest is not None:
-            return {dev: {"size": d.size} for dev, d in sorted(manifest.disks.items())}
-        out = {}
-        for image in sorted(path.glob("*.qcow2")):
-            out[image.stem] = {"size": qcow2.read_header(image).virtual_size}
-        return out
-
-    def open_chain(self, volname: str, device: str) -> qcow2.Chain:
-        """The validated qcow2 chain of one disk of a backup, with the digests
-        each layer's backup recorded (`Chain.expect`), so that a restore checks
-        every layer as it copies.
-
-        Nothing outside the guest's directory is ever opened, and each backing
-        file must be the image of the disk in the backup its layer's manifest
-        names as parent (a backing name changed to point at another backup is
-        refused).  Layers of backups without a manifest (the seed's layout)
-        have no digests: `Chain.unchecked` lists them."""
-        bid, path = self._backup(volname)
-        manifest = self.store.read_manifest(bid)
-        check_device_name(device)
-        if manifest is not None:
-            image = path / self._disk_record(bid, manifest, device).file
-        else:
-            image = path / disk_file(device)
-            if not image.exists():
-                raise StoreError(f"backup {volname} has no disk {device!r}")
-        chain = qcow2.Chain(image, self.store.guest_dir(bid.vmid))
-        try:
-            self._expect_layers(chain, bid, manifest, device)
-        except BaseException:
-            chain.close()
-            raise
-        return chain
-
-    def _disk_record(self, bid: BackupId, manifest: Manifest, device: str) -> DiskRecord:
-        if device not in manifest.disks:
-            raise StoreError(
-                f"backup {bid.volname} has no disk {device!r} "
-                f"(it has: {', '.join(sorted(manifest.disks)) or 'none'})"
-            )
-        record = manifest.disks[device]
-        if Path(record.file).name != record.file or record.file in ("", ".", ".."):
-            raise StoreError(f"backup {bid.volname}: its manifest names {record.file!r}; refused")
-        return record
-
-    def _expect_layers(
-        self, chain: qcow2.Chain, bid: BackupId, manifest: Manifest | None, device: str
-    ) -> None:
-        """Walk the chain with the backups it belongs to: layer i is the image
-        of `device` in backup `bid`, whose manifest names the backup of layer
-        i + 1 (a backup without a manifest is named by its directory)."""
-        gdir = os.path.realpath(self.store.guest_dir(bid.vmid))
-        for i, layer in enumerate(chain.paths):
-            label = f"backup {bid.volid(self.storeid)} {device}"
-            last = i + 1 == chain.depth
-            if manifest is None:
-                if last:
-                    return
-                bid = self._seed_parent(chain.paths[i + 1], gdir, bid, label)
-                manifest = self.store.read_manifest(bid)
-                continue
-            record = self._disk_record(bid, manifest, device)
-            if layer != os.path.join(gdir, bid.name, record.file):
-                raise self._mismatch(
-                    bid, f"{label}: {layer} is not the image its manifest names; refused"
-                )
-            if qcow2.virtual_size_for(record.size) != chain.virtual_size:
-                raise self._mismatch(
-                    bid,
-                    f"{label}: virtual size {chain.virtual_size} differs from the "
-                    f"{record.size} bytes the backup's manifest records; refused",
-                )
-            sums = _sums(record, chain.headers[i].cluster_size, label)
-            chain.expect(
-                i,
-                qcow2.LayerDigests(
-                    label, record.digest_chunk, sums, functools.partial(self._mark_failed, bid)
-                ),
-            )
-            if record.parent is None:
-                if not last:
-                    raise self._mismatch(
-                        bid,
-                        f"{label}: the image has a backing file, but the manifest records no "
-                        "parent backup; refused",
-                    )
-                return
-            if last:
-                raise self._mismatch(
-                    bid,
-                    f"{label}: the manifest names the parent {record.parent}, but the image has "
-                    "no backing file; refused",
-                )
-            try:
-                parent = BackupId.parse(record.parent)
-            except DirbackupError:
-                raise self._mismatch(
-                    bid, f"{label}: the manifest names no valid parent; refused"
-                ) from None
-            if (parent.vmid, parent.vmtype) != (bid.vmid, bid.vmtype) or not self.store.exists(
-                parent
-            ):
-                raise self._mismatch(
-                    bid, f"{label}: parent {record.parent} is not a backup here; refused"
-                )
-            if os.path.dirname(chain.paths[i + 1]) != os.path.join(gdir, parent.name):
-                raise self._mismatch(
-                    bid,
-                    f"{label}: the backing file {chain.headers[i].backing_name!r} does not lie "
-                    f"in {parent.volname}, the parent its manifest names; refused",
-                )
-            bid, manifest = parent, self.store.read_manifest(parent)
-
-    def _mark_failed(self, bid: BackupId, reason: str) -> None:
-        """Record a failed check of a backup's data (no incremental builds on it)."""
-        try:
-            self.store.mark_check_failed(bid, reason)
-        except (DirbackupError, OSError) as exc:
-            self.log("warn", f"could not record the failed check of {bid.volname}: {exc}")
-
-    def _mismatch(self, bid: BackupId, message: str) -> IntegrityError:
-        """A chain that is not what its manifests describe: recorded, refused."""
-        self._mark_failed(bid, message)
-        return IntegrityError(message)
-
-    def _seed_parent(self, backing: str, gdir: str, bid: BackupId, label: str) -> BackupId:
-        """The backup a backing file of the seed's layout lies in."""
-        where = os.path.dirname(backing)
-        try:
-            parent = BackupId.parse(f"{bid.vmid}/{os.path.basename(where)}")
-        except DirbackupError:
-            parent = None
-        if (
-            parent is None
-            or os.path.dirname(where) != gdir
-            or parent.vmtype != bid.vmtype
-            or not self.store.exists(parent)
-        ):
-            raise StoreError(f"{label}: the backing file {backing} lies in no backup; refused")
-        return parent
-
-    def restore_vm_volume_init(
-        self, volname: str, device_name: str, info: Mapping[str, Any] | None = None
-    ) -> dict[str, str]:
-        key = (volname, device_name)
-        if key in self._restores:
-            raise StoreError(f"{device_name} of {volname} is already being restored")
-        with self.open_chain(volname, device_name) as chain:
-            chain.map()  # every table checked: QEMU would read what lies as zeros
-            # qemu-img checks nothing: every layer's data is checked first (one read)
-            bid = self.storage_plugin.backup_id(volname)
-            for path in verify.require_chain(verify.Checker(self.store), chain, bid, device_name):
-                self.log("warn", f"{path} has no digests (made without a manifest); not checked")
-            rundir = qemu.make_rundir("dirbackup-")
-            job = _VolumeRestore(rundir)
-            self._restores[key] = job
-            try:
-                job.server = qemu.start_nbd(
-                    None,
-                    str(rundir / "nbd.sock"),
-                    export=device_name,
-                    fmt=None,
-                    image_opts=chain.image_opts(),
-                    shared=4,
-                )
-                job.mountpoint = rundir / "fuse"
-                job.mountpoint.mkdir()
-                job.fuse = qemu.start_nbdfuse(job.mountpoint, device_name, job.server.uri)
-            except BaseException:
-                self.restore_vm_volume_cleanup(volname, device_name, info)
-                raise
-        return {"qemu-img-path": str(job.fuse.path)}
-
-    def restore_vm_volume_cleanup(
-        self, volname: str, device_name: str, info: Mapping[str, Any] | None = None
-    ) -> None:
-        job = self._restores.pop((volname, device_name), None)
-        if job is None:
-            return
-        if job.fuse is not None:
-            job.fuse.stop()
-        if job.server is not None:
-            job.server.stop()
-        shutil.rmtree(job.rundir, ignore_errors=True)
-
-    def restore_vm_cleanup(self, volname: str, *storeid: str) -> None:
-        for vol, dev in list(self._restores):
-            if vol == volname:
-                self.restore_vm_volume_cleanup(vol, dev)
-
-    def restore_container_init(self, volname: str, *args: Any) -> dict[str, str]:
-        from dirbackup import container
-
-        mechanism, _ = self.restore_get_mechanism(volname)
-        _bid, path = self._backup(volname)
-        if mechanism not in (RestoreMechanism.TAR, RestoreMechanism.DIRECTORY):
-            raise StoreError(f"backup {volname} is not a container backup")
-        archive = path / (TAR_ARCHIVE if mechanism == RestoreMechanism.TAR else SQUASHFS_ARCHIVE)
-        if not stat.S_ISREG(os.lstat(archive).st_mode):
-            raise StoreError(f"{archive} is not a regular file (a symlink?); refused")
-        if mechanism == RestoreMechanism.TAR:
-            return {"tar-path": str(archive)}
-        if volname in self._mounts:
-            raise StoreError(f"{volname} is already mounted for restore")
-        rundir = qemu.make_rundir("dirbackup-")
-        mountpoint = rundir / "root"
-        mountpoint.mkdir()
-        try:
-            mount = container.SquashfsMount(path / SQUASHFS_ARCHIVE, mountpoint)
-            mount.__enter__()
-        except BaseException:
-            shutil.rmtree(rundir, ignore_errors=True)
-            raise
-        self._mounts[volname] = (mount, rundir)
-        return {"archive-directory": str(mountpoint)}
-
-    def restore_container_cleanup(self, volname: str, *args: Any) -> None:
-        entry = self._mounts.pop(volname, None)
-        if entry is None:
-            return
-        mount, rundir = entry
-        try:
-            mount.unmount()
-        finally:
-            shutil.rmtree(rundir, ignore_errors=True)
-
-
-def _sums(record: DiskRecord, cluster_size: int, label: str) -> npt.NDArray[np.uint64]:
-    """The manifest's sparse digests of a disk as one sum per chunk."""
-    chunk = record.digest_chunk
-    if (
-        not isinstance(chunk, int)
-        or chunk <= 0
-        or chunk % cluster_size
-        or not isinstance(record.digests, dict)
-    ):
-        raise StoreError(f"{label}: the manifest's digests are damaged; refused")
-    sums = np.zeros(-(-record.size // chunk), dtype=np.uint64)
-    for key, value in record.digests.items():
-        try:
-            index, total = int(key), int(value, 16)
-        except (TypeError, ValueError):
-            index, total = -1, -1
-        if not 0 <= index < sums.size or not 0 <= total < 1 << 64:
-            raise StoreError(f"{label}: the manifest's digests are damaged; refused")
-        sums[index] = total
-    return sums
+            self.store.keep_failed_log(bid, data)
 
 
 def _canonical(value: Any) -> str:

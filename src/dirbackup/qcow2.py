@@ -36,6 +36,7 @@ import numpy.typing as npt
 
 from dirbackup import _qcow2
 from dirbackup import copy as copyengine
+from dirbackup.atomicfile import temporary_name
 from dirbackup.errors import ImageError, IntegrityError, UnsupportedImage
 from dirbackup.units import human
 
@@ -583,7 +584,7 @@ def merge_into_child(
         if output is not None:
             merge_layers(chain, output, options)
             return
-        tmp = Path(child_path).with_name(f".{Path(child_path).name}.merge-{os.getpid()}")
+        tmp = temporary_name(Path(child_path), "merge")
         tmp.unlink(missing_ok=True)  # left over by a crashed merge
         merge_layers(chain, tmp, options)
         os.replace(tmp, child_path)

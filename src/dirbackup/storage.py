@@ -8,48 +8,42 @@ is the seed's `BackupProviderDirExamplePlugin` with its "a proper backup
 storage should implement this" parts done: pruning and removal keep
 incremental chains intact (a removed base is merged into its kept child
 first), attributes are stored, and `verify` checks what was written.
+
+This module is the adapter: the plugin's configuration and answers, volume
+names, listing, attributes and the prune of a guest, calling out for the
+rest -- removal with merge (removal.py), verify (verify.py), the store's
+layout (store.py), the keep rules (prune.py).  It stays longer than most
+because the plugin API is wide (some thirty methods, most a few lines) and
+prune_backups, with its per-guest locking and error report, is one of them.
 """
 
 from __future__ import annotations
 
-import errno
-import json
 import os
-import shutil
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from enum import StrEnum
-from pathlib import Path
 from typing import Any
 
-from dirbackup import qcow2
+from dirbackup import removal
 from dirbackup.api import VM_MECHANISMS, LogFunction, Mechanism, VmType
-from dirbackup.errors import DirbackupError, ImageError, IntegrityError, StoreError
+from dirbackup.errors import DirbackupError, StoreError
+from dirbackup.manifest import Manifest
 from dirbackup.prune import KeepRules, Mark, PruneCandidate, mark
 from dirbackup.store import (
     DEFAULT_LOCK_TIMEOUT,
-    MANIFEST,
-    PENDING_ATTRIBUTES,
     BackupEntry,
     BackupId,
-    DiskRecord,
-    Manifest,
     Store,
     StoreProblem,
     describe_error,
-    digest_map,
-    dir_usage,
-    exchange,
-    fsync_path,
     future_horizon,
-    read_json,
     split_volid,
-    write_atomic,
 )
 from dirbackup.toolrun import call_in_child
 from dirbackup.units import parse_seconds
-from dirbackup.verify import Checker, MergeCheck, Verifier, VerifyResult, check_merge, check_merged
+from dirbackup.verify import Verifier, VerifyResult
 from dirbackup.watchdog import DEFAULT_IO_TIMEOUT
 
 PLUGIN_TYPE = "dirbackup"
@@ -182,17 +176,6 @@ class PruneEntry:
         }
 
 
-@dataclass(frozen=True)
-class _Merge:
-    """One image of a child to merge its base into, with the checked outcome."""
-
-    device: str
-    record: DiskRecord | None
-    image: Path
-    base_record: DiskRecord | None
-    check: MergeCheck
-
-
 class PruneError(StoreError):
     """Prune removed what it could, but part of the store could not be pruned
     (reported one by one in the log); `entries` are its marks, as
@@ -214,22 +197,6 @@ def _failed(failures: list[str], log: LogFunction | None, message: str) -> None:
 
 def _date(epoch: int) -> str:
     return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(epoch))
-
-
-def _link_rest(source: Path, staging: Path) -> bool:
-    """Hard-link the files of `source` that `staging` does not have yet into it;
-    False where the file system has no hard links."""
-    for p in source.iterdir():
-        if (staging / p.name).exists() or p.name.startswith("."):
-            continue
-        try:
-            os.link(p, staging / p.name, follow_symlinks=False)
-        except OSError as exc:
-            if exc.errno in (errno.EPERM, errno.EOPNOTSUPP, errno.EXDEV, errno.EMLINK):
-                return False
-            raise
-    fsync_path(staging)
-    return True
 
 
 def _activate_probe(path: str) -> bool:
@@ -399,33 +366,7 @@ class DirectoryStorage:
 
     def parent_of(self, entry: BackupEntry) -> BackupId | None:
         """The backup an incremental builds on (the newest one its disks name)."""
-        if entry.manifest is not None:
-            parents = [d.parent for d in entry.manifest.disks.values() if d.parent]
-            if not parents:
-                return None
-            try:
-                return max(BackupId.parse(p) for p in parents)
-            except DirbackupError:
-                return None  # a damaged manifest (verify reports it)
-        return self._legacy_parent(entry)
-
-    def _legacy_parent(self, entry: BackupEntry) -> BackupId | None:
-        """For a backup without manifest: follow the first image's backing file."""
-        for img in sorted(entry.path.glob("*.qcow2")):
-            try:
-                header = qcow2.read_header(img)
-            except ImageError:
-                continue
-            if not header.backing_name:
-                continue
-            backing = Path(header.backing_name)
-            if not backing.is_absolute():
-                backing = img.parent / backing
-            try:
-                return BackupId.parse(f"{entry.id.vmid}/{backing.parent.name}")
-            except DirbackupError:
-                return None
-        return None
+        return removal.parent_of(entry)
 
     def list_volumes(
         self, vmid: int | None = None, content_types: Iterable[str] = ("backup",)
@@ -437,7 +378,7 @@ class DirectoryStorage:
         out = []
         for entry in self.store.backups(vmid):
             try:
-                size, _used = dir_usage(entry.path)
+                size, _used = entry.usage()
             except OSError:  # unreadable: still listed (verify says why)
                 size = 0
             parent = self.parent_of(entry)
@@ -466,7 +407,7 @@ class DirectoryStorage:
     ) -> tuple[int, str, int, str | None, int]:
         """(size, format, used, parent volid, ctime)."""
         entry = self._entry(volname)
-        size, used = dir_usage(entry.path)
+        size, used = entry.usage()
         parent = self.parent_of(entry)
         parent_volid = parent.volid(self.storeid) if parent else None
         return size, "directory", used, parent_volid, entry.id.epoch
@@ -477,8 +418,9 @@ class DirectoryStorage:
         if attribute not in ("notes", "protected"):
             return None
         bid = self.backup_id(volname)
-        if not self.store.exists(bid) and self.store.partial_dir(bid).is_dir():
-            pending = read_json(self.store.partial_dir(bid) / PENDING_ATTRIBUTES)
+        part = self.store.being_written(bid)
+        if part is not None:
+            pending = part.pending_attributes()
             value = pending.get(attribute, "" if attribute == "notes" else 0)
             return str(value) if attribute == "notes" else int(bool(value))
         m = self._entry(volname).manifest
@@ -496,14 +438,14 @@ class DirectoryStorage:
             )
         bid = self.backup_id(volname)
         with self.store.lock(bid.vmid, what=f"setting {attribute}"):
-            if not self.store.exists(bid) and self.store.partial_dir(bid).is_dir():
+            part = self.store.being_written(bid)
+            if part is not None:
                 # being written (the hypervisor sets attributes before it is published)
                 if attribute == "protected" and int(bool(value)):
                     self._check_protected_limit(bid.vmid)
-                path = self.store.partial_dir(bid) / PENDING_ATTRIBUTES
-                pending = read_json(path)
-                pending[attribute] = str(value) if attribute == "notes" else bool(int(value))
-                write_atomic(path, json.dumps(pending))
+                part.set_pending_attribute(
+                    attribute, str(value) if attribute == "notes" else bool(int(value))
+                )
                 return
             entry = self._entry(volname)
             m = entry.manifest or self._legacy_manifest(entry)
@@ -547,16 +489,9 @@ class DirectoryStorage:
     ) -> list[BackupEntry]:
         """Backups whose images build on `bid` (among `entries`, default: the
         guest's backups)."""
-        out = []
-        for entry in self.store.backups(bid.vmid) if entries is None else entries:
-            if entry.id == bid:
-                continue
-            if entry.manifest is not None:
-                if any(d.parent == bid.volname for d in entry.manifest.disks.values()):
-                    out.append(entry)
-            elif self._legacy_parent(entry) == bid:
-                out.append(entry)
-        return out
+        return removal.children_of(
+            bid, self.store.backups(bid.vmid) if entries is None else entries
+        )
 
     def free_image(self, volname: str, log: LogFunction | None = None) -> None:
         """Remove a backup.  Protected backups are refused; a backup that is the
@@ -567,120 +502,9 @@ class DirectoryStorage:
             self._remove(bid, log)
 
     def _remove(self, bid: BackupId, log: LogFunction | None) -> None:
-        entry = self._entry(bid.volname)
-        if entry.manifest is not None and entry.manifest.protected:
-            raise StoreError(f"backup {bid.volname} is protected; unprotect it first")
-        entries = self.store.backups(bid.vmid)
-        for later in entries:
-            if later.problem and later.id.epoch > bid.epoch:
-                # it may build on this one: removing it could break its chain
-                raise StoreError(
-                    f"the later backup {later.id.volname} cannot be read and may build "
-                    f"on {bid.volname} ({later.problem})"
-                )
-        checker = Checker(self.store)
-        # every merge is checked before the first one starts: a refusal changes nothing
-        merges = [
-            (c, self._merge_plan(bid, entry, c, checker)) for c in self.children_of(bid, entries)
-        ]
-        for child, todo in merges:
-            self._merge_into(bid, entry, child, todo, checker, log)
-        self.store.remove_backup(bid)
+        removal.remove(self.store, self._entry(bid.volname), log)
         if log:
             log("info", f"removed backup {bid.volid(self.storeid)}")
-
-    def _merge_plan(
-        self, bid: BackupId, entry: BackupEntry, child: BackupEntry, checker: Checker
-    ) -> list[_Merge]:
-        """The child's images that build on `bid`'s, each with both layers
-        checked against their digests (IntegrityError if one fails)."""
-        gdir = self.store.guest_dir(bid.vmid)
-        m = child.manifest
-        disks = m.disks if m is not None else {p.stem: None for p in child.path.glob("*.qcow2")}
-        todo = []
-        for device, record in disks.items():
-            if record is not None and record.parent != bid.volname:
-                continue
-            image = child.path / (record.file if record else f"{device}.qcow2")
-            with qcow2.Chain(image, gdir) as chain:
-                if chain.depth < 2 or Path(chain.paths[1]).parent != entry.path.resolve():
-                    continue
-                base_record = None
-                if entry.manifest is not None:
-                    base_record = entry.manifest.disks.get(device)
-                    if base_record is None:
-                        raise IntegrityError(
-                            f"{child.id.volname}: {device} builds on {bid.volname}, whose "
-                            f"manifest has no disk {device}; nothing was changed"
-                        )
-                check = check_merge(checker, chain, device, child.id, record, bid, base_record)
-            todo.append(_Merge(device, record, image, base_record, check))
-        return todo
-
-    def _merge_into(
-        self,
-        bid: BackupId,
-        entry: BackupEntry,
-        child: BackupEntry,
-        todo: list[_Merge],
-        checker: Checker,
-        log: LogFunction | None,
-    ) -> None:
-        """Fold `bid`'s images into the child's that build on them.
-
-        Each merged image must read exactly as the two checked layers did
-        (check_merged) before it is used, and the child's new digests are
-        those of the merged image as written.  The merged images and the
-        updated manifest are made in a sibling staging directory (the child's
-        other files hard-linked), which then takes the child's place in one
-        atomic exchange: a crash at any point leaves either the old child or
-        the new one, never a merged image with the old manifest.  Where the
-        file system cannot exchange directories, the images are replaced one
-        by one and the manifest last."""
-        if not todo:
-            return
-        gdir = self.store.guest_dir(bid.vmid)
-        m = child.manifest
-        if log:
-            log("info", f"merging {bid.volname} into {child.id.volname} before removal")
-        staging = gdir / f".{child.id.name}.merge-{os.getpid()}"
-        shutil.rmtree(staging, ignore_errors=True)  # left over by a crashed merge of ours
-        staging.mkdir()
-        try:
-            for job in todo:
-                merged = staging / job.image.name
-                with qcow2.Chain(job.image, gdir) as chain:
-                    if chain.depth < 2 or Path(chain.paths[1]).parent != entry.path.resolve():
-                        raise IntegrityError(f"{job.image} no longer builds on {bid.volname}")
-                    qcow2.merge_layers(chain, merged)
-                digests = check_merged(checker, merged, job.check, bid, child.id)
-                if m is not None and job.record is not None:
-                    grand = job.base_record.parent if job.base_record is not None else None
-                    m.disks[job.device] = replace(
-                        job.record,
-                        parent=grand,
-                        mode="incremental" if grand else "full",
-                        digests=digest_map(digests),
-                    )
-            if m is not None:
-                parents = [d.parent for d in m.disks.values() if d.parent]
-                m = replace(
-                    m,
-                    parent=max(parents) if parents else None,
-                    mode="incremental" if parents else "full",
-                )
-                write_atomic(staging / MANIFEST, m.to_json())
-            if _link_rest(child.path, staging) and exchange(staging, child.path):
-                fsync_path(gdir)
-                return
-            # no atomic exchange here: images first, the manifest last
-            for job in todo:
-                os.replace(staging / job.image.name, job.image)
-            fsync_path(child.path)
-            if m is not None:
-                self.store.write_manifest(child.id, m)
-        finally:
-            shutil.rmtree(staging, ignore_errors=True)
 
     def prune_backups(
         self,

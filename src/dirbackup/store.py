@@ -20,45 +20,62 @@ when complete and synced, so a crash never leaves a half-written backup that
 lists as valid; the next writer removes partial directories whose owner is
 gone.  Volume names are parsed strictly: nothing a caller passes can name a
 path outside the store.
+
+No other module names a file or directory of the store: they get handles
+from Store -- PartialBackup (a backup being written), Backup and
+BackupEntry (a published one), BackupRewrite (files of one replaced at
+once).  That is why this module stays one, and larger than most: its names,
+its ids, its handles and its Store all change together when the layout
+does.  The records it keeps are in manifest.py, the file-system helpers it
+uses in fsutil.py.
 """
 
 from __future__ import annotations
 
 import contextlib
-import ctypes
-import errno
 import fcntl
-import hashlib
 import json
 import os
 import re
 import secrets
 import shutil
-import stat
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator
-from dataclasses import asdict, dataclass, field, fields
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
-from dirbackup import __version__
 from dirbackup.api import VmType
-from dirbackup.atomicfile import fsync_path, write_atomic
+from dirbackup.atomicfile import fsync_path, temporary_name, write_atomic
 from dirbackup.errors import StoreError, VolumeNameError
+from dirbackup.fsutil import (
+    dir_usage,
+    exchange,
+    link_rest,
+    read_json,
+    read_regular,
+    sha256_file,
+)
+from dirbackup.manifest import DiskRecord, FileRecord, Manifest, PreviousInfo
 from dirbackup.procs import owner_alive, owner_line
 
-MANIFEST = "manifest.json"
-PREVIOUS_INFO = "previous-info"
-GUEST_CONFIG = "guest.conf"
-FIREWALL_CONFIG = "firewall.conf"
-LOG_FILE = "backup.log"
-TAR_ARCHIVE = "archive.tar"
-SQUASHFS_ARCHIVE = "archive.sqfs"
-OWNER_FILE = ".owner"
-PENDING_ATTRIBUTES = ".attributes.json"
-CHECK_FAILED = "check-failed"
-STORE_ID_FILE = "store-id"
+# The names of the store's files and directories: private to this module (the
+# rest of the package reaches them through Store and its handles).
+_MANIFEST = "manifest.json"
+_PREVIOUS_INFO = "previous-info"
+_GUEST_CONFIG = "guest.conf"
+_FIREWALL_CONFIG = "firewall.conf"
+_LOG_FILE = "backup.log"
+_TAR_ARCHIVE = "archive.tar"
+_SQUASHFS_ARCHIVE = "archive.sqfs"
+_OWNER_FILE = ".owner"
+_LOCK_FILE = ".lock"
+_PENDING_ATTRIBUTES = ".attributes.json"
+_CHECK_FAILED = "check-failed"
+_STORE_ID_FILE = "store-id"
+_IMAGE_SUFFIX = ".qcow2"
+_CONTAINER_RESULT = ".container-result.json"
 MAX_VMID = 999_999_999  # the hypervisor's largest guest id
 # Backup times have at most 11 digits (up to the year 5138): a time in
 # milliseconds is refused, and every time is one the calendar (prune's
@@ -74,7 +91,6 @@ FUTURE_SLACK = 86_400
 _HELD_LOCKS: dict[tuple[str, int, int], int] = {}
 _STORE_ID_RE = re.compile(r"[0-9a-f]{16}")
 
-_R = TypeVar("_R")
 _NAME_RE = re.compile(r"(qemu|lxc)-([0-9]{1,13})")
 _DEVICE_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.+-]{0,63}")
 
@@ -190,167 +206,6 @@ def split_volid(text: str) -> tuple[str | None, str]:
     return None, text
 
 
-# ----------------------------------------------------------------------------
-# Manifest
-
-
-@dataclass
-class DiskRecord:
-    """One VM disk of a backup."""
-
-    file: str
-    size: int  # virtual size in bytes
-    mode: str  # "full" or "incremental"
-    parent: str | None  # volname of the backup holding the backing image
-    cluster_size: int
-    digest_chunk: int
-    digests: dict[str, str]  # chunk index -> hex XXH64 sum, non-zero sums only
-    dirty_bytes: int = 0
-    written_bytes: int = 0
-
-
-@dataclass
-class FileRecord:
-    """A plain file of a backup (configs, archives)."""
-
-    size: int
-    sha256: str | None = None
-
-
-@dataclass
-class Manifest:
-    """What a backup holds, and its attributes (notes, protected)."""
-
-    vmid: int
-    vmtype: str
-    ctime: int
-    mode: str  # "full", "incremental" or "container"
-    parent: str | None = None
-    disks: dict[str, DiskRecord] = field(default_factory=dict)
-    files: dict[str, FileRecord] = field(default_factory=dict)
-    notes: str = ""
-    protected: bool = False
-    tool: str = f"dirbackup {__version__}"
-    format: int = 1
-    legacy: bool = False  # made for a backup written without a manifest (the seed's layout)
-
-    def to_json(self) -> str:
-        return json.dumps(asdict(self), indent=1, sort_keys=True) + "\n"
-
-    @classmethod
-    def from_json(cls, text: str, where: str = "manifest") -> Manifest:
-        """Parse a manifest; one whose JSON or field types are wrong raises
-        StoreError (a listing reports it as that backup's problem, and no
-        later check trips over a list where a table belongs)."""
-        try:
-            raw = json.loads(text)
-            if not isinstance(raw, dict):
-                raise TypeError("not a JSON object")
-            disks = {k: _typed(DiskRecord(**v), k) for k, v in _table(raw.pop("disks", {}))}
-            files = {k: _typed(FileRecord(**v), k) for k, v in _table(raw.pop("files", {}))}
-            return _typed(cls(disks=disks, files=files, **raw), "manifest")
-        except (ValueError, TypeError) as exc:
-            raise StoreError(f"{where}: unreadable manifest ({exc})") from None
-
-
-def _table(value: object) -> list[tuple[str, dict[str, Any]]]:
-    """The items of a JSON object of objects (disks, files), or TypeError."""
-    if not isinstance(value, dict) or not all(isinstance(v, dict) for v in value.values()):
-        raise TypeError("disks and files must be objects of objects")
-    return list(value.items())
-
-
-_FIELD_TYPES: dict[str, Callable[[object], bool]] = {
-    "int": lambda v: isinstance(v, int) and not isinstance(v, bool),
-    "str": lambda v: isinstance(v, str),
-    "bool": lambda v: isinstance(v, bool),
-    "str | None": lambda v: v is None or isinstance(v, str),
-    "dict[str, str]": lambda v: isinstance(v, dict) and all(isinstance(x, str) for x in v.values()),
-}
-
-
-def _typed(record: _R, what: str) -> _R:
-    """`record`, after checking that its fields hold the JSON types they are
-    declared with (fields of other types are checked where they are made)."""
-    for f in fields(record):  # type: ignore[arg-type]
-        check = _FIELD_TYPES.get(str(f.type))
-        if check is not None and not check(getattr(record, f.name)):
-            raise TypeError(f"{what}: {f.name} is not of type {f.type}")
-    return record
-
-
-# ----------------------------------------------------------------------------
-# previous-info
-
-
-@dataclass
-class PreviousDevice:
-    """The last good backup of one device, to build the next incremental on.
-
-    `bitmap` and `backing` are recorded when the host takes part in the
-    bitmap generations (api.BitmapGenerations): the name of the dirty bitmap
-    that starts with this backup, and the identity of the disk's layers below
-    its top image.  The next incremental needs both to match the disk."""
-
-    backup: str  # backup directory name, e.g. qemu-1700000000
-    size: int
-    file: str
-    bitmap: str | None = None
-    backing: list[dict[str, Any]] | None = None
-
-
-@dataclass
-class PreviousInfo:
-    """The provider's record of the last good backup per device of a guest.
-
-    The seed wrote `"<bitmap-id> <backup-time>"`; that form is still read."""
-
-    devices: dict[str, PreviousDevice] = field(default_factory=dict)
-    backup: str | None = None  # newest good backup of the guest
-
-    def to_json(self) -> str:
-        return json.dumps(asdict(self), indent=1, sort_keys=True) + "\n"
-
-    @classmethod
-    def parse(cls, text: str, vmtype: str = "qemu") -> PreviousInfo:
-        text = text.strip()
-        if not text:
-            return cls()
-        legacy = re.fullmatch(r"(\d+)\s+(\d+)", text)
-        if legacy:
-            return cls(backup=f"{vmtype}-{legacy.group(2)}")
-        try:
-            raw = json.loads(text)
-            devices = {k: PreviousDevice(**v) for k, v in raw.get("devices", {}).items()}
-            return cls(devices=devices, backup=raw.get("backup"))
-        except (ValueError, TypeError, AttributeError):
-            return cls()  # unreadable: no incremental, next backup is full
-
-
-# ----------------------------------------------------------------------------
-# File helpers
-
-
-_libc = ctypes.CDLL(None, use_errno=True)
-_AT_FDCWD = -100
-_RENAME_EXCHANGE = 2
-
-
-def exchange(a: Path, b: Path) -> bool:
-    """Swap two directories atomically (renameat2 with RENAME_EXCHANGE).
-    False where the C library, kernel or file system cannot."""
-    renameat2 = getattr(_libc, "renameat2", None)
-    if renameat2 is None:
-        return False
-    rc = renameat2(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE)
-    if rc == 0:
-        return True
-    err = ctypes.get_errno()
-    if err in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
-        return False
-    raise OSError(err, f"exchanging {a} and {b}: {os.strerror(err)}", str(b))
-
-
 def _stale_temporary(name: str, mark: str) -> bool:
     """`.<name><mark><pid>` made by a process that is gone."""
     if not name.startswith(".") or mark not in name:
@@ -376,13 +231,133 @@ class StoreProblem:
         return f"{self.path}: {self.message}"
 
 
+_ARCHIVES = {"tar": _TAR_ARCHIVE, "squashfs": _SQUASHFS_ARCHIVE}
+
+
 @dataclass(frozen=True)
-class BackupEntry:
-    """A published backup as listing sees it.  `problem` says why its
-    manifest could not be read (the backup is then listed, and fails verify)."""
+class PartialBackup:
+    """A backup being written (its `.partial` directory): where each of its
+    files goes.  Everything a writer leaves for the publisher -- possibly
+    from another, unprivileged process -- is on disk here, never only in
+    memory."""
 
     id: BackupId
     path: Path
+
+    def image_path(self, device: str) -> Path:
+        """Where the qcow2 image of `device` is written."""
+        return self.path / _disk_file(device)
+
+    def write_configs(self, guest_config: str, firewall: str | None) -> dict[str, FileRecord]:
+        """Write the guest's configuration and firewall (if any); their records."""
+        files = {}
+        for name, text in ((_GUEST_CONFIG, guest_config), (_FIREWALL_CONFIG, firewall)):
+            if text is None:
+                continue
+            data = text.encode() if isinstance(text, str) else bytes(text)
+            write_atomic(self.path / name, data)
+            files[name] = FileRecord(len(data), sha256_file(self.path / name))
+        return files
+
+    def archive_path(self, mode: str) -> Path:
+        """Where a container archive of `mode` (tar or squashfs) is written."""
+        return self.path / _ARCHIVES[mode]
+
+    def pending_attributes(self) -> dict[str, Any]:
+        """Attributes (notes, protected) set before the backup is published."""
+        return read_json(self.path / _PENDING_ATTRIBUTES)
+
+    def set_pending_attribute(self, attribute: str, value: object) -> None:
+        pending = self.pending_attributes()
+        pending[attribute] = value
+        write_atomic(self.path / _PENDING_ATTRIBUTES, json.dumps(pending))
+
+    def take_pending_attributes(self) -> dict[str, Any]:
+        """The pending attributes, removed from the partial backup (the
+        manifest takes them over)."""
+        pending = self.pending_attributes()
+        (self.path / _PENDING_ATTRIBUTES).unlink(missing_ok=True)
+        return pending
+
+    def save_container_result(self, files: dict[str, FileRecord]) -> None:
+        """Record the files a container backup wrote, for the publisher."""
+        write_atomic(
+            self.path / _CONTAINER_RESULT,
+            json.dumps({name: {"size": r.size, "sha256": r.sha256} for name, r in files.items()}),
+        )
+
+    def take_container_result(self) -> dict[str, FileRecord] | None:
+        """The files a container backup recorded (removed from the partial
+        backup), or None if it recorded none."""
+        result = read_json(self.path / _CONTAINER_RESULT)
+        if not result:
+            return None
+        (self.path / _CONTAINER_RESULT).unlink()
+        return {name: FileRecord(**rec) for name, rec in result.items()}
+
+
+@dataclass(frozen=True)
+class Backup:
+    """A published backup's directory: where its files are."""
+
+    id: BackupId
+    path: Path
+
+    def image_path(self, device: str, record: DiskRecord | None = None) -> Path:
+        """The image of `device`: the file its manifest record names, or the
+        seed's name for it (callers check the record's file name)."""
+        return self.path / (record.file if record is not None else f"{device}{_IMAGE_SUFFIX}")
+
+    def seed_images(self) -> dict[str, Path]:
+        """The images of a backup without a manifest (the seed's layout), by device."""
+        return {p.stem: p for p in sorted(self.path.glob(f"*{_IMAGE_SUFFIX}"))}
+
+    def file(self, name: str) -> Path:
+        """A file a manifest names (callers check the name is a plain one)."""
+        return self.path / name
+
+    def is_archive(self, name: str) -> bool:
+        """Whether a file of the backup is a container archive."""
+        return name in _ARCHIVES.values()
+
+    def archive(self) -> tuple[str, Path] | None:
+        """The container archive, as (mode, path): tar or squashfs; None if none."""
+        for mode, name in _ARCHIVES.items():
+            if (self.path / name).exists():
+                return mode, self.path / name
+        return None
+
+    def guest_config(self) -> str | None:
+        """The guest's configuration, or None if the backup has none."""
+        return self._text(_GUEST_CONFIG)
+
+    def firewall_config(self) -> str | None:
+        """The guest's firewall configuration, or None if it had none."""
+        return self._text(_FIREWALL_CONFIG)
+
+    def _text(self, name: str) -> str | None:
+        try:
+            return read_regular(self.path / name).decode("utf-8", "replace")
+        except FileNotFoundError:
+            return None
+
+    def missing_seed_files(self) -> list[str]:
+        """Files every backup without a manifest has, that this one lacks."""
+        return [] if (self.path / _GUEST_CONFIG).exists() else [_GUEST_CONFIG]
+
+    def usage(self) -> tuple[int, int]:
+        """(apparent size, allocated bytes) of the backup's files."""
+        return dir_usage(self.path)
+
+    def keep_log(self, data: bytes) -> None:
+        write_atomic(self.path / _LOG_FILE, data)
+
+
+@dataclass(frozen=True)
+class BackupEntry(Backup):
+    """A published backup as listing sees it.  `problem` says why its
+    manifest could not be read (the backup is then listed, and fails verify)."""
+
     manifest: Manifest | None
     problem: str | None = None
 
@@ -393,24 +368,39 @@ def real_dir(path: Path) -> bool:
     return path.is_dir() and not path.is_symlink()
 
 
-def read_regular(path: Path) -> bytes:
-    """The content of a regular file of the store; a symlink or anything else
-    is refused (StoreError), FileNotFoundError passes."""
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
-    except OSError as exc:
-        if exc.errno == errno.ELOOP:
-            raise StoreError(f"{path} is a symbolic link; refused") from None
-        raise
-    try:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            raise StoreError(f"{path} is not a regular file; refused")
-        chunks = []
-        while chunk := os.read(fd, 1 << 20):
-            chunks.append(chunk)
-        return b"".join(chunks)
-    finally:
-        os.close(fd)
+@dataclass(frozen=True)
+class BackupRewrite:
+    """Files of a published backup being replaced (Store.rewrite): new files
+    are written at `new_path(name)`, then `commit` puts them in place."""
+
+    store: Store
+    id: BackupId
+    _final: Path
+    _staging: Path
+
+    def new_path(self, name: str) -> Path:
+        """Where the new content of the backup's file `name` is written."""
+        return self._staging / name
+
+    def commit(self, names: Iterable[str], manifest: Manifest | None) -> None:
+        """Put the new files `names` (and the manifest, if given) in place.
+
+        The staging directory gets the backup's other files hard-linked and
+        then takes the backup's place in one atomic exchange: a crash at any
+        point leaves either the old backup or the new one, never new images
+        with the old manifest.  Where the file system cannot exchange
+        directories (or link files), the files are replaced one by one and
+        the manifest last."""
+        if manifest is not None:
+            write_atomic(self._staging / _MANIFEST, manifest.to_json())
+        if link_rest(self._final, self._staging) and exchange(self._staging, self._final):
+            fsync_path(self._final.parent)
+            return
+        for name in names:
+            os.replace(self._staging / name, self._final / name)
+        fsync_path(self._final)
+        if manifest is not None:
+            self.store.write_manifest(self.id, manifest)
 
 
 DEFAULT_LOCK_TIMEOUT = 60.0
@@ -444,7 +434,7 @@ class Store:
         return self.guest_dir(bid.vmid) / f"{bid.name}.failed"
 
     def previous_info_path(self, vmid: int) -> Path:
-        return self.guest_dir(vmid) / PREVIOUS_INFO
+        return self.guest_dir(vmid) / _PREVIOUS_INFO
 
     # -- checks
 
@@ -465,7 +455,7 @@ class Store:
         every disk's next backup into it is then full.  Two processes
         creating it at once agree: the file appears whole, by a hard link
         that fails if another process linked its file first."""
-        path = self.root / STORE_ID_FILE
+        path = self.root / _STORE_ID_FILE
         try:
             return self._read_identity(path)
         except FileNotFoundError:
@@ -535,7 +525,7 @@ class Store:
             return
         if timeout is None:
             timeout = self.lock_timeout
-        fd = os.open(gdir / ".lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        fd = os.open(gdir / _LOCK_FILE, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
         try:
             deadline = time.monotonic() + timeout
             while True:
@@ -586,7 +576,7 @@ class Store:
                 return bid
             epoch += 1
 
-    def begin(self, bid: BackupId) -> Path:
+    def begin(self, bid: BackupId) -> PartialBackup:
         """Create the partial directory of a new backup, owned by this process."""
         self.guest_dir(bid.vmid).mkdir(parents=True, exist_ok=True)
         part = self.partial_dir(bid)
@@ -594,19 +584,29 @@ class Store:
             part.mkdir(mode=0o755)
         except FileExistsError:
             raise StoreError(f"backup {bid.archive} is already being written") from None
-        (part / OWNER_FILE).write_text(owner_line())
-        return part
+        (part / _OWNER_FILE).write_text(owner_line())
+        return PartialBackup(bid, part)
+
+    def partial(self, bid: BackupId) -> PartialBackup:
+        """The backup being written under `bid` (see begin)."""
+        return PartialBackup(bid, self.partial_dir(bid))
+
+    def being_written(self, bid: BackupId) -> PartialBackup | None:
+        """The partial backup of `bid` if it is being written and not published."""
+        if self.exists(bid) or not self.partial_dir(bid).is_dir():
+            return None
+        return self.partial(bid)
 
     def publish(self, bid: BackupId, manifest: Manifest) -> Path:
         """Make a partial backup visible: sync every file, write the manifest,
         sync, and rename the directory into place."""
         part = self.partial_dir(bid)
         final = self.backup_dir(bid)
-        (part / OWNER_FILE).unlink(missing_ok=True)
+        (part / _OWNER_FILE).unlink(missing_ok=True)
         for p in part.iterdir():
             if p.is_file():
                 fsync_path(p)
-        write_atomic(part / MANIFEST, manifest.to_json())
+        write_atomic(part / _MANIFEST, manifest.to_json())
         if final.exists():
             raise StoreError(f"backup {bid.archive} exists already; not overwritten")
         os.rename(part, final)
@@ -617,10 +617,14 @@ class Store:
         """Remove a partial backup; keep its log as `<name>.failed/backup.log`."""
         part = self.partial_dir(bid)
         if keep_log is not None:
-            failed = self.failed_dir(bid)
-            failed.mkdir(parents=True, exist_ok=True)
-            write_atomic(failed / LOG_FILE, keep_log)
+            self.keep_failed_log(bid, keep_log)
         shutil.rmtree(part, ignore_errors=True)
+
+    def keep_failed_log(self, bid: BackupId, data: str | bytes) -> None:
+        """Keep the log of a backup that failed (`<name>.failed/backup.log`)."""
+        failed = self.failed_dir(bid)
+        failed.mkdir(parents=True, exist_ok=True)
+        write_atomic(failed / _LOG_FILE, data)
 
     def clean_stale(self, vmid: int) -> list[str]:
         """Remove what interrupted writers of a guest left behind, once they are
@@ -636,7 +640,7 @@ class Store:
                 continue
             if p.name.startswith(".") and p.name.endswith(".partial") and p.is_dir():
                 try:
-                    alive = owner_alive((p / OWNER_FILE).read_text())
+                    alive = owner_alive((p / _OWNER_FILE).read_text())
                 except OSError:
                     alive = False
                 if not alive:
@@ -674,9 +678,17 @@ class Store:
             raise StoreError(f"backup {bid.volname} does not exist in {self.root}")
         return path
 
+    def image_path(self, bid: BackupId, device: str) -> Path:
+        """Where the image of `device` is in backup `bid` (published or not)."""
+        return self.backup_dir(bid) / _disk_file(device)
+
+    def backup(self, bid: BackupId) -> Backup:
+        """The published backup `bid`, or StoreError."""
+        return Backup(bid, self.require(bid))
+
     def read_manifest(self, bid: BackupId) -> Manifest | None:
         """The manifest, or None for a backup in the seed's layout (no manifest)."""
-        path = self.backup_dir(bid) / MANIFEST
+        path = self.backup_dir(bid) / _MANIFEST
         try:
             text = read_regular(path).decode("utf-8", "replace")
         except FileNotFoundError:
@@ -684,7 +696,7 @@ class Store:
         return Manifest.from_json(text, str(path))
 
     def write_manifest(self, bid: BackupId, manifest: Manifest) -> None:
-        write_atomic(self.require(bid) / MANIFEST, manifest.to_json())
+        write_atomic(self.require(bid) / _MANIFEST, manifest.to_json())
 
     # -- check failures
 
@@ -693,13 +705,13 @@ class Store:
         a merge's check): no incremental is built on it, or on anything built
         on it, until a verify of it succeeds (clear_check_failure)."""
         text = " ".join(reason.split()) or "check failed"
-        write_atomic(self.require(bid) / CHECK_FAILED, text[:4096] + "\n")
+        write_atomic(self.require(bid) / _CHECK_FAILED, text[:4096] + "\n")
 
     def check_failure(self, bid: BackupId) -> str | None:
         """Why the backup's last check failed, or None if it did not (or none
         ran).  A marker that is not a regular file counts as a failure."""
         try:
-            text = read_regular(self.backup_dir(bid) / CHECK_FAILED)
+            text = read_regular(self.backup_dir(bid) / _CHECK_FAILED)
         except FileNotFoundError:
             return None
         except (StoreError, OSError) as exc:
@@ -708,7 +720,7 @@ class Store:
 
     def clear_check_failure(self, bid: BackupId) -> None:
         """Forget a recorded check failure (after a verify that succeeded)."""
-        path = self.require(bid) / CHECK_FAILED
+        path = self.require(bid) / _CHECK_FAILED
         if os.path.lexists(path):
             path.unlink()
             fsync_path(path.parent)
@@ -791,6 +803,35 @@ class Store:
     def write_previous(self, vmid: int, info: PreviousInfo) -> None:
         write_atomic(self.previous_info_path(vmid), info.to_json())
 
+    def read_previous_raw(self, vmid: int) -> bytes | None:
+        """previous-info as it is on disk (None: none, or not a regular file)."""
+        try:
+            return read_regular(self.previous_info_path(vmid))
+        except (FileNotFoundError, StoreError):
+            return None
+
+    def restore_previous_raw(self, vmid: int, raw: bytes | None) -> None:
+        """Put previous-info back as read_previous_raw found it (None: none)."""
+        path = self.previous_info_path(vmid)
+        if raw is None:
+            path.unlink()
+        else:
+            write_atomic(path, raw)
+
+    @contextlib.contextmanager
+    def rewrite(self, bid: BackupId) -> Iterator[BackupRewrite]:
+        """New content for some files of a published backup, made aside in a
+        staging directory (`.<name>.merge-<pid>`, which clean_stale removes
+        after a crash) and put in place at once by BackupRewrite.commit."""
+        final = self.require(bid)
+        staging = temporary_name(final, "merge")
+        shutil.rmtree(staging, ignore_errors=True)  # left over by a crashed merge of ours
+        staging.mkdir()
+        try:
+            yield BackupRewrite(self, bid, final, staging)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+
     def failed_logs(self, vmid: int) -> list[BackupId]:
         """The failed backups of a guest whose logs are kept (oldest first)."""
         gdir = self.guest_dir(vmid)
@@ -835,45 +876,6 @@ def _remove_tree(path: Path) -> None:
     fsync_path(path.parent)
 
 
-def disk_file(device: str) -> str:
-    return f"{check_device_name(device)}.qcow2"
-
-
-def dir_usage(path: Path) -> tuple[int, int]:
-    """(apparent size, allocated bytes) of the files in a directory."""
-    size = used = 0
-    for p in path.iterdir():
-        try:
-            st = p.lstat()
-        except OSError as exc:
-            if exc.errno == errno.ENOENT:
-                continue
-            raise
-        if p.is_file():
-            size += st.st_size
-            used += st.st_blocks * 512
-    return size, used
-
-
-def digest_map(digests: Iterable[int]) -> dict[str, str]:
-    """Non-zero per-chunk digest sums as {chunk index: 16 hex digits}, the
-    manifest's sparse form (an incremental touches few chunks)."""
-    return {str(i): f"{int(v):016x}" for i, v in enumerate(digests) if int(v)}
-
-
-def sha256_file(path: Path) -> str:
-    """Hex SHA-256 of a file's content."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def read_json(path: Path) -> dict[str, Any]:
-    """A small JSON object file, or {} when missing or unreadable."""
-    try:
-        data = json.loads(path.read_text())
-    except (FileNotFoundError, ValueError):
-        return {}
-    return data if isinstance(data, dict) else {}
+def _disk_file(device: str) -> str:
+    """The file name of a disk's image in a backup."""
+    return f"{check_device_name(device)}{_IMAGE_SUFFIX}"

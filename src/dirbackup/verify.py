@@ -32,17 +32,12 @@ import numpy.typing as npt
 from dirbackup import qcow2
 from dirbackup.api import VmType
 from dirbackup.errors import DirbackupError, IntegrityError, StoreError
+from dirbackup.fsutil import sha256_file
+from dirbackup.manifest import DiskRecord, Manifest, digest_map
 from dirbackup.store import (
-    GUEST_CONFIG,
-    SQUASHFS_ARCHIVE,
-    TAR_ARCHIVE,
     BackupEntry,
     BackupId,
-    DiskRecord,
-    Manifest,
     Store,
-    digest_map,
-    sha256_file,
 )
 
 Digests = npt.NDArray[np.uint64]
@@ -264,16 +259,14 @@ class Verifier:
         problems: list[str] = []
         checked = 0
         disks: dict[str, DiskRecord | None]
-        if m is None:
-            disks = {p.stem: None for p in sorted(entry.path.glob("*.qcow2"))}
-        else:
-            disks = dict(m.disks)
+        disks = dict.fromkeys(entry.seed_images()) if m is None else dict(m.disks)
         for device, disk in disks.items():
-            name = f"{device}.qcow2" if disk is None else disk.file
-            if Path(name).name != name or name in ("", ".", ".."):
-                problems.append(f"{device}: the manifest names {name!r}, not a file here")
+            if disk is not None and (
+                Path(disk.file).name != disk.file or disk.file in ("", ".", "..")
+            ):
+                problems.append(f"{device}: the manifest names {disk.file!r}, not a file here")
                 continue
-            image = entry.path / name
+            image = entry.image_path(device, disk)
             try:
                 with qcow2.Chain(image, gdir) as chain:
                     chain.map()
@@ -290,11 +283,10 @@ class Verifier:
         if m is None:
             if entry.id.vmtype == VmType.QEMU and not disks:
                 problems.append("no disk images")
-            if not (entry.path / GUEST_CONFIG).exists():
-                problems.append(f"{GUEST_CONFIG} is missing")
+            problems += [f"{name} is missing" for name in entry.missing_seed_files()]
             return problems, 0
         for name, rec in m.files.items():
-            path = entry.path / name
+            path = entry.file(name)
             if Path(name).name != name or name in ("", ".", ".."):
                 problems.append(f"the manifest names {name!r}, not a file here")
                 continue
@@ -311,7 +303,7 @@ class Verifier:
                 continue
             if rec.sha256 and rec.sha256 != sha256_file(path):
                 problems.append(f"{name}: content does not match its sha256")
-            elif name in (TAR_ARCHIVE, SQUASHFS_ARCHIVE):
+            elif entry.is_archive(name):
                 from dirbackup import container
 
                 try:
