@@ -4,7 +4,9 @@ parsing the image (header, L1 and L2 tables), never at guessed offsets.
 `entries(path)` lists every L2 entry of the image's allocated L2 tables (clean
 ones included) with the guest offset it maps and the file offset it lies at;
 `data_entries`, `zero_entries` and `clean_entries` pick by kind.  `set_entry`,
-`flip_bit` and `set_backing_name` change the file in place.  Only the standard
+`flip_bit` and `set_backing_name` change the file in place; `FAULTS` are the
+damages by guest offset that keep the image well-formed (a flipped byte in a
+data cluster, a cleared L2 entry, a zero flag on a data entry).  Only the standard
 layout dirbackup and QEMU write is understood (64-bit L2 entries, no
 compression, no extended L2), which is all the tests need.
 """
@@ -12,6 +14,7 @@ compression, no extended L2), which is all the tests need.
 from __future__ import annotations
 
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -129,3 +132,36 @@ def data_bytes(path: Path) -> int:
     """Bytes of guest data the image itself holds (its data clusters)."""
     size = qcow2.read_header(path).virtual_size
     return sum(min(e.cluster_size, size - e.guest) for e in data_entries(path))
+
+
+def data_entry(path: Path, guest: int) -> Entry:
+    """The entry of the data cluster holding `guest` (ValueError if that
+    cluster is no data cluster of this image)."""
+    e = entry_at(path, guest)
+    if not e.data:
+        raise ValueError(f"{path}: no data cluster at guest offset {guest}")
+    return e
+
+
+def flip_data_byte(path: Path, guest: int) -> None:
+    """Flip one bit of the byte at `guest` in its data cluster."""
+    e = data_entry(path, guest)
+    flip_bit(path, e.host + guest - e.guest, 4)
+
+
+def clear_l2_entry(path: Path, guest: int) -> None:
+    """Unmap the data cluster holding `guest` (it falls through to the layer beneath)."""
+    set_entry(path, data_entry(path, guest), 0)
+
+
+def set_zero_flag(path: Path, guest: int) -> None:
+    """Set the zero flag on the data entry of `guest`: it now reads as zeros."""
+    e = data_entry(path, guest)
+    set_entry(path, e, e.value | ZERO_FLAG)
+
+
+FAULTS: dict[str, Callable[[Path, int], None]] = {
+    "flipped-byte": flip_data_byte,
+    "cleared-l2-entry": clear_l2_entry,
+    "zero-flag": set_zero_flag,
+}

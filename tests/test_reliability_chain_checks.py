@@ -3,7 +3,7 @@ never spread, served or built upon.
 
 One layer of a real chain (a full backup and two incrementals built on it) is
 damaged the ways that keep every qcow2 tool happy but change what it reads
-(tests/layerfault.py: a flipped byte in a data cluster, a cleared L2 entry,
+(tests/imagefaults.py: a flipped byte in a data cluster, a cleared L2 entry,
 a zero flag on a data entry).  Then:
 * verify fails the damaged backup and every backup built on it, each saying
   which base is bad, and goes on with the rest of the store;
@@ -26,7 +26,7 @@ import numpy as np
 import pytest
 from faultlib import MiB, cli, leftovers, provider_backup, servers_for, volids
 from guests import STOREID, Guest, make_storage, restore_and_compare
-from layerfault import FAULTS, flip_data_byte, set_zero_flag
+from imagefaults import FAULTS, flip_data_byte, set_zero_flag
 
 from dirbackup import qcow2, qemu
 from dirbackup.errors import IntegrityError
