@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import random
 import shutil
+import subprocess
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -64,3 +65,25 @@ def write_pattern_image(path: Path, size: int, seed: int = 1) -> None:
 def assert_same(a: Path | str, b: Path | str, fmt_a: str = "raw", fmt_b: str = "raw") -> None:
     same, msg = qemu.img_compare(a, b, fmt_a, fmt_b)
     assert same, msg
+
+
+@pytest.fixture
+def loop_device(tmp_path: Path) -> Iterator[Callable[[int], Path]]:
+    """Loop block devices over sparse files; skipped where losetup is refused."""
+    devices: list[str] = []
+
+    def attach(size: int) -> Path:
+        backing = tmp_path / f"loop{len(devices)}.img"
+        with open(backing, "wb") as f:
+            f.truncate(size)
+        proc = subprocess.run(
+            ["losetup", "--find", "--show", str(backing)], capture_output=True, text=True
+        )
+        if proc.returncode != 0:
+            pytest.skip(f"no loop device here: {proc.stderr.strip()}")
+        devices.append(proc.stdout.strip())
+        return Path(devices[-1])
+
+    yield attach
+    for dev in devices:
+        subprocess.run(["losetup", "--detach", dev], check=False)

@@ -7,7 +7,7 @@ import os
 import signal
 import subprocess
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -272,28 +272,6 @@ def test_restore_targets_are_all_checked_before_anything_is_written(vm: dict[str
         assert not first.exists()  # the first disk was not restored half-way
     assert existing.read_bytes() == b"precious"
     assert sorted(p.name for p in vm["tmp"].iterdir() if p.name.startswith(".")) == []
-
-
-@pytest.fixture
-def loop_device(tmp_path: Path) -> Iterator[Callable[[int], Path]]:
-    """Loop block devices over sparse files; skipped where losetup is refused."""
-    devices: list[str] = []
-
-    def attach(size: int) -> Path:
-        backing = tmp_path / f"loop{len(devices)}.img"
-        with open(backing, "wb") as f:
-            f.truncate(size)
-        proc = subprocess.run(
-            ["losetup", "--find", "--show", str(backing)], capture_output=True, text=True
-        )
-        if proc.returncode != 0:
-            pytest.skip(f"no loop device here: {proc.stderr.strip()}")
-        devices.append(proc.stdout.strip())
-        return Path(devices[-1])
-
-    yield attach
-    for dev in devices:
-        subprocess.run(["losetup", "--detach", dev], check=False)
 
 
 def test_restore_into_block_devices(

@@ -24,8 +24,7 @@ import os
 import random
 import re
 import shutil
-import subprocess
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -238,28 +237,6 @@ def test_undamaged_chain_restores_exactly(template: Scene, tmp_path: Path) -> No
     )  # fmt: skip
     assert proc.stderr == ""
     assert_same(template.states[-1], target)
-
-
-@pytest.fixture
-def loop_device(tmp_path: Path) -> Iterator[Callable[[int], Path]]:
-    """Loop block devices over sparse files; skipped where losetup is refused."""
-    devices: list[str] = []
-
-    def attach(size: int) -> Path:
-        backing = tmp_path / f"loop{len(devices)}.img"
-        with open(backing, "wb") as f:
-            f.truncate(size)
-        proc = subprocess.run(
-            ["losetup", "--find", "--show", str(backing)], capture_output=True, text=True
-        )
-        if proc.returncode != 0:
-            pytest.skip(f"no loop device here: {proc.stderr.strip()}")
-        devices.append(proc.stdout.strip())
-        return Path(devices[-1])
-
-    yield attach
-    for dev in devices:
-        subprocess.run(["losetup", "--detach", dev], check=False)
 
 
 def test_damaged_chain_into_a_block_device(
