@@ -43,7 +43,7 @@ from _hash cimport data_unit_digest, zero_unit_digest
 from libnbd cimport (NBD_NULL_COMPLETION, nbd_aio_command_completed, nbd_aio_in_flight,
                      nbd_aio_is_dead, nbd_aio_pread, nbd_can_trim, nbd_can_zero, nbd_get_errno,
                      nbd_get_error, nbd_handle, nbd_poll, nbd_pwrite, nbd_trim, nbd_zero)
-from rows cimport ROW_HASH, ROW_KIND_MASK, ROW_NOWRITE
+from rows cimport ROW_COPY, ROW_DATA, ROW_HASH, ROW_KIND_MASK, ROW_NOWRITE, ROW_ZERO
 from sink cimport sink_ops
 from sysdeps cimport (BLKDISCARD, BLKZEROOUT, FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE,
                       FALLOC_FL_ZERO_RANGE, IOV_MAX, __ATOMIC_RELAXED, __ATOMIC_SEQ_CST,
@@ -68,10 +68,11 @@ cdef extern from "Python.h":
     int PyErr_CheckSignals() except -1
 
 
-# Request kinds, and flags of REQ_DATA rows
-REQ_COPY = 0
-REQ_DATA = 1
-REQ_ZERO = 2
+# Request kinds, and flags of REQ_DATA rows (rows.pxd)
+REQ_COPY = ROW_COPY
+REQ_DATA = ROW_DATA
+REQ_ZERO = ROW_ZERO
+REQ_KIND_MASK = ROW_KIND_MASK
 REQ_HASH = ROW_HASH
 REQ_NOWRITE = ROW_NOWRITE
 # Target kinds
@@ -81,9 +82,6 @@ TGT_NBD = 2
 TGT_SINK = 3
 
 cdef enum:
-    K_COPY = 0
-    K_DATA = 1
-    K_ZERO = 2
     T_NULL = 0
     T_FD = 1
     T_NBD = 2
@@ -642,10 +640,10 @@ cdef int one_request(Worker *w, uint64_t *row) noexcept nogil:
     cdef uint64_t off = row[0], length = row[1], src = row[4]
     cdef uint64_t kind = row[2] & ROW_KIND_MASK, flags = row[2] & ~(<uint64_t>ROW_KIND_MASK)
     cdef int fd, rc
-    if kind == K_ZERO:
+    if kind == ROW_ZERO:
         return target_zero(w, off, length)
     throttle(j, length)
-    if kind == K_DATA:
+    if kind == ROW_DATA:
         if <int>row[3] >= j.n_layers:
             fail(j, EINVAL, OP_READ_LAYER, off, b"request names a layer that does not exist")
             return -1
@@ -722,7 +720,7 @@ cdef void nbd_worker(Worker *w) noexcept nogil:
                 exhausted = 1
                 break
             row = j.req + 5 * i
-            if row[2] == K_ZERO:
+            if row[2] == ROW_ZERO:
                 if target_zero(w, row[0], row[1]) < 0:
                     break
                 account(&j.done_bytes, row[1])
@@ -854,7 +852,7 @@ cdef class CopyJob:
         for i in range(rows.shape[0]):
             if rows[i, 1] > request_size:
                 raise ValueError(f"request {i} is longer than request_size")
-            if (rows[i, 2] & ROW_KIND_MASK) > K_ZERO or (
+            if (rows[i, 2] & ROW_KIND_MASK) > ROW_ZERO or (
                     rows[i, 2] & ~(<uint64_t>(ROW_KIND_MASK | ROW_HASH | ROW_NOWRITE))):
                 raise ValueError(f"request {i} has unknown kind {rows[i, 2]}")
         j.src_fd = src_fd
@@ -907,7 +905,7 @@ cdef class CopyJob:
         # about IN_FLIGHT bytes travel per connection
         cdef uint64_t longest = 0
         for i in range(rows.shape[0]):
-            if rows[i, 2] != K_ZERO and rows[i, 1] > longest:
+            if rows[i, 2] != ROW_ZERO and rows[i, 1] > longest:
                 longest = rows[i, 1]
         if j.src_nbd and longest:
             nbd_slot = (min(longest, request_size) + ALIGN - 1) // ALIGN * ALIGN
@@ -1009,7 +1007,7 @@ cdef class CopyJob:
                 continue
             layer = rows[i, 3]
             end = rows[i, 0] + rows[i, 1]
-            if ((rows[i, 2] & ROW_KIND_MASK) != K_DATA or not rows[i, 2] & ROW_HASH
+            if ((rows[i, 2] & ROW_KIND_MASK) != ROW_DATA or not rows[i, 2] & ROW_HASH
                     or layer >= <uint64_t>j.n_layers or meta[2, layer] == 0):
                 raise ValueError(f"request {i}: only data rows of a checked layer are hashed")
             if rows[i, 0] % meta[2, layer] or (end % meta[2, layer] and end != size):
