@@ -18,7 +18,10 @@ REQ_NOWRITE (only read and hash); see rows.pxd.
 
 Targets: a file descriptor (raw file or block device), one libnbd handle per
 worker, or a sink (sink.pxd) such as the qcow2 writer, which maps guest
-clusters to host clusters while this loop does the I/O.
+clusters to host clusters while this loop does the I/O.  Each job chooses its
+source's and its target's operations once (SourceOps, TargetOps: tables of
+function pointers after libnbd's nbdcopy `struct rw_ops`); the loop calls
+through them and never asks what kind of source or target it has.
 
 Workers record the first error (errno, operation, offset, libnbd message) and
 stop everyone; the Python thread that called run() raises it.  Progress
@@ -82,10 +85,6 @@ TGT_NBD = 2
 TGT_SINK = 3
 
 cdef enum:
-    T_NULL = 0
-    T_FD = 1
-    T_NBD = 2
-    T_SINK = 3
     OP_READ = 1
     OP_WRITE = 2
     OP_ZERO = 3
@@ -104,24 +103,48 @@ OPERATIONS = {OP_READ: "reading", OP_WRITE: "writing", OP_ZERO: "zeroing",
               OP_READ_LAYER: "reading"}
 
 
+cdef struct Worker
+
+
+cdef struct TargetOps:
+    # Write one request read into `buf` (guest offset and length): finds the
+    # clusters that read as zero, adds the digests, and calls write and zero.
+    int (*process)(Worker *w, const char *buf, uint64_t offset, uint64_t length,
+                   bint detect_zero) noexcept nogil
+    # Write `length` bytes at `offset` of the target.
+    int (*write)(Worker *w, const char *buf, uint64_t offset, uint64_t length) noexcept nogil
+    # Make [offset, offset + length) of the target read as zero.
+    int (*zero)(Worker *w, uint64_t offset, uint64_t length) noexcept nogil
+    # copy_file_range from a layer file to the target (see copy_range), or
+    # NULL where the kernel cannot (not a file target).
+    int (*copy_range)(Worker *w, int in_fd, uint64_t *src, uint64_t *dst,
+                      uint64_t *length) noexcept nogil
+
+
+cdef struct SourceOps:
+    # The worker's loop: take requests until none are left or the job stops.
+    void (*run)(Worker *w) noexcept nogil
+    # Give [offset, offset + length) back to the source; 0, or the errno
+    # (never 0) of the refusal.
+    int (*discard)(Worker *w, uint64_t offset, uint64_t length) noexcept nogil
+
+
 cdef struct Job:
     # requests (rows of 5 uint64) and the next one to take
     uint64_t *req
     uint64_t n_req
     uint64_t next_req
-    # source
+    # source: its operations, set once per job
+    SourceOps src
     int src_fd
     int src_direct
-    int src_blockdev
     int src_nbd
     int *layer_fds
     int n_layers
-    # target
-    int tgt_kind
+    # target: its operations, set once per job
+    TargetOps tgt
     int tgt_fd
     int tgt_blockdev
-    int tgt_fresh
-    int tgt_can_zero
     sink_ops *sink
     int cfr_ok
     # options
@@ -420,28 +443,49 @@ cdef int zero_fd(Job *j, uint64_t offset, uint64_t length) noexcept nogil:
 # ----------------------------------------------------------------------------
 # Target side
 
-cdef int target_zero(Worker *w, uint64_t offset, uint64_t length) noexcept nogil:
+cdef inline int target_zero(Worker *w, uint64_t offset, uint64_t length) noexcept nogil:
+    account(&w.job.zero_bytes, length)
+    return w.job.tgt.zero(w, offset, length)
+
+
+cdef int zero_nothing(Worker *w, uint64_t offset, uint64_t length) noexcept nogil:
+    """Fresh targets and sinks of self-contained images already read as zero."""
+    return 0
+
+
+cdef int write_nothing(Worker *w, const char *buf, uint64_t offset,
+                       uint64_t length) noexcept nogil:
+    return 0
+
+
+cdef int write_file(Worker *w, const char *buf, uint64_t offset, uint64_t length) noexcept nogil:
+    return write_fd(w.job, w.job.tgt_fd, buf, length, offset)
+
+
+cdef int zero_file(Worker *w, uint64_t offset, uint64_t length) noexcept nogil:
+    return zero_fd(w.job, offset, length)
+
+
+cdef int write_nbd(Worker *w, const char *buf, uint64_t offset, uint64_t length) noexcept nogil:
+    if nbd_pwrite(w.tgt_h, buf, length, offset, 0) < 0:
+        fail_nbd(w.job, OP_WRITE, offset)
+        return -1
+    account(&w.job.written_bytes, length)
+    return 0
+
+
+cdef int zero_nbd(Worker *w, uint64_t offset, uint64_t length) noexcept nogil:
+    """NBD_CMD_WRITE_ZEROES, for servers that can."""
+    if nbd_zero(w.tgt_h, length, offset, 0) < 0:
+        fail_nbd(w.job, OP_ZERO, offset)
+        return -1
+    return 0
+
+
+cdef int zero_nbd_by_writing(Worker *w, uint64_t offset, uint64_t length) noexcept nogil:
+    """Write zeros, for servers that cannot zero."""
     cdef Job *j = w.job
-    cdef int rc
     cdef uint64_t piece
-    account(&j.zero_bytes, length)
-    if j.tgt_kind == T_SINK:
-        if j.sink.records_zero:
-            if j.sink.zero(j.sink.ctx, offset, length) < 0:
-                fail(j, errno, OP_ALLOC, offset, NULL)
-                return -1
-        return 0
-    if j.tgt_fresh or j.tgt_kind == T_NULL:
-        return 0
-    if j.tgt_kind == T_FD:
-        return zero_fd(j, offset, length)
-    # NBD
-    if j.tgt_can_zero:
-        rc = nbd_zero(w.tgt_h, length, offset, 0)
-        if rc < 0:
-            fail_nbd(j, OP_ZERO, offset)
-            return -1
-        return 0
     while length:
         piece = length if length < ZERO_BUF else ZERO_BUF
         if nbd_pwrite(w.tgt_h, j.zeros, piece, offset, 0) < 0:
@@ -452,16 +496,12 @@ cdef int target_zero(Worker *w, uint64_t offset, uint64_t length) noexcept nogil
     return 0
 
 
-cdef int target_write(Worker *w, const char *buf, uint64_t offset,
-                      uint64_t length) noexcept nogil:
-    cdef Job *j = w.job
-    if j.tgt_kind == T_FD:
-        return write_fd(j, j.tgt_fd, buf, length, offset)
-    if j.tgt_kind == T_NBD:
-        if nbd_pwrite(w.tgt_h, buf, length, offset, 0) < 0:
-            fail_nbd(j, OP_WRITE, offset)
-            return -1
-        account(&j.written_bytes, length)
+cdef int zero_sink(Worker *w, uint64_t offset, uint64_t length) noexcept nogil:
+    """Record zero clusters in a sink whose image has a backing file."""
+    cdef sink_ops *s = w.job.sink
+    if s.zero(s.ctx, offset, length) < 0:
+        fail(w.job, errno, OP_ALLOC, offset, NULL)
+        return -1
     return 0
 
 
@@ -486,7 +526,7 @@ cdef void hash_layer_units(Job *j, uint64_t layer, const char *buf, uint64_t off
 
 
 cdef int process_sink(Worker *w, const char *buf, uint64_t offset,
-                      uint64_t length) noexcept nogil:
+                      uint64_t length, bint detect_zero) noexcept nogil:
     """Hand one cluster-aligned request to a sink: data clusters go to newly
     allocated host clusters with one pwritev, zero clusters are recorded."""
     cdef Job *j = w.job
@@ -529,19 +569,18 @@ cdef int process_sink(Worker *w, const char *buf, uint64_t offset,
     return 0
 
 
-cdef int process(Worker *w, const char *buf, uint64_t offset, uint64_t length,
-                 bint detect_zero) noexcept nogil:
-    """Write one request that has been read into `buf`."""
+cdef int process_runs(Worker *w, const char *buf, uint64_t offset, uint64_t length,
+                      bint detect_zero) noexcept nogil:
+    """Write one request that has been read into `buf` as runs of data and
+    of zero clusters (every target but a sink)."""
     cdef Job *j = w.job
-    if j.tgt_kind == T_SINK:
-        return process_sink(w, buf, offset, length)
     cdef uint64_t cs = j.cluster
     cdef uint64_t pos = offset, end = offset + length, ue, run_start = offset
     cdef int run_zero = -1, z
     if not detect_zero:
         if j.digests != NULL:
             add_digest(j, offset, data_unit_digest(buf, offset, length))
-        return target_write(w, buf, offset, length)
+        return j.tgt.write(w, buf, offset, length)
     while pos < end:
         ue = pos - pos % cs + cs
         if ue > end:
@@ -553,8 +592,8 @@ cdef int process(Worker *w, const char *buf, uint64_t offset, uint64_t length,
         if z != run_zero:
             if run_zero == 1 and target_zero(w, run_start, pos - run_start) < 0:
                 return -1
-            if run_zero == 0 and target_write(w, buf + (run_start - offset), run_start,
-                                              pos - run_start) < 0:
+            if run_zero == 0 and j.tgt.write(w, buf + (run_start - offset), run_start,
+                                             pos - run_start) < 0:
                 return -1
             run_zero = z
             run_start = pos
@@ -562,37 +601,46 @@ cdef int process(Worker *w, const char *buf, uint64_t offset, uint64_t length,
     if run_zero == 1:
         return target_zero(w, run_start, end - run_start)
     if run_zero == 0:
-        return target_write(w, buf + (run_start - offset), run_start, end - run_start)
+        return j.tgt.write(w, buf + (run_start - offset), run_start, end - run_start)
     return 0
 
 
 # ----------------------------------------------------------------------------
 # Source discard
 
+cdef int discard_nbd(Worker *w, uint64_t offset, uint64_t length) noexcept nogil:
+    cdef int err
+    if nbd_trim(w.src_h, length, offset, 0) < 0:
+        err = nbd_get_errno()
+        return err if err else EOPNOTSUPP
+    return 0
+
+
+cdef int discard_blockdev(Worker *w, uint64_t offset, uint64_t length) noexcept nogil:
+    cdef uint64_t rng[2]
+    rng[0] = offset
+    rng[1] = length
+    if ioctl(w.job.src_fd, BLKDISCARD, rng) < 0:
+        return errno if errno else EOPNOTSUPP
+    return 0
+
+
+cdef int discard_file(Worker *w, uint64_t offset, uint64_t length) noexcept nogil:
+    if fallocate(w.job.src_fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset, length) < 0:
+        return errno if errno else EOPNOTSUPP
+    return 0
+
+
 cdef void discard_source(Worker *w, uint64_t offset, uint64_t length) noexcept nogil:
     """Give the copied range back to the source (fleecing images stay small).
     Any refusal is remembered once and discarding stops; it is never fatal."""
     cdef Job *j = w.job
-    cdef uint64_t rng[2]
-    cdef int rc, err = 0
+    cdef int err
     if not atomic_load_int(&j.discard, __ATOMIC_RELAXED):
         return
-    if j.src_nbd:
-        rc = nbd_trim(w.src_h, length, offset, 0)
-        if rc < 0:
-            err = nbd_get_errno()
-    elif j.src_blockdev:
-        rng[0] = offset
-        rng[1] = length
-        rc = ioctl(j.src_fd, BLKDISCARD, rng)
-        if rc < 0:
-            err = errno
-    else:
-        rc = fallocate(j.src_fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset, length)
-        if rc < 0:
-            err = errno
-    if rc < 0:
-        j.discard_errno = err if err else EOPNOTSUPP
+    err = j.src.discard(w, offset, length)
+    if err:
+        j.discard_errno = err
         atomic_store_int(&j.discard, 0, __ATOMIC_RELAXED)
         return
     account(&j.discarded_bytes, length)
@@ -648,8 +696,8 @@ cdef int one_request(Worker *w, uint64_t *row) noexcept nogil:
             fail(j, EINVAL, OP_READ_LAYER, off, b"request names a layer that does not exist")
             return -1
         fd = j.layer_fds[row[3]]
-        if flags == 0 and j.tgt_kind == T_FD and j.cfr_ok:
-            rc = copy_range(w, fd, &src, &off, &length)
+        if flags == 0 and j.tgt.copy_range != NULL and j.cfr_ok:
+            rc = j.tgt.copy_range(w, fd, &src, &off, &length)
             if rc <= 0:
                 return rc
         return read_and_process(w, fd, off, src, length, False, True, OP_READ_LAYER,
@@ -677,7 +725,7 @@ cdef int read_and_process(Worker *w, int fd, uint64_t off, uint64_t src, uint64_
             return -1
         if flags & ROW_HASH:
             hash_layer_units(j, layer, w.buf, off, piece)
-        if not (flags & ROW_NOWRITE) and process(w, w.buf, off, piece, True) < 0:
+        if not (flags & ROW_NOWRITE) and j.tgt.process(w, w.buf, off, piece, True) < 0:
             return -1
         off += piece
         src += piece
@@ -765,7 +813,7 @@ cdef void nbd_worker(Worker *w) noexcept nogil:
                 continue
             account(&j.read_bytes, rows[k][1])
             buf = w.buf + <uint64_t>k * w.slot_size
-            if process(w, buf, rows[k][0], rows[k][1], True) < 0:
+            if j.tgt.process(w, buf, rows[k][0], rows[k][1], True) < 0:
                 continue
             discard_source(w, rows[k][4], rows[k][1])
             account(&j.done_bytes, rows[k][1])
@@ -781,10 +829,7 @@ cdef void nbd_worker(Worker *w) noexcept nogil:
 
 cdef void *worker_main(void *arg) noexcept nogil:
     cdef Worker *w = <Worker *>arg
-    if w.job.src_nbd:
-        nbd_worker(w)
-    else:
-        sync_worker(w)
+    w.job.src.run(w)
     return NULL
 
 
@@ -857,16 +902,13 @@ cdef class CopyJob:
                 raise ValueError(f"request {i} has unknown kind {rows[i, 2]}")
         j.src_fd = src_fd
         j.src_direct = src_direct
-        j.src_blockdev = src_blockdev
         j.src_nbd = len(src_handles) > 0
         self._layer_array = np.ascontiguousarray(layer_fds, dtype=np.intc)
         cdef int[::1] lview = self._layer_array
         j.layer_fds = &lview[0] if lview.shape[0] else NULL
         j.n_layers = lview.shape[0]
-        j.tgt_kind = target_kind
         j.tgt_fd = tgt_fd
         j.tgt_blockdev = tgt_blockdev
-        j.tgt_fresh = tgt_fresh
         j.cfr_ok = 1
         j.serialize_writes = serialize_writes
         if target_kind == TGT_SINK:
@@ -959,8 +1001,36 @@ cdef class CopyJob:
                 if nbd_can_trim(handle_of(src_handles[k])) != 1:
                     j.discard = 0
                     j.discard_errno = EOPNOTSUPP
-        if target_kind == TGT_NBD:
-            j.tgt_can_zero = nbd_can_zero(self.workers[0].tgt_h) == 1
+        self._bind_ops(target_kind, tgt_fresh, src_blockdev)
+
+    cdef void _bind_ops(self, int target_kind, bint fresh, bint src_blockdev):
+        """Choose the source's and the target's operations, once for the job."""
+        cdef Job *j = &self.job
+        cdef TargetOps *t = &j.tgt
+        if j.src_nbd:
+            j.src.run = nbd_worker
+            j.src.discard = discard_nbd
+        else:
+            j.src.run = sync_worker
+            j.src.discard = discard_blockdev if src_blockdev else discard_file
+        t.process = process_runs
+        t.write = write_nothing
+        t.zero = zero_nothing
+        t.copy_range = NULL
+        if target_kind == TGT_FD:
+            t.write = write_file
+            t.copy_range = copy_range
+            if not fresh:
+                t.zero = zero_file
+        elif target_kind == TGT_NBD:
+            t.write = write_nbd
+            if not fresh:
+                t.zero = (zero_nbd if nbd_can_zero(self.workers[0].tgt_h) == 1
+                          else zero_nbd_by_writing)
+        elif target_kind == TGT_SINK:
+            t.process = process_sink
+            if j.sink.records_zero:
+                t.zero = zero_sink
 
     cdef uint64_t _bind_layer_checks(self, layer_checks, uint64_t[:, ::1] rows,
                                      uint64_t size) except? 0:
