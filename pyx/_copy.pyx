@@ -1,6 +1,12 @@
 # cython: language_level=3
 """The copy loop.
 
+(About 1,000 lines, past the ~900 of the rest of the core, for a reason: the
+loop and CopyJob, which fills the Job struct the loop reads and checks every
+request row, layer check and option the nogil code then trusts unchecked,
+belong together; apart, the checks would drift from the code relying on them.
+The operations of each kind of source and target are in copy_ops.pxi.)
+
 A CopyJob moves a list of requests from a source to a target on C threads,
 with the GIL released for the whole copy.  Every request is a row of five
 uint64 values:
@@ -18,7 +24,10 @@ REQ_NOWRITE (only read and hash); see rows.pxd.
 
 Targets: a file descriptor (raw file or block device), one libnbd handle per
 worker, or a sink (sink.pxd) such as the qcow2 writer, which maps guest
-clusters to host clusters while this loop does the I/O.
+clusters to host clusters while this loop does the I/O.  Each job chooses its
+source's and its target's operations once (SourceOps, TargetOps: tables of
+function pointers after libnbd's nbdcopy `struct rw_ops`); the loop calls
+through them and never asks what kind of source or target it has.
 
 Workers record the first error (errno, operation, offset, libnbd message) and
 stop everyone; the Python thread that called run() raises it.  Progress
@@ -43,7 +52,7 @@ from _hash cimport data_unit_digest, zero_unit_digest
 from libnbd cimport (NBD_NULL_COMPLETION, nbd_aio_command_completed, nbd_aio_in_flight,
                      nbd_aio_is_dead, nbd_aio_pread, nbd_can_trim, nbd_can_zero, nbd_get_errno,
                      nbd_get_error, nbd_handle, nbd_poll, nbd_pwrite, nbd_trim, nbd_zero)
-from rows cimport ROW_HASH, ROW_KIND_MASK, ROW_NOWRITE
+from rows cimport ROW_COPY, ROW_DATA, ROW_HASH, ROW_KIND_MASK, ROW_NOWRITE, ROW_ZERO
 from sink cimport sink_ops
 from sysdeps cimport (BLKDISCARD, BLKZEROOUT, FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE,
                       FALLOC_FL_ZERO_RANGE, IOV_MAX, __ATOMIC_RELAXED, __ATOMIC_SEQ_CST,
@@ -68,10 +77,11 @@ cdef extern from "Python.h":
     int PyErr_CheckSignals() except -1
 
 
-# Request kinds, and flags of REQ_DATA rows
-REQ_COPY = 0
-REQ_DATA = 1
-REQ_ZERO = 2
+# Request kinds, and flags of REQ_DATA rows (rows.pxd)
+REQ_COPY = ROW_COPY
+REQ_DATA = ROW_DATA
+REQ_ZERO = ROW_ZERO
+REQ_KIND_MASK = ROW_KIND_MASK
 REQ_HASH = ROW_HASH
 REQ_NOWRITE = ROW_NOWRITE
 # Target kinds
@@ -81,13 +91,6 @@ TGT_NBD = 2
 TGT_SINK = 3
 
 cdef enum:
-    K_COPY = 0
-    K_DATA = 1
-    K_ZERO = 2
-    T_NULL = 0
-    T_FD = 1
-    T_NBD = 2
-    T_SINK = 3
     OP_READ = 1
     OP_WRITE = 2
     OP_ZERO = 3
@@ -106,24 +109,48 @@ OPERATIONS = {OP_READ: "reading", OP_WRITE: "writing", OP_ZERO: "zeroing",
               OP_READ_LAYER: "reading"}
 
 
+cdef struct Worker
+
+
+cdef struct TargetOps:
+    # Write one request read into `buf` (guest offset and length): finds the
+    # clusters that read as zero, adds the digests, and calls write and zero.
+    int (*process)(Worker *w, const char *buf, uint64_t offset, uint64_t length,
+                   bint detect_zero) noexcept nogil
+    # Write `length` bytes at `offset` of the target.
+    int (*write)(Worker *w, const char *buf, uint64_t offset, uint64_t length) noexcept nogil
+    # Make [offset, offset + length) of the target read as zero.
+    int (*zero)(Worker *w, uint64_t offset, uint64_t length) noexcept nogil
+    # copy_file_range from a layer file to the target (see copy_range), or
+    # NULL where the kernel cannot (not a file target).
+    int (*copy_range)(Worker *w, int in_fd, uint64_t *src, uint64_t *dst,
+                      uint64_t *length) noexcept nogil
+
+
+cdef struct SourceOps:
+    # The worker's loop: take requests until none are left or the job stops.
+    void (*run)(Worker *w) noexcept nogil
+    # Give [offset, offset + length) back to the source; 0, or the errno
+    # (never 0) of the refusal.
+    int (*discard)(Worker *w, uint64_t offset, uint64_t length) noexcept nogil
+
+
 cdef struct Job:
     # requests (rows of 5 uint64) and the next one to take
     uint64_t *req
     uint64_t n_req
     uint64_t next_req
-    # source
+    # source: its operations, set once per job
+    SourceOps src
     int src_fd
     int src_direct
-    int src_blockdev
     int src_nbd
     int *layer_fds
     int n_layers
-    # target
-    int tgt_kind
+    # target: its operations, set once per job
+    TargetOps tgt
     int tgt_fd
     int tgt_blockdev
-    int tgt_fresh
-    int tgt_can_zero
     sink_ops *sink
     int cfr_ok
     # options
@@ -273,198 +300,15 @@ cdef inline void account(uint64_t *counter, uint64_t n) noexcept nogil:
     atomic_add_u64(counter, n, __ATOMIC_RELAXED)
 
 
-# ----------------------------------------------------------------------------
-# File I/O with retries
-
-cdef int read_fd(Job *j, int fd, char *buf, uint64_t length, uint64_t offset,
-                 bint direct, bint eof_is_zero, int op) noexcept nogil:
-    """Read exactly `length` bytes (EINTR and short reads retried).  With
-    O_DIRECT the read is widened to the alignment (the buffer has room).
-    Premature EOF is an error, or zeros for qcow2 layers (QEMU reads the
-    missing tail of a file as zeros)."""
-    cdef uint64_t want = length
-    cdef uint64_t done = 0
-    cdef ssize_t r
-    cdef int err
-    if direct:
-        want = (length + ALIGN - 1) & ~(<uint64_t>ALIGN - 1)
-    while done < want:
-        r = pread(fd, buf + done, want - done, offset + done)
-        if r < 0:
-            err = errno
-            if err == EINTR:
-                continue
-            fail(j, err, op, offset + done, NULL)
-            return -1
-        if r == 0:
-            break
-        done += r
-    if done < length:
-        if eof_is_zero:
-            memset(buf + done, 0, length - done)
-        else:
-            fail(j, EIO, OP_EOF, offset + done,
-                 b"premature end of file: the source is shorter than its declared size")
-            return -1
-    account(&j.read_bytes, length)
-    return 0
-
-
-cdef inline void lock_writes(Job *j) noexcept nogil:
-    """Writers of one regular file queue here: the kernel serialises them on
-    the inode lock anyway, and its waiters spin -- ours sleep, leaving the CPU
-    to readers and to the NBD server."""
-    if j.serialize_writes:
-        pthread_mutex_lock(&j.write_lock)
-
-
-cdef inline void unlock_writes(Job *j) noexcept nogil:
-    if j.serialize_writes:
-        pthread_mutex_unlock(&j.write_lock)
-
-
-cdef int write_fd(Job *j, int fd, const char *buf, uint64_t length,
-                  uint64_t offset) noexcept nogil:
-    cdef uint64_t done = 0
-    cdef ssize_t r
-    cdef int err
-    while done < length:
-        lock_writes(j)
-        r = pwrite(fd, buf + done, length - done, offset + done)
-        unlock_writes(j)
-        if r < 0:
-            err = errno
-            if err == EINTR:
-                continue
-            fail(j, err, OP_WRITE, offset + done, NULL)
-            return -1
-        if r == 0:
-            fail(j, ENOSPC, OP_WRITE, offset + done, NULL)
-            return -1
-        done += r
-    account(&j.written_bytes, length)
-    return 0
-
-
-cdef int writev_fd(Job *j, int fd, iovec *iov, uint64_t count, uint64_t offset,
-                   uint64_t guest_offset) noexcept nogil:
-    """pwritev the whole vector at `offset`, in IOV_MAX pieces, finishing any
-    short write piece by piece."""
-    cdef uint64_t i = 0, k, batch, total, n, skip, host
-    cdef ssize_t r
-    cdef int err
-    while i < count:
-        batch = count - i
-        if batch > IOV_MAX:
-            batch = IOV_MAX
-        total = 0
-        for k in range(i, i + batch):
-            total += iov[k].iov_len
-        lock_writes(j)
-        r = pwritev(fd, iov + i, <int>batch, offset)
-        unlock_writes(j)
-        if r < 0:
-            err = errno
-            if err == EINTR:
-                continue
-            fail(j, err, OP_WRITE, guest_offset, NULL)
-            return -1
-        if <uint64_t>r < total:
-            # finish this batch with plain writes, after the bytes that made it
-            skip = r
-            host = offset
-            for k in range(i, i + batch):
-                n = iov[k].iov_len
-                if skip >= n:
-                    skip -= n
-                    host += n
-                    continue
-                if write_fd(j, fd, <char *>iov[k].iov_base + skip, n - skip, host + skip) < 0:
-                    return -1
-                host += n
-                skip = 0
-            account(&j.written_bytes, r)
-        else:
-            account(&j.written_bytes, total)
-        offset += total
-        i += batch
-    return 0
-
-
-cdef int zero_fd(Job *j, uint64_t offset, uint64_t length) noexcept nogil:
-    """Make [offset, offset+length) of the target read as zero."""
-    cdef uint64_t rng[2]
-    cdef int rc, err
-    cdef uint64_t piece
-    if j.tgt_blockdev:
-        rng[0] = offset
-        rng[1] = length
-        rc = ioctl(j.tgt_fd, BLKZEROOUT, rng)
-    else:
-        rc = fallocate(j.tgt_fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset, length)
-        if rc < 0 and errno == EOPNOTSUPP:
-            rc = fallocate(j.tgt_fd, FALLOC_FL_ZERO_RANGE, offset, length)
-    if rc == 0:
-        return 0
-    err = errno
-    if err != EOPNOTSUPP and err != ENOTTY and err != EINVAL and err != ENOSYS:
-        fail(j, err, OP_ZERO, offset, NULL)
-        return -1
-    while length:       # no way to punch: write zeros
-        piece = length if length < ZERO_BUF else ZERO_BUF
-        if write_fd(j, j.tgt_fd, j.zeros, piece, offset) < 0:
-            return -1
-        offset += piece
-        length -= piece
-    return 0
+include "copy_ops.pxi"
 
 
 # ----------------------------------------------------------------------------
-# Target side
+# A request read into a buffer: zero detection, digests, then the target
 
-cdef int target_zero(Worker *w, uint64_t offset, uint64_t length) noexcept nogil:
-    cdef Job *j = w.job
-    cdef int rc
-    cdef uint64_t piece
-    account(&j.zero_bytes, length)
-    if j.tgt_kind == T_SINK:
-        if j.sink.records_zero:
-            if j.sink.zero(j.sink.ctx, offset, length) < 0:
-                fail(j, errno, OP_ALLOC, offset, NULL)
-                return -1
-        return 0
-    if j.tgt_fresh or j.tgt_kind == T_NULL:
-        return 0
-    if j.tgt_kind == T_FD:
-        return zero_fd(j, offset, length)
-    # NBD
-    if j.tgt_can_zero:
-        rc = nbd_zero(w.tgt_h, length, offset, 0)
-        if rc < 0:
-            fail_nbd(j, OP_ZERO, offset)
-            return -1
-        return 0
-    while length:
-        piece = length if length < ZERO_BUF else ZERO_BUF
-        if nbd_pwrite(w.tgt_h, j.zeros, piece, offset, 0) < 0:
-            fail_nbd(j, OP_WRITE, offset)
-            return -1
-        offset += piece
-        length -= piece
-    return 0
-
-
-cdef int target_write(Worker *w, const char *buf, uint64_t offset,
-                      uint64_t length) noexcept nogil:
-    cdef Job *j = w.job
-    if j.tgt_kind == T_FD:
-        return write_fd(j, j.tgt_fd, buf, length, offset)
-    if j.tgt_kind == T_NBD:
-        if nbd_pwrite(w.tgt_h, buf, length, offset, 0) < 0:
-            fail_nbd(j, OP_WRITE, offset)
-            return -1
-        account(&j.written_bytes, length)
-    return 0
+cdef inline int target_zero(Worker *w, uint64_t offset, uint64_t length) noexcept nogil:
+    account(&w.job.zero_bytes, length)
+    return w.job.tgt.zero(w, offset, length)
 
 
 cdef inline void add_digest(Job *j, uint64_t offset, uint64_t value) noexcept nogil:
@@ -488,7 +332,7 @@ cdef void hash_layer_units(Job *j, uint64_t layer, const char *buf, uint64_t off
 
 
 cdef int process_sink(Worker *w, const char *buf, uint64_t offset,
-                      uint64_t length) noexcept nogil:
+                      uint64_t length, bint detect_zero) noexcept nogil:
     """Hand one cluster-aligned request to a sink: data clusters go to newly
     allocated host clusters with one pwritev, zero clusters are recorded."""
     cdef Job *j = w.job
@@ -531,19 +375,18 @@ cdef int process_sink(Worker *w, const char *buf, uint64_t offset,
     return 0
 
 
-cdef int process(Worker *w, const char *buf, uint64_t offset, uint64_t length,
-                 bint detect_zero) noexcept nogil:
-    """Write one request that has been read into `buf`."""
+cdef int process_runs(Worker *w, const char *buf, uint64_t offset, uint64_t length,
+                      bint detect_zero) noexcept nogil:
+    """Write one request that has been read into `buf` as runs of data and
+    of zero clusters (every target but a sink)."""
     cdef Job *j = w.job
-    if j.tgt_kind == T_SINK:
-        return process_sink(w, buf, offset, length)
     cdef uint64_t cs = j.cluster
     cdef uint64_t pos = offset, end = offset + length, ue, run_start = offset
     cdef int run_zero = -1, z
     if not detect_zero:
         if j.digests != NULL:
             add_digest(j, offset, data_unit_digest(buf, offset, length))
-        return target_write(w, buf, offset, length)
+        return j.tgt.write(w, buf, offset, length)
     while pos < end:
         ue = pos - pos % cs + cs
         if ue > end:
@@ -555,8 +398,8 @@ cdef int process(Worker *w, const char *buf, uint64_t offset, uint64_t length,
         if z != run_zero:
             if run_zero == 1 and target_zero(w, run_start, pos - run_start) < 0:
                 return -1
-            if run_zero == 0 and target_write(w, buf + (run_start - offset), run_start,
-                                              pos - run_start) < 0:
+            if run_zero == 0 and j.tgt.write(w, buf + (run_start - offset), run_start,
+                                             pos - run_start) < 0:
                 return -1
             run_zero = z
             run_start = pos
@@ -564,7 +407,7 @@ cdef int process(Worker *w, const char *buf, uint64_t offset, uint64_t length,
     if run_zero == 1:
         return target_zero(w, run_start, end - run_start)
     if run_zero == 0:
-        return target_write(w, buf + (run_start - offset), run_start, end - run_start)
+        return j.tgt.write(w, buf + (run_start - offset), run_start, end - run_start)
     return 0
 
 
@@ -575,26 +418,12 @@ cdef void discard_source(Worker *w, uint64_t offset, uint64_t length) noexcept n
     """Give the copied range back to the source (fleecing images stay small).
     Any refusal is remembered once and discarding stops; it is never fatal."""
     cdef Job *j = w.job
-    cdef uint64_t rng[2]
-    cdef int rc, err = 0
+    cdef int err
     if not atomic_load_int(&j.discard, __ATOMIC_RELAXED):
         return
-    if j.src_nbd:
-        rc = nbd_trim(w.src_h, length, offset, 0)
-        if rc < 0:
-            err = nbd_get_errno()
-    elif j.src_blockdev:
-        rng[0] = offset
-        rng[1] = length
-        rc = ioctl(j.src_fd, BLKDISCARD, rng)
-        if rc < 0:
-            err = errno
-    else:
-        rc = fallocate(j.src_fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset, length)
-        if rc < 0:
-            err = errno
-    if rc < 0:
-        j.discard_errno = err if err else EOPNOTSUPP
+    err = j.src.discard(w, offset, length)
+    if err:
+        j.discard_errno = err
         atomic_store_int(&j.discard, 0, __ATOMIC_RELAXED)
         return
     account(&j.discarded_bytes, length)
@@ -603,55 +432,22 @@ cdef void discard_source(Worker *w, uint64_t offset, uint64_t length) noexcept n
 # ----------------------------------------------------------------------------
 # Workers
 
-cdef int copy_range(Worker *w, int in_fd, uint64_t *src, uint64_t *dst,
-                    uint64_t *length) noexcept nogil:
-    """copy_file_range from a layer into the target file.  Return 0 when
-    done, 1 when the kernel cannot do it here (the caller falls back to
-    read/write for what is left), -1 on error."""
-    cdef Job *j = w.job
-    cdef off_t s = src[0], d = dst[0]
-    cdef ssize_t r
-    cdef int err
-    while length[0]:
-        lock_writes(j)
-        r = copy_file_range(in_fd, &s, j.tgt_fd, &d, length[0], 0)
-        unlock_writes(j)
-        if r < 0:
-            err = errno
-            if err == EINTR:
-                continue
-            if (err == EXDEV or err == EINVAL or err == ENOSYS or err == EOPNOTSUPP
-                    or err == EBADF):
-                j.cfr_ok = 0
-                return 1
-            fail(j, err, OP_WRITE, d, NULL)
-            return -1
-        if r == 0:
-            return 1            # end of the layer file: the rest reads as zero
-        src[0] += r
-        dst[0] += r
-        length[0] -= r
-        account(&j.read_bytes, r)
-        account(&j.written_bytes, r)
-    return 0
-
-
 cdef int one_request(Worker *w, uint64_t *row) noexcept nogil:
     """Do one request synchronously (file sources and chain layers)."""
     cdef Job *j = w.job
     cdef uint64_t off = row[0], length = row[1], src = row[4]
     cdef uint64_t kind = row[2] & ROW_KIND_MASK, flags = row[2] & ~(<uint64_t>ROW_KIND_MASK)
     cdef int fd, rc
-    if kind == K_ZERO:
+    if kind == ROW_ZERO:
         return target_zero(w, off, length)
     throttle(j, length)
-    if kind == K_DATA:
+    if kind == ROW_DATA:
         if <int>row[3] >= j.n_layers:
             fail(j, EINVAL, OP_READ_LAYER, off, b"request names a layer that does not exist")
             return -1
         fd = j.layer_fds[row[3]]
-        if flags == 0 and j.tgt_kind == T_FD and j.cfr_ok:
-            rc = copy_range(w, fd, &src, &off, &length)
+        if flags == 0 and j.tgt.copy_range != NULL and j.cfr_ok:
+            rc = j.tgt.copy_range(w, fd, &src, &off, &length)
             if rc <= 0:
                 return rc
         return read_and_process(w, fd, off, src, length, False, True, OP_READ_LAYER,
@@ -679,7 +475,7 @@ cdef int read_and_process(Worker *w, int fd, uint64_t off, uint64_t src, uint64_
             return -1
         if flags & ROW_HASH:
             hash_layer_units(j, layer, w.buf, off, piece)
-        if not (flags & ROW_NOWRITE) and process(w, w.buf, off, piece, True) < 0:
+        if not (flags & ROW_NOWRITE) and j.tgt.process(w, w.buf, off, piece, True) < 0:
             return -1
         off += piece
         src += piece
@@ -722,7 +518,7 @@ cdef void nbd_worker(Worker *w) noexcept nogil:
                 exhausted = 1
                 break
             row = j.req + 5 * i
-            if row[2] == K_ZERO:
+            if row[2] == ROW_ZERO:
                 if target_zero(w, row[0], row[1]) < 0:
                     break
                 account(&j.done_bytes, row[1])
@@ -767,7 +563,7 @@ cdef void nbd_worker(Worker *w) noexcept nogil:
                 continue
             account(&j.read_bytes, rows[k][1])
             buf = w.buf + <uint64_t>k * w.slot_size
-            if process(w, buf, rows[k][0], rows[k][1], True) < 0:
+            if j.tgt.process(w, buf, rows[k][0], rows[k][1], True) < 0:
                 continue
             discard_source(w, rows[k][4], rows[k][1])
             account(&j.done_bytes, rows[k][1])
@@ -783,10 +579,7 @@ cdef void nbd_worker(Worker *w) noexcept nogil:
 
 cdef void *worker_main(void *arg) noexcept nogil:
     cdef Worker *w = <Worker *>arg
-    if w.job.src_nbd:
-        nbd_worker(w)
-    else:
-        sync_worker(w)
+    w.job.src.run(w)
     return NULL
 
 
@@ -854,21 +647,18 @@ cdef class CopyJob:
         for i in range(rows.shape[0]):
             if rows[i, 1] > request_size:
                 raise ValueError(f"request {i} is longer than request_size")
-            if (rows[i, 2] & ROW_KIND_MASK) > K_ZERO or (
+            if (rows[i, 2] & ROW_KIND_MASK) > ROW_ZERO or (
                     rows[i, 2] & ~(<uint64_t>(ROW_KIND_MASK | ROW_HASH | ROW_NOWRITE))):
                 raise ValueError(f"request {i} has unknown kind {rows[i, 2]}")
         j.src_fd = src_fd
         j.src_direct = src_direct
-        j.src_blockdev = src_blockdev
         j.src_nbd = len(src_handles) > 0
         self._layer_array = np.ascontiguousarray(layer_fds, dtype=np.intc)
         cdef int[::1] lview = self._layer_array
         j.layer_fds = &lview[0] if lview.shape[0] else NULL
         j.n_layers = lview.shape[0]
-        j.tgt_kind = target_kind
         j.tgt_fd = tgt_fd
         j.tgt_blockdev = tgt_blockdev
-        j.tgt_fresh = tgt_fresh
         j.cfr_ok = 1
         j.serialize_writes = serialize_writes
         if target_kind == TGT_SINK:
@@ -907,7 +697,7 @@ cdef class CopyJob:
         # about IN_FLIGHT bytes travel per connection
         cdef uint64_t longest = 0
         for i in range(rows.shape[0]):
-            if rows[i, 2] != K_ZERO and rows[i, 1] > longest:
+            if rows[i, 2] != ROW_ZERO and rows[i, 1] > longest:
                 longest = rows[i, 1]
         if j.src_nbd and longest:
             nbd_slot = (min(longest, request_size) + ALIGN - 1) // ALIGN * ALIGN
@@ -961,8 +751,36 @@ cdef class CopyJob:
                 if nbd_can_trim(handle_of(src_handles[k])) != 1:
                     j.discard = 0
                     j.discard_errno = EOPNOTSUPP
-        if target_kind == TGT_NBD:
-            j.tgt_can_zero = nbd_can_zero(self.workers[0].tgt_h) == 1
+        self._bind_ops(target_kind, tgt_fresh, src_blockdev)
+
+    cdef void _bind_ops(self, int target_kind, bint fresh, bint src_blockdev):
+        """Choose the source's and the target's operations, once for the job."""
+        cdef Job *j = &self.job
+        cdef TargetOps *t = &j.tgt
+        if j.src_nbd:
+            j.src.run = nbd_worker
+            j.src.discard = discard_nbd
+        else:
+            j.src.run = sync_worker
+            j.src.discard = discard_blockdev if src_blockdev else discard_file
+        t.process = process_runs
+        t.write = write_nothing
+        t.zero = zero_nothing
+        t.copy_range = NULL
+        if target_kind == TGT_FD:
+            t.write = write_file
+            t.copy_range = copy_range
+            if not fresh:
+                t.zero = zero_file
+        elif target_kind == TGT_NBD:
+            t.write = write_nbd
+            if not fresh:
+                t.zero = (zero_nbd if nbd_can_zero(self.workers[0].tgt_h) == 1
+                          else zero_nbd_by_writing)
+        elif target_kind == TGT_SINK:
+            t.process = process_sink
+            if j.sink.records_zero:
+                t.zero = zero_sink
 
     cdef uint64_t _bind_layer_checks(self, layer_checks, uint64_t[:, ::1] rows,
                                      uint64_t size) except? 0:
@@ -1009,7 +827,7 @@ cdef class CopyJob:
                 continue
             layer = rows[i, 3]
             end = rows[i, 0] + rows[i, 1]
-            if ((rows[i, 2] & ROW_KIND_MASK) != K_DATA or not rows[i, 2] & ROW_HASH
+            if ((rows[i, 2] & ROW_KIND_MASK) != ROW_DATA or not rows[i, 2] & ROW_HASH
                     or layer >= <uint64_t>j.n_layers or meta[2, layer] == 0):
                 raise ValueError(f"request {i}: only data rows of a checked layer are hashed")
             if rows[i, 0] % meta[2, layer] or (end % meta[2, layer] and end != size):

@@ -2,6 +2,12 @@
 """qcow2 kernels: a writer that the copy loop fills from several threads,
 and the mapping of a validated backing chain's guest address space.
 
+(About 1,000 lines, past the ~900 of the rest of the core, for a reason: the
+writer, the chain reader and the per-image digests share the table layout
+(entry flags and masks, refcount order), the C helpers and the error paths
+that say which image and which table is wrong; one module keeps one reading
+of the format.)
+
 Format: QEMU's docs/interop/qcow2.txt (version 3, 16-bit refcounts, standard
 64-bit L2 entries).  Header parsing and chain validation are policy and live
 in dirbackup/qcow2.py; this module only walks tables and writes them.
@@ -23,7 +29,7 @@ from posix.unistd cimport close, fdatasync, ftruncate, pread, pwrite
 
 from _errors cimport os_error
 from _hash cimport data_unit_digest, zero_unit_digest
-from rows cimport ROW_HASH, ROW_KIND_MASK, ROW_NOWRITE
+from rows cimport ROW_DATA, ROW_HASH, ROW_KIND_MASK, ROW_NOWRITE, ROW_UNALLOCATED, ROW_ZERO
 from sink cimport sink_ops
 from sysdeps cimport (__ATOMIC_ACQUIRE, __ATOMIC_RELAXED, __ATOMIC_SEQ_CST, atomic_add_u64,
                       atomic_cas_ptr, atomic_load_ptr, atomic_load_u64, be64toh, htobe64)
@@ -59,18 +65,15 @@ cdef extern from *:
     """
     void set_errno "db_set_errno"(int e) noexcept nogil
 
-# Kinds of mapped ranges (the first two are also copy request kinds).
-MAP_DATA = 1
-MAP_ZERO = 2
-MAP_UNALLOCATED = 3
+# Kinds of mapped ranges (rows.pxd: the first two are also copy request kinds).
+MAP_DATA = ROW_DATA
+MAP_ZERO = ROW_ZERO
+MAP_UNALLOCATED = ROW_UNALLOCATED
 # Flags of check_plan() rows (rows.pxd)
 PLAN_HASH = ROW_HASH
 PLAN_NOWRITE = ROW_NOWRITE
 
 cdef enum:
-    K_DATA = 1
-    K_ZERO = 2
-    K_UNALLOC = 3
     REFCOUNT_ORDER = 4
 
 # QEMU's own limit on an L1 table (QCOW_MAX_L1_SIZE): it refuses larger ones
@@ -492,7 +495,7 @@ cdef int rows_push(RowBuf *b, uint64_t off, uint64_t length, uint64_t kind, uint
     kind and flags; for data, the same layer and the next host bytes)."""
     cdef uint64_t *last
     cdef uint64_t *grown
-    cdef bint data = (kind & ROW_KIND_MASK) == K_DATA
+    cdef bint data = (kind & ROW_KIND_MASK) == ROW_DATA
     if b.n:
         last = b.rows + 5 * (b.n - 1)
         if (last[2] == kind and last[0] + last[1] == off and
@@ -651,17 +654,17 @@ cdef class ChainMap:
         cdef uint64_t pos, cluster, l1i, cend, entry, host, run_start = 0
         cdef int kind, run_kind = 0
         if li >= depth:
-            rows_push(out, off, end - off, K_UNALLOC, 0, 0)
+            rows_push(out, off, end - off, ROW_UNALLOCATED, 0, 0)
             return 0
         L = &self.layers[li]
         pos = off
         while pos < end:
             if pos >= L.virtual_size:
                 # a shorter backing file reads as zero beyond its end
-                if run_kind == K_UNALLOC:
+                if run_kind == ROW_UNALLOCATED:
                     self.resolve(li + 1, depth, run_start, pos, out)
                 run_kind = 0
-                rows_push(out, pos, end - pos, K_ZERO, 0, 0)
+                rows_push(out, pos, end - pos, ROW_ZERO, 0, 0)
                 return 0
             cluster = pos >> L.bits
             cend = (cluster + 1) << L.bits
@@ -686,24 +689,24 @@ cdef class ChainMap:
                                  f"{cluster << L.bits} has reserved bits set (corrupt)")
             host = entry & L2E_OFFSET_MASK
             if entry & OFLAG_ZERO:
-                kind = K_ZERO
+                kind = ROW_ZERO
             elif host:
                 if host % L.cs or host >= L.file_size:
                     raise ImageError(f"{self.names[li]}: data cluster for guest offset "
                                      f"{cluster << L.bits} at invalid host offset {host}")
-                kind = K_DATA
+                kind = ROW_DATA
             else:
-                kind = K_UNALLOC
-            if kind != K_UNALLOC:
-                if run_kind == K_UNALLOC:
+                kind = ROW_UNALLOCATED
+            if kind != ROW_UNALLOCATED:
+                if run_kind == ROW_UNALLOCATED:
                     self.resolve(li + 1, depth, run_start, pos, out)
                 run_kind = kind
                 rows_push(out, pos, cend - pos, kind, li, host + (pos - (cluster << L.bits)))
-            elif run_kind != K_UNALLOC:
-                run_kind = K_UNALLOC
+            elif run_kind != ROW_UNALLOCATED:
+                run_kind = ROW_UNALLOCATED
                 run_start = pos
             pos = cend
-        if run_kind == K_UNALLOC:
+        if run_kind == ROW_UNALLOCATED:
             self.resolve(li + 1, depth, run_start, end, out)
         return 0
 
@@ -796,7 +799,7 @@ cdef class ChainMap:
             vis = self.map(0, None, depth)
             for i in range(vis.shape[0]):
                 off, length, kind, li, host = vis[i, 0], vis[i, 1], vis[i, 2], vis[i, 3], vis[i, 4]
-                if kind != K_DATA or chunk[li] == 0:
+                if kind != ROW_DATA or chunk[li] == 0:
                     rows_push(&out, off, length, kind, li, host)
                     continue
                 # the whole clusters of this row are hashed as they are copied
@@ -806,14 +809,14 @@ cdef class ChainMap:
                 lo = (a + u - 1) // u * u
                 hi = b if b == vsize else b // u * u
                 if lo >= hi:
-                    rows_push(&out, a, length, K_DATA, li, host)
+                    rows_push(&out, a, length, ROW_DATA, li, host)
                     continue
                 if a < lo:
-                    rows_push(&out, a, lo - a, K_DATA, li, host)
-                rows_push(&out, lo, hi - lo, K_DATA | ROW_HASH, li, host + (lo - a))
+                    rows_push(&out, a, lo - a, ROW_DATA, li, host)
+                rows_push(&out, lo, hi - lo, ROW_DATA | ROW_HASH, li, host + (lo - a))
                 if hi < b:
-                    rows_push(&out, hi, b - hi, K_DATA, li, host + (hi - a))
-                rows_push(&covered[li], lo, hi - lo, K_ZERO, 0, 0)
+                    rows_push(&out, hi, b - hi, ROW_DATA, li, host + (hi - a))
+                rows_push(&covered[li], lo, hi - lo, ROW_ZERO, 0, 0)
             for li in range(depth):
                 if chunk[li] == 0:
                     continue
@@ -846,7 +849,7 @@ cdef class ChainMap:
             s = row[0]
             e = s + row[1]
             pos = s
-            if row[2] == K_ZERO:
+            if row[2] == ROW_ZERO:
                 while pos < e:
                     ue = pos - pos % u + u
                     if ue > e:
@@ -854,7 +857,7 @@ cdef class ChainMap:
                     sums[pos // chunk] += zero_unit_digest(pos, ue - pos)
                     pos = ue
                 continue
-            if row[2] != K_DATA:
+            if row[2] != ROW_DATA:
                 continue
             while pos < e:
                 while k < covered.n and covered.rows[5 * k] + covered.rows[5 * k + 1] <= pos:
@@ -868,7 +871,7 @@ cdef class ChainMap:
                     nxt = cs_ if cs_ < e else e
                 else:
                     nxt = e
-                rows_push(out, pos, nxt - pos, K_DATA | ROW_HASH | ROW_NOWRITE, li,
+                rows_push(out, pos, nxt - pos, ROW_DATA | ROW_HASH | ROW_NOWRITE, li,
                           row[4] + (pos - s))
                 pos = nxt
         return 0
@@ -955,9 +958,9 @@ def layer_views(ChainMap chain, uint64_t chunk, uint64_t n_chunks, uint64_t unit
         raise MemoryError()
     try:
         for i in range(rows.shape[0]):
-            if rows[i, 2] == K_UNALLOC:
+            if rows[i, 2] == ROW_UNALLOCATED:
                 continue
-            zero = rows[i, 2] == K_ZERO
+            zero = rows[i, 2] == ROW_ZERO
             pos = rows[i, 0]
             end = pos + rows[i, 1]
             while pos < end:

@@ -9,6 +9,7 @@ import numpy.typing as npt
 REQ_COPY: int
 REQ_DATA: int
 REQ_ZERO: int
+REQ_KIND_MASK: int
 REQ_HASH: int
 REQ_NOWRITE: int
 TGT_NULL: int

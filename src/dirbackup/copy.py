@@ -51,7 +51,7 @@ DIRECT_ALIGNMENT = 4096
 
 REQ_COPY, REQ_DATA, REQ_ZERO = _copy.REQ_COPY, _copy.REQ_DATA, _copy.REQ_ZERO
 REQ_HASH, REQ_NOWRITE = _copy.REQ_HASH, _copy.REQ_NOWRITE
-REQ_KIND_MASK = 0x0F
+REQ_KIND_MASK = _copy.REQ_KIND_MASK
 
 
 def default_workers() -> int:

@@ -8,7 +8,8 @@ context the extents came from:
 * `qemu:dirty-bitmap:NAME`: bit 0 = dirty (DIRTY).
 
 The kernels live in the Cython module `dirbackup._extents`; this module is
-their documented face plus small conveniences.
+their documented face plus small conveniences.  parse_map_text and
+parse_map_json (maptext.py) are re-exported here.
 """
 
 from __future__ import annotations
@@ -19,6 +20,8 @@ import numpy as np
 import numpy.typing as npt
 
 from dirbackup import _extents
+from dirbackup.maptext import parse_map_json as parse_map_json
+from dirbackup.maptext import parse_map_text as parse_map_text
 
 Extents = npt.NDArray[np.uint64]
 
@@ -46,35 +49,6 @@ def from_pairs(pairs: Any, flags: int = 0) -> Extents:
     out[:, :2] = arr
     out[:, 2] = flags
     return out
-
-
-def parse_map_text(
-    data: bytes | str,
-    start: int = 0,
-    size: int | None = None,
-    contiguous: bool = True,
-    select: tuple[int, int] | None = None,
-) -> Extents:
-    """Parse `nbdinfo --map[=CONTEXT]` text output.
-
-    Every non-blank line must be `offset length type [description]`; a line
-    of any other shape raises MapFormatError naming its number and content.
-    With `contiguous`, extents must start at `start`, follow each other
-    without gap or overlap, and end at `size` when it is given.  With
-    `select=(mask, value)` only rows with (flags & mask) == value are
-    returned (every line is still checked): `select=(DIRTY, DIRTY)` gives the
-    dirty regions of a bitmap map in one pass.
-    """
-    if select is None:
-        return _extents.parse_map_text(data, start, size, contiguous)
-    return _extents.parse_map_text(data, start, size, contiguous, select[0], select[1])
-
-
-def parse_map_json(
-    data: bytes | str, start: int = 0, size: int | None = None, contiguous: bool = True
-) -> Extents:
-    """Parse `nbdinfo --map --json` output, with the checks of parse_map_text."""
-    return _extents.parse_map_json(data, start, size, contiguous)
 
 
 def block_status(h: Any, context: str, offset: int = 0, length: int | None = None) -> Extents:
