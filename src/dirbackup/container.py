@@ -3,7 +3,9 @@
 This is the low-level layer of container backup and restore.  The provider
 decides where archives go and logs through its `log(level, message)`; here we
 run the tools and make sure that what they produce is complete, verified and
-means the same thing whichever format is chosen.
+means the same thing whichever format is chosen.  Both formats stay in one
+module (about 680 lines, longer than most) for that reason: what tar leaves
+out decides what mksquashfs gets, and their restores share one set of checks.
 
 tar
     GNU tar with the flags of Proxmox's own container backups (vzdump): ACLs,
