@@ -91,3 +91,18 @@ def test_container_config_that_is_not_utf8_is_stored_byte_for_byte(tmp_path: Pat
     storage = DirectoryStorage("dirbackup", {"path": str(store)})
     files = storage.store.backup_dir(storage.backup_id(out.split(": ")[0])).iterdir()
     assert [f for f in files if f.read_bytes() == NOT_UTF8]
+
+
+# ------------------------------------------------------------- verify of nothing
+
+
+def test_verify_with_nothing_to_verify_is_an_error(vm: dict[str, Path]) -> None:
+    store = str(vm["store"])
+    proc = dirbackup("verify", "--store", store, check=1)
+    assert proc.stdout == ""
+    assert proc.stderr == f"error: no backups to verify in {store}\n"
+    dirbackup("backup", "--store", store, "--vmid", "100", "--disk", f"d0={vm['disk1']}")
+    proc = dirbackup("verify", "--store", store, "--vmid", "555", check=1)
+    assert proc.stdout == ""
+    assert proc.stderr == f"error: no backups of guest 555 to verify in {store}\n"
+    assert ": ok" in dirbackup("verify", "--store", store, "--vmid", "100").stdout

@@ -512,8 +512,9 @@ def cmd_verify(args: argparse.Namespace) -> int:
             print(f"{r.volid}: FAILED")
             for problem in r.problems:
                 print(f"  {problem}")
-    if not results:
-        print("no backups to verify", file=sys.stderr)
+    if not results:  # nothing checked is not a success: a wrong --vmid or --store
+        whose = f"of guest {args.vmid} " if args.vmid is not None else ""
+        raise DirbackupError(f"no backups {whose}to verify in {args.store}")
     if failed:
         print(f"error: {failed} of {len(results)} backups failed verification", file=sys.stderr)
         return 1
