@@ -106,3 +106,40 @@ def test_verify_with_nothing_to_verify_is_an_error(vm: dict[str, Path]) -> None:
     assert proc.stdout == ""
     assert proc.stderr == f"error: no backups of guest 555 to verify in {store}\n"
     assert ": ok" in dirbackup("verify", "--store", store, "--vmid", "100").stdout
+
+
+# ------------------------------------------------------------- one image twice
+
+
+@pytest.mark.parametrize("how", ["same path", "symlink", "hard link", "same device"])
+def test_one_image_for_two_devices_is_a_usage_error(vm: dict[str, Path], how: str) -> None:
+    disk = vm["disk0"]
+    other = vm["tmp"] / "other.qcow2"
+    if how == "symlink":
+        other.symlink_to(disk)
+    elif how == "hard link":
+        os.link(disk, other)
+    else:
+        other = disk
+    second = "drive-scsi0" if how == "same device" else "drive-scsi1"
+    disk_args = ["--disk", f"drive-scsi0={disk}", "--disk", f"{second}={other}"]
+    proc = dirbackup("backup", "--store", str(vm["store"]), "--vmid", "100", *disk_args, check=2)
+    expected = {
+        "same path": f"{disk} is given as both drive-scsi0 and drive-scsi1",
+        "symlink": f"{other} (the same image as {disk}) is given as both drive-scsi0 and "
+        "drive-scsi1",
+        "hard link": f"{other} (the same image as {disk}) is given as both drive-scsi0 and "
+        "drive-scsi1",
+        "same device": "device drive-scsi0 given twice",
+    }[how]
+    assert last_line(proc) == f"dirbackup backup: error: {expected}"
+    assert proc.stdout == "" and not list(vm["store"].iterdir())
+    assert "bitmaps" not in qemu.run(["qemu-img", "info", "-U", str(disk)])
+
+
+def test_two_images_of_equal_content_are_two_disks(vm: dict[str, Path]) -> None:
+    copy = vm["tmp"] / "copy.raw"
+    copy.write_bytes(vm["disk1"].read_bytes())
+    disk_args = ["--disk", f"drive-scsi0={vm['disk1']}", "--disk", f"drive-scsi1={copy}"]
+    out = dirbackup("backup", "--store", str(vm["store"]), "--vmid", "100", *disk_args).stdout
+    assert "drive-scsi0 full, drive-scsi1 full" in out

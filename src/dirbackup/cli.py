@@ -26,7 +26,7 @@ from typing import Any
 from dirbackup import __version__
 from dirbackup.api import VmType
 from dirbackup.errors import DirbackupError, Terminated
-from dirbackup.host import Disk, Host, RestoreEngine
+from dirbackup.host import Disk, Host, RestoreEngine, duplicate_disks
 from dirbackup.progress import ProgressBar
 from dirbackup.provider import DirectoryBackupProvider
 from dirbackup.storage import DirectoryStorage, PruneError, VerifyResult
@@ -374,6 +374,9 @@ def cmd_backup(args: argparse.Namespace) -> int:
             if args.exclude:
                 raise UsageError("--exclude applies to container backups (--rootfs)")
             disks = [Disk(dev, Path(path)) for dev, path in args.disk]
+            twice = duplicate_disks(disks)
+            if twice is not None:
+                raise UsageError(twice)
             report = host.backup_vm(
                 args.vmid,
                 disks,
