@@ -14,6 +14,7 @@ from conftest import MiB
 
 from dirbackup import qemu
 from dirbackup.storage import DirectoryStorage
+from dirbackup.units import MIN_RATE, parse_rate, parse_size
 
 
 def dirbackup(*args: str, check: int | None = 0) -> subprocess.CompletedProcess[str]:
@@ -143,3 +144,97 @@ def test_two_images_of_equal_content_are_two_disks(vm: dict[str, Path]) -> None:
     disk_args = ["--disk", f"drive-scsi0={vm['disk1']}", "--disk", f"drive-scsi1={copy}"]
     out = dirbackup("backup", "--store", str(vm["store"]), "--vmid", "100", *disk_args).stdout
     assert "drive-scsi0 full, drive-scsi1 full" in out
+
+
+# ------------------------------------------------------------- sizes and rates
+
+
+@pytest.mark.parametrize(
+    ("text", "size"),
+    [
+        ("1048576", 1 << 20),
+        ("512B", 512),
+        ("64K", 64 << 10),
+        ("64k", 64 << 10),
+        ("64KiB", 64 << 10),
+        ("64KB", 64_000),
+        ("64kB", 64_000),
+        ("100M", 100 << 20),
+        ("100MiB", 100 << 20),
+        ("100MB", 100_000_000),
+        ("1.5G", 3 << 29),
+        ("1.5GiB", 3 << 29),
+        ("2GB", 2_000_000_000),
+        ("1T", 1 << 40),
+        ("1TiB", 1 << 40),
+        ("1TB", 10**12),
+        (" 10 MiB ", 10 << 20),
+    ],
+)
+def test_parse_size_reads_every_unit(text: str, size: int) -> None:
+    assert parse_size(text) == size
+    rate = parse_rate(text + "/s") if size >= MIN_RATE and not text.strip().isdigit() else None
+    assert rate in (None, size)
+
+
+@pytest.mark.parametrize("text", ["fast", "", "MB", "-1M", "1e6", "50Mb", "50mb", "1PB", "1 2M"])
+def test_parse_size_refuses_what_is_not_a_size(text: str) -> None:
+    with pytest.raises(ValueError, match=r"^not a size: "):
+        parse_size(text)
+
+
+@pytest.mark.parametrize(
+    ("text", "rate"),
+    [("0", 0), ("0MB", 0), ("64KiB", 64 << 10), ("100MB", 10**8), ("100MiB/s", 100 << 20)],
+)
+def test_parse_rate(text: str, rate: int) -> None:
+    assert parse_rate(text) == rate
+
+
+BWLIMIT_REFUSALS = [
+    (
+        "1",
+        "'1' has no unit: give one, e.g. 100MiB, 50MB, 1G (a bare number is KiB/s to vzdump, "
+        "bytes/s to others)",
+    ),
+    (
+        "102400",
+        "'102400' has no unit: give one, e.g. 100MiB, 50MB, 1G (a bare number is KiB/s to "
+        "vzdump, bytes/s to others)",
+    ),
+    (
+        "63KiB",
+        "'63KiB' is below the least rate accepted, 64 KiB/s (a 10 GiB disk would take two "
+        "days; 0: no limit)",
+    ),
+    (
+        "65KB",
+        "'65KB' is below the least rate accepted, 64 KiB/s (a 10 GiB disk would take two "
+        "days; 0: no limit)",
+    ),
+    ("fast", "not a size: 'fast' (e.g. 100MiB, 50MB, 1G, per second)"),
+    ("50Mb", "not a size: '50Mb' (e.g. 100MiB, 50MB, 1G, per second)"),
+    ("-1M", "not a size: '-1M' (e.g. 100MiB, 50MB, 1G, per second)"),
+]
+
+
+@pytest.mark.parametrize(("text", "message"), BWLIMIT_REFUSALS)
+def test_bwlimit_refusals(vm: dict[str, Path], text: str, message: str) -> None:
+    with pytest.raises(ValueError) as exc:
+        parse_rate(text)
+    assert str(exc.value) == message
+    proc = dirbackup(
+        "backup", "--store", str(vm["store"]), "--vmid", "100",
+        "--disk", f"drive-scsi0={vm['disk0']}", f"--bwlimit={text}",
+        check=2,
+    )  # fmt: skip
+    assert last_line(proc) == f"dirbackup backup: error: argument --bwlimit: {message}"
+    assert not list(vm["store"].iterdir())
+
+
+def test_bwlimit_in_decimal_megabytes_is_taken(vm: dict[str, Path]) -> None:
+    out = dirbackup(
+        "backup", "--store", str(vm["store"]), "--vmid", "100",
+        "--disk", f"drive-scsi0={vm['disk1']}", "--bwlimit", "500MB",
+    ).stdout  # fmt: skip
+    assert "drive-scsi0 full" in out

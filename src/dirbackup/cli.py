@@ -38,7 +38,7 @@ from dirbackup.store import (
     future_horizon,
     split_volid,
 )
-from dirbackup.units import human, parse_seconds, parse_size
+from dirbackup.units import human, parse_rate, parse_seconds
 from dirbackup.watchdog import DEFAULT_IO_TIMEOUT
 
 DEFAULT_STOREID = "dirbackup"
@@ -60,9 +60,9 @@ def _pair(text: str) -> tuple[str, str]:
     return dev, path
 
 
-def _size(text: str) -> int:
+def _rate(text: str) -> int:
     try:
-        return parse_size(text)
+        return parse_rate(text)
     except ValueError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
@@ -156,10 +156,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     b.add_argument(
         "--bwlimit",
-        type=_size,
+        type=_rate,
         default=0,
-        metavar="BYTES_PER_S",
-        help="bandwidth limit in bytes per second (suffixes K, M, G allowed)",
+        metavar="RATE",
+        help="bandwidth limit per second, with a unit: 50MB (10^6 bytes), 100MiB or 100M "
+        "(2^20 bytes); at least 64KiB; 0: none (default)",
     )
     b.add_argument(
         "--exclude",
