@@ -4,10 +4,12 @@ and --json output; each refusal checked by its exact line and exit code."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 from conftest import MiB
@@ -238,3 +240,89 @@ def test_bwlimit_in_decimal_megabytes_is_taken(vm: dict[str, Path]) -> None:
         "--disk", f"drive-scsi0={vm['disk1']}", "--bwlimit", "500MB",
     ).stdout  # fmt: skip
     assert "drive-scsi0 full" in out
+
+
+# ------------------------------------------------------------- --json
+
+
+def json_lines(proc: subprocess.CompletedProcess[str]) -> list[dict[str, Any]]:
+    """Every line of stdout a JSON object, nothing else."""
+    assert proc.stdout.endswith("\n"), proc.stdout
+    objects = [json.loads(line) for line in proc.stdout.splitlines()]
+    assert all(isinstance(o, dict) for o in objects)
+    return objects
+
+
+def test_json_output_of_every_reporting_command(vm: dict[str, Path]) -> None:
+    s = ["--store", str(vm["store"])]
+    disks = ["--disk", f"drive-scsi0={vm['disk0']}", "--disk", f"drive-scsi1={vm['disk1']}"]
+    backups = []
+    for _ in range(3):
+        qemu.io(vm["disk0"], "write -P 7 0 64k")
+        [b] = json_lines(dirbackup("backup", *s, "--vmid", "100", *disks, "--json"))
+        backups.append(b)
+    b = backups[1]
+    assert set(b) == {"volid", "vmid", "type", "ctime", "seconds", "archive-size", "disks"}
+    assert b["vmid"] == 100 and b["type"] == "qemu" and b["volid"].startswith("dirbackup:")
+    assert b["disks"]["drive-scsi0"] == {
+        "mode": "incremental",
+        "size": 4 * MiB,
+        "read": 64 << 10,
+        "written": b["disks"]["drive-scsi0"]["written"],
+    }
+    assert b["disks"]["drive-scsi1"]["mode"] == "full"
+    assert b["disks"]["drive-scsi1"]["size"] == 2 * MiB
+
+    target = vm["tmp"] / "r.raw"
+    [r] = json_lines(
+        dirbackup("restore", *s, b["volid"], "--disk", f"drive-scsi1={target}", "--json")
+    )
+    assert r == {
+        "volid": b["volid"],
+        "seconds": r["seconds"],
+        "disks": {
+            "drive-scsi1": {"target": str(target), "bytes": r["disks"]["drive-scsi1"]["bytes"]}
+        },
+    }
+    assert (
+        r["disks"]["drive-scsi1"]["bytes"] > 0 and target.read_bytes() == vm["disk1"].read_bytes()
+    )
+
+    verified = json_lines(dirbackup("verify", *s, "--json"))
+    assert [v["volid"] for v in verified] == [x["volid"] for x in backups]
+    assert all(v["ok"] and v["problems"] == [] and v["checked-bytes"] > 0 for v in verified)
+    assert set(verified[0]) == {"volid", "ok", "checked-bytes", "problems"}
+
+    [removed] = json_lines(dirbackup("remove", *s, backups[0]["volid"], "--json"))
+    assert removed == {"volid": backups[0]["volid"], "removed": True, "merged-into": [b["volid"]]}
+
+    marks = json_lines(dirbackup("prune", *s, "--vmid", "100", "--keep-last", "1", "--json"))
+    assert [(m["volid"], m["mark"]) for m in marks] == [
+        (backups[2]["volid"], "keep"),
+        (backups[1]["volid"], "remove"),
+    ]
+    assert set(marks[0]) == {"volid", "type", "ctime", "vmid", "mark"}
+
+
+def test_json_output_of_a_failed_verify_and_of_containers(tmp_path: Path) -> None:
+    root = tmp_path / "root"
+    root.mkdir()
+    (root / "file").write_text("x" * 10000)
+    store = tmp_path / "store"
+    store.mkdir()
+    s = ["--store", str(store)]
+    [b] = json_lines(dirbackup("backup", *s, "--vmid", "200", "--rootfs", str(root), "--json"))
+    assert b["type"] == "lxc" and b["disks"] == {} and b["archive-size"] > 0
+    target = tmp_path / "back"
+    [r] = json_lines(dirbackup("restore", *s, b["volid"], "--rootfs", str(target), "--json"))
+    assert r == {"volid": b["volid"], "rootfs": str(target), "seconds": r["seconds"]}
+    storage = DirectoryStorage("dirbackup", {"path": str(store)})
+    for f in storage.store.backup_dir(storage.backup_id(b["volid"])).iterdir():
+        if f.stat().st_size > 10000:  # the archive
+            with open(f, "r+b") as fh:
+                fh.seek(5000)
+                fh.write(b"damaged")
+    proc = dirbackup("verify", *s, "--json", check=1)
+    [v] = json_lines(proc)
+    assert v["volid"] == b["volid"] and v["ok"] is False and v["problems"]
+    assert proc.stderr == "error: 1 of 1 backups failed verification\n"

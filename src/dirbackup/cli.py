@@ -80,6 +80,14 @@ def _vmid(text: str) -> int:
     return int(text)
 
 
+def _json_option(sp: argparse.ArgumentParser) -> None:
+    sp.add_argument(
+        "--json",
+        action="store_true",
+        help="print one JSON object per volume on stdout, one a line (fields: see README)",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser (also used to render --help)."""
     p = argparse.ArgumentParser(
@@ -186,6 +194,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     b.add_argument("--notes", metavar="TEXT", help="notes to attach to the backup")
     b.add_argument("--protected", action="store_true", help="protect the backup from removal")
+    _json_option(b)
 
     ls = sub.add_parser("list", help="list backups")
     store_args(ls)
@@ -225,6 +234,7 @@ def build_parser() -> argparse.ArgumentParser:
         "it copies) or with qemu-img convert (the whole backup chain is first read once to "
         "check its digests: one extra read of the backup)",
     )
+    _json_option(r)
 
     v = sub.add_parser(
         "verify",
@@ -237,6 +247,7 @@ def build_parser() -> argparse.ArgumentParser:
     store_args(v)
     v.add_argument("volid", nargs="?", metavar="VOLID", help="one backup (default: all)")
     v.add_argument("--vmid", type=_vmid, metavar="ID", help="only this guest's backups")
+    _json_option(v)
 
     pr = sub.add_parser(
         "prune",
@@ -253,11 +264,12 @@ def build_parser() -> argparse.ArgumentParser:
     for rule in ("last", "hourly", "daily", "weekly", "monthly", "yearly"):
         pr.add_argument(f"--keep-{rule}", type=int, default=0, metavar="N", help=f"keep-{rule}=N")
     pr.add_argument("--dry-run", action="store_true", help="only show what would be removed")
-    pr.add_argument("--json", action="store_true", help="print JSON")
+    _json_option(pr)
 
     rm = sub.add_parser("remove", help="remove one backup (merged into its children first)")
     store_args(rm, locks=True)
     rm.add_argument("volid", metavar="VOLID")
+    _json_option(rm)
 
     n = sub.add_parser("notes", help="show or set a backup's notes")
     store_args(n, locks=True)
@@ -316,6 +328,11 @@ def _config_text(path: Path | None) -> str | None:
     if path is None:
         return None
     return path.read_bytes().decode("utf-8", "surrogateescape")
+
+
+def _emit(obj: dict[str, Any]) -> None:
+    """One volume's JSON object, on a line of its own (--json)."""
+    print(json.dumps(obj, sort_keys=True), flush=True)
 
 
 class _Printer:
@@ -391,7 +408,28 @@ def cmd_backup(args: argparse.Namespace) -> int:
         bar.finish()
     bid = storage.backup_id(report.volid)
     manifest = storage.store.read_manifest(bid)
-    if manifest is not None and manifest.disks:
+    if args.json:
+        records = manifest.disks if manifest is not None else {}
+        _emit(
+            {
+                "volid": report.volid,
+                "vmid": bid.vmid,
+                "type": bid.vmtype.value,
+                "ctime": bid.epoch,
+                "seconds": report.seconds,
+                "archive-size": report.archive_size,
+                "disks": {
+                    dev: {
+                        "mode": d.mode,
+                        "size": d.size,
+                        "read": d.dirty_bytes,
+                        "written": d.written_bytes,
+                    }
+                    for dev, d in sorted(records.items())
+                },
+            }
+        )
+    elif manifest is not None and manifest.disks:
         size = sum(d.size for d in manifest.disks.values())
         dirty = sum(d.dirty_bytes for d in manifest.disks.values())
         written = sum(d.written_bytes for d in manifest.disks.values())
@@ -461,7 +499,10 @@ def cmd_restore(args: argparse.Namespace) -> int:
         if bid.vmtype != VmType.LXC:
             raise UsageError(f"{volid} is a VM backup: restore it with --disk DEV=TARGET")
         seconds = host.restore_container(volid, args.rootfs, force=args.force)
-        print(f"{volid}: restored into {args.rootfs} in {seconds:.2f} s")
+        if args.json:
+            _emit({"volid": volid, "rootfs": str(args.rootfs), "seconds": seconds})
+        else:
+            print(f"{volid}: restored into {args.rootfs} in {seconds:.2f} s")
         return 0
     if bid.vmtype != VmType.QEMU:
         raise UsageError(f"{volid} is a container backup: restore it with --rootfs DIR")
@@ -481,6 +522,22 @@ def cmd_restore(args: argparse.Namespace) -> int:
     finally:
         bar.finish()
     total = sum(s.done_bytes for s in report.devices.values() if s is not None)
+    if args.json:
+        done = {d: s.done_bytes for d, s in report.devices.items() if s is not None}
+        _emit(
+            {
+                "volid": volid,
+                "seconds": report.seconds,
+                "disks": {
+                    dev: {
+                        "target": str(target),
+                        "bytes": done.get(dev),
+                    }
+                    for dev, target in targets.items()
+                },
+            }
+        )
+        return 0
     print(
         f"{volid}: restored {', '.join(f'{d} -> {t}' for d, t in targets.items())} "
         f"in {report.seconds:.2f} s"
@@ -509,7 +566,17 @@ def cmd_verify(args: argparse.Namespace) -> int:
             sys.stderr.write("\r\033[K")
     failed = 0
     for r in results:
-        if r.ok:
+        if args.json:
+            failed += not r.ok
+            _emit(
+                {
+                    "volid": r.volid,
+                    "ok": r.ok,
+                    "checked-bytes": r.checked_bytes,
+                    "problems": list(r.problems),
+                }
+            )
+        elif r.ok:
             print(f"{r.volid}: ok ({human(r.checked_bytes)} checked)")
         else:
             failed += 1
@@ -561,7 +628,8 @@ def cmd_prune(args: argparse.Namespace) -> int:
 
 def _print_marks(entries: list[dict[str, Any]], as_json: bool) -> None:
     if as_json:
-        print(json.dumps(entries, indent=1))
+        for e in entries:
+            _emit(e)
         return
     horizon = future_horizon()
     for e in entries:
@@ -574,6 +642,10 @@ def cmd_remove(args: argparse.Namespace) -> int:
     bid = _volid(storage, args.volid)
     children = storage.children_of(bid)
     storage.free_image(bid.volname, log=_Printer(args.verbose, ProgressBar(enabled=False)))
+    if args.json:
+        merged_into = [c.id.volid(storage.storeid) for c in children]
+        _emit({"volid": bid.volid(storage.storeid), "removed": True, "merged-into": merged_into})
+        return 0
     merged = f" (merged into {', '.join(c.id.archive for c in children)})" if children else ""
     print(f"removed {bid.volid(storage.storeid)}{merged}")
     return 0
