@@ -15,6 +15,8 @@ import pytest
 from conftest import MiB
 
 from dirbackup import qemu
+from dirbackup.errors import HostError
+from dirbackup.host import Disk, Host
 from dirbackup.storage import DirectoryStorage
 from dirbackup.units import MIN_RATE, parse_rate, parse_size
 
@@ -326,3 +328,17 @@ def test_json_output_of_a_failed_verify_and_of_containers(tmp_path: Path) -> Non
     [v] = json_lines(proc)
     assert v["volid"] == b["volid"] and v["ok"] is False and v["problems"]
     assert proc.stderr == "error: 1 of 1 backups failed verification\n"
+
+
+def test_host_refuses_a_hard_link_of_one_image_for_two_devices(vm: dict[str, Path]) -> None:
+    """The Python API refuses it too (HostError), with the same line."""
+    link = vm["tmp"] / "link.qcow2"
+    os.link(vm["disk0"], link)
+    storage = DirectoryStorage("dirbackup", {"path": str(vm["store"])})
+    disks = [Disk("drive-scsi0", vm["disk0"]), Disk("drive-scsi1", link)]
+    with pytest.raises(HostError) as exc:
+        Host(storage, "dirbackup").backup_vm(100, disks)
+    assert str(exc.value) == (
+        f"{link} (the same image as {vm['disk0']}) is given as both drive-scsi0 and drive-scsi1"
+    )
+    assert not list(vm["store"].iterdir())
