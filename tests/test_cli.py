@@ -134,9 +134,12 @@ def test_prune_command(vm: dict[str, Path]) -> None:
     for _ in range(3):
         qemu.io(vm["disk0"], "write -P 9 0 64k")
         dirbackup("backup", *s, "--vmid", "100", "--disk", f"drive-scsi0={vm['disk0']}")
-    dry = json.loads(
-        dirbackup("prune", *s, "--vmid", "100", "--keep-last", "1", "--dry-run", "--json").stdout
-    )
+    dry = [
+        json.loads(line)
+        for line in dirbackup(
+            "prune", *s, "--vmid", "100", "--keep-last", "1", "--dry-run", "--json"
+        ).stdout.splitlines()
+    ]
     assert [e["mark"] for e in dry] == ["keep", "remove", "remove"]
     assert len(json.loads(dirbackup("list", *s, "--json").stdout)) == 3
     res = dirbackup("prune", *s, "--vmid", "100", "--keep-last", "1")

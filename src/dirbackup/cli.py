@@ -26,7 +26,7 @@ from typing import Any
 from dirbackup import __version__
 from dirbackup.api import VmType
 from dirbackup.errors import DirbackupError, Terminated
-from dirbackup.host import Disk, Host, RestoreEngine
+from dirbackup.host import Disk, Host, RestoreEngine, duplicate_disks
 from dirbackup.progress import ProgressBar
 from dirbackup.provider import DirectoryBackupProvider
 from dirbackup.storage import DirectoryStorage, PruneError, VerifyResult
@@ -38,7 +38,7 @@ from dirbackup.store import (
     future_horizon,
     split_volid,
 )
-from dirbackup.units import human, parse_seconds, parse_size
+from dirbackup.units import human, parse_rate, parse_seconds
 from dirbackup.watchdog import DEFAULT_IO_TIMEOUT
 
 DEFAULT_STOREID = "dirbackup"
@@ -60,9 +60,9 @@ def _pair(text: str) -> tuple[str, str]:
     return dev, path
 
 
-def _size(text: str) -> int:
+def _rate(text: str) -> int:
     try:
-        return parse_size(text)
+        return parse_rate(text)
     except ValueError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
@@ -78,6 +78,14 @@ def _vmid(text: str) -> int:
     if not text.isascii() or not text.isdigit() or not 0 < int(text) <= MAX_VMID:
         raise argparse.ArgumentTypeError(f"invalid guest id {text!r} (a positive number)")
     return int(text)
+
+
+def _json_option(sp: argparse.ArgumentParser) -> None:
+    sp.add_argument(
+        "--json",
+        action="store_true",
+        help="print one JSON object per volume on stdout, one a line (fields: see README)",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -156,10 +164,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     b.add_argument(
         "--bwlimit",
-        type=_size,
+        type=_rate,
         default=0,
-        metavar="BYTES_PER_S",
-        help="bandwidth limit in bytes per second (suffixes K, M, G allowed)",
+        metavar="RATE",
+        help="bandwidth limit per second, with a unit: 50MB (10^6 bytes), 100MiB or 100M "
+        "(2^20 bytes); at least 64KiB; 0: none (default)",
     )
     b.add_argument(
         "--exclude",
@@ -185,6 +194,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     b.add_argument("--notes", metavar="TEXT", help="notes to attach to the backup")
     b.add_argument("--protected", action="store_true", help="protect the backup from removal")
+    _json_option(b)
 
     ls = sub.add_parser("list", help="list backups")
     store_args(ls)
@@ -224,6 +234,7 @@ def build_parser() -> argparse.ArgumentParser:
         "it copies) or with qemu-img convert (the whole backup chain is first read once to "
         "check its digests: one extra read of the backup)",
     )
+    _json_option(r)
 
     v = sub.add_parser(
         "verify",
@@ -236,6 +247,7 @@ def build_parser() -> argparse.ArgumentParser:
     store_args(v)
     v.add_argument("volid", nargs="?", metavar="VOLID", help="one backup (default: all)")
     v.add_argument("--vmid", type=_vmid, metavar="ID", help="only this guest's backups")
+    _json_option(v)
 
     pr = sub.add_parser(
         "prune",
@@ -252,11 +264,12 @@ def build_parser() -> argparse.ArgumentParser:
     for rule in ("last", "hourly", "daily", "weekly", "monthly", "yearly"):
         pr.add_argument(f"--keep-{rule}", type=int, default=0, metavar="N", help=f"keep-{rule}=N")
     pr.add_argument("--dry-run", action="store_true", help="only show what would be removed")
-    pr.add_argument("--json", action="store_true", help="print JSON")
+    _json_option(pr)
 
     rm = sub.add_parser("remove", help="remove one backup (merged into its children first)")
     store_args(rm, locks=True)
     rm.add_argument("volid", metavar="VOLID")
+    _json_option(rm)
 
     n = sub.add_parser("notes", help="show or set a backup's notes")
     store_args(n, locks=True)
@@ -309,6 +322,19 @@ def _volid(storage: DirectoryStorage, text: str) -> BackupId:
     return bid
 
 
+def _config_text(path: Path | None) -> str | None:
+    """A --config or --firewall file as given: bytes that are not UTF-8 are
+    kept (surrogateescape) and stored byte for byte."""
+    if path is None:
+        return None
+    return path.read_bytes().decode("utf-8", "surrogateescape")
+
+
+def _emit(obj: dict[str, Any]) -> None:
+    """One volume's JSON object, on a line of its own (--json)."""
+    print(json.dumps(obj, sort_keys=True), flush=True)
+
+
 class _Printer:
     """Log lines to stderr: warnings and errors always, info with --verbose."""
 
@@ -346,8 +372,8 @@ def cmd_backup(args: argparse.Namespace) -> int:
             storage, storage.scfg, storage.storeid, log, progress=bar.update
         ),
     )
-    config = args.config.read_text() if args.config else ""
-    firewall = args.firewall.read_text() if args.firewall else None
+    config = _config_text(args.config) or ""
+    firewall = _config_text(args.firewall)
     try:
         if args.rootfs is not None:
             if args.disk:
@@ -366,6 +392,9 @@ def cmd_backup(args: argparse.Namespace) -> int:
             if args.exclude:
                 raise UsageError("--exclude applies to container backups (--rootfs)")
             disks = [Disk(dev, Path(path)) for dev, path in args.disk]
+            twice = duplicate_disks(disks)
+            if twice is not None:
+                raise UsageError(twice)
             report = host.backup_vm(
                 args.vmid,
                 disks,
@@ -379,7 +408,28 @@ def cmd_backup(args: argparse.Namespace) -> int:
         bar.finish()
     bid = storage.backup_id(report.volid)
     manifest = storage.store.read_manifest(bid)
-    if manifest is not None and manifest.disks:
+    if args.json:
+        records = manifest.disks if manifest is not None else {}
+        _emit(
+            {
+                "volid": report.volid,
+                "vmid": bid.vmid,
+                "type": bid.vmtype.value,
+                "ctime": bid.epoch,
+                "seconds": report.seconds,
+                "archive-size": report.archive_size,
+                "disks": {
+                    dev: {
+                        "mode": d.mode,
+                        "size": d.size,
+                        "read": d.dirty_bytes,
+                        "written": d.written_bytes,
+                    }
+                    for dev, d in sorted(records.items())
+                },
+            }
+        )
+    elif manifest is not None and manifest.disks:
         size = sum(d.size for d in manifest.disks.values())
         dirty = sum(d.dirty_bytes for d in manifest.disks.values())
         written = sum(d.written_bytes for d in manifest.disks.values())
@@ -449,7 +499,10 @@ def cmd_restore(args: argparse.Namespace) -> int:
         if bid.vmtype != VmType.LXC:
             raise UsageError(f"{volid} is a VM backup: restore it with --disk DEV=TARGET")
         seconds = host.restore_container(volid, args.rootfs, force=args.force)
-        print(f"{volid}: restored into {args.rootfs} in {seconds:.2f} s")
+        if args.json:
+            _emit({"volid": volid, "rootfs": str(args.rootfs), "seconds": seconds})
+        else:
+            print(f"{volid}: restored into {args.rootfs} in {seconds:.2f} s")
         return 0
     if bid.vmtype != VmType.QEMU:
         raise UsageError(f"{volid} is a container backup: restore it with --rootfs DIR")
@@ -469,6 +522,22 @@ def cmd_restore(args: argparse.Namespace) -> int:
     finally:
         bar.finish()
     total = sum(s.done_bytes for s in report.devices.values() if s is not None)
+    if args.json:
+        done = {d: s.done_bytes for d, s in report.devices.items() if s is not None}
+        _emit(
+            {
+                "volid": volid,
+                "seconds": report.seconds,
+                "disks": {
+                    dev: {
+                        "target": str(target),
+                        "bytes": done.get(dev),
+                    }
+                    for dev, target in targets.items()
+                },
+            }
+        )
+        return 0
     print(
         f"{volid}: restored {', '.join(f'{d} -> {t}' for d, t in targets.items())} "
         f"in {report.seconds:.2f} s"
@@ -497,15 +566,26 @@ def cmd_verify(args: argparse.Namespace) -> int:
             sys.stderr.write("\r\033[K")
     failed = 0
     for r in results:
-        if r.ok:
+        if args.json:
+            failed += not r.ok
+            _emit(
+                {
+                    "volid": r.volid,
+                    "ok": r.ok,
+                    "checked-bytes": r.checked_bytes,
+                    "problems": list(r.problems),
+                }
+            )
+        elif r.ok:
             print(f"{r.volid}: ok ({human(r.checked_bytes)} checked)")
         else:
             failed += 1
             print(f"{r.volid}: FAILED")
             for problem in r.problems:
                 print(f"  {problem}")
-    if not results:
-        print("no backups to verify", file=sys.stderr)
+    if not results:  # nothing checked is not a success: a wrong --vmid or --store
+        whose = f"of guest {args.vmid} " if args.vmid is not None else ""
+        raise DirbackupError(f"no backups {whose}to verify in {args.store}")
     if failed:
         print(f"error: {failed} of {len(results)} backups failed verification", file=sys.stderr)
         return 1
@@ -548,7 +628,8 @@ def cmd_prune(args: argparse.Namespace) -> int:
 
 def _print_marks(entries: list[dict[str, Any]], as_json: bool) -> None:
     if as_json:
-        print(json.dumps(entries, indent=1))
+        for e in entries:
+            _emit(e)
         return
     horizon = future_horizon()
     for e in entries:
@@ -561,6 +642,10 @@ def cmd_remove(args: argparse.Namespace) -> int:
     bid = _volid(storage, args.volid)
     children = storage.children_of(bid)
     storage.free_image(bid.volname, log=_Printer(args.verbose, ProgressBar(enabled=False)))
+    if args.json:
+        merged_into = [c.id.volid(storage.storeid) for c in children]
+        _emit({"volid": bid.volid(storage.storeid), "removed": True, "merged-into": merged_into})
+        return 0
     merged = f" (merged into {', '.join(c.id.archive for c in children)})" if children else ""
     print(f"removed {bid.volid(storage.storeid)}{merged}")
     return 0

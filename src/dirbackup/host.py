@@ -166,17 +166,13 @@ class Host:
         """Back up a VM's disks in the hypervisor's order of calls."""
         if not disks:
             raise HostError("a VM backup needs at least one disk")
-        seen: set[str] = set()
-        images: dict[str, str] = {}  # real path -> device: one image, one bitmap chain
         for d in disks:
             check_device_name(d.device)
-            if d.device in seen:
-                raise HostError(f"device {d.device} given twice")
-            seen.add(d.device)
+        twice = duplicate_disks(disks)
+        if twice is not None:
+            raise HostError(twice)
+        for d in disks:
             _check_disk(d.path)
-            other = images.setdefault(os.path.realpath(d.path), d.device)
-            if other != d.device:
-                raise HostError(f"{d.path} is given as both {other} and {d.device}")
         return self._run_backup(
             vmid,
             VmType.QEMU,
@@ -537,6 +533,28 @@ def _describe(exc: BaseException) -> str:
     if isinstance(exc, KeyboardInterrupt):
         return "interrupted"
     return str(exc) or type(exc).__name__
+
+
+def duplicate_disks(disks: Sequence[Disk]) -> str | None:
+    """The first device given twice, or image given for two devices (one
+    image, one bitmap chain: the same file by st_dev/st_ino, so also through a
+    symlink or a hard link), as one line; None if there is none.  A path that
+    cannot be examined is left to the backup's own checks."""
+    devices: set[str] = set()
+    images: dict[tuple[int, int], Disk] = {}
+    for d in disks:
+        if d.device in devices:
+            return f"device {d.device} given twice"
+        devices.add(d.device)
+        try:
+            st = os.stat(d.path)
+        except OSError:
+            continue
+        other = images.setdefault((st.st_dev, st.st_ino), d)
+        if other.device != d.device:
+            same = "" if str(other.path) == str(d.path) else f" (the same image as {other.path})"
+            return f"{d.path}{same} is given as both {other.device} and {d.device}"
+    return None
 
 
 def _check_disk(path: Path) -> None:

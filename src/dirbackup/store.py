@@ -249,12 +249,14 @@ class PartialBackup:
         return self.path / _disk_file(device)
 
     def write_configs(self, guest_config: str, firewall: str | None) -> dict[str, FileRecord]:
-        """Write the guest's configuration and firewall (if any); their records."""
+        """Write the guest's configuration and firewall (if any); their records.
+        The bytes as the user gave them: text read with errors="surrogateescape"
+        (a file that is not UTF-8) is written back byte for byte."""
         files = {}
         for name, text in ((_GUEST_CONFIG, guest_config), (_FIREWALL_CONFIG, firewall)):
             if text is None:
                 continue
-            data = text.encode() if isinstance(text, str) else bytes(text)
+            data = text.encode("utf-8", "surrogateescape") if isinstance(text, str) else bytes(text)
             write_atomic(self.path / name, data)
             files[name] = FileRecord(len(data), sha256_file(self.path / name))
         return files
