@@ -90,9 +90,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="Volumes (VOLID) may be written STOREID:backup/100/qemu-1700000000, "
         "backup/100/qemu-1700000000 or 100/qemu-1700000000.",
     )
-    p.add_argument("--version", action="version", version=f"dirbackup {__version__}")
-    p.add_argument("--debug", action="store_true", help="show tracebacks of errors")
-    p.add_argument("-v", "--verbose", action="store_true", help="print the backup log as it goes")
+    _global_options(p, suppress=False)
     sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     def store_args(sp: argparse.ArgumentParser, locks: bool = False) -> None:
@@ -275,7 +273,21 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="DIR",
         help="where to build the demo (default: a new temporary directory)",
     )
+    for command in sub.choices.values():  # global options go before or after the command
+        _global_options(command.add_argument_group("global options"), suppress=True)
     return p
+
+
+def _global_options(group: Any, suppress: bool) -> None:
+    """The options of every command, accepted before or after its name.  A
+    subcommand's copy has no default (SUPPRESS), so that it only sets what is
+    given after the command and never resets what was given before it."""
+    default: Any = {"default": argparse.SUPPRESS} if suppress else {}
+    group.add_argument("--version", action="version", version=f"dirbackup {__version__}")
+    group.add_argument("--debug", action="store_true", help="show tracebacks of errors", **default)
+    group.add_argument(
+        "-v", "--verbose", action="store_true", help="print the backup log as it goes", **default
+    )
 
 
 # ---------------------------------------------------------------------- helpers
