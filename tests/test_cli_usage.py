@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -78,3 +79,120 @@ def test_version_and_verbose_after_list(vm: dict[str, Path]) -> None:
     proc = dirbackup("list", "--store", str(vm["store"]), "-v")
     assert proc.stdout == "" and proc.stderr == "no backups\n"
     assert "global options:" in dirbackup("list", "--help").stdout
+
+
+# ------------------------------------------------------------ errors: one line, once
+
+
+def backup_of(vm: dict[str, Path], *extra: str) -> str:
+    out = dirbackup(
+        "backup",
+        "--store",
+        str(vm["store"]),
+        "--vmid",
+        "100",
+        "--disk",
+        f"drive-scsi0={vm['disk']}",
+        *extra,
+    ).stdout
+    return out.split(": ", 1)[0]
+
+
+def test_a_locked_disk_is_one_line_once(vm: dict[str, Path]) -> None:
+    holder = subprocess.Popen(
+        ["qemu-io", "-f", "qcow2", str(vm["disk"])],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.monotonic() + 30
+        while not qemu.image_locked(vm["disk"]) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        line = (
+            f"error: disk image {vm['disk']} is in use by another process (a VM, qemu-nbd or "
+            "qemu-img holds its image lock)\n"
+        )
+        for verbose in ([], ["-v"]):
+            proc = dirbackup(
+                "backup",
+                "--store",
+                str(vm["store"]),
+                "--vmid",
+                "100",
+                "--disk",
+                f"drive-scsi0={vm['disk']}",
+                *verbose,
+                check=1,
+            )
+            if verbose:  # the log as it goes, then the failure once, last
+                assert proc.stderr.endswith(line) and proc.stderr.count("error") == 1
+                assert "err:" not in proc.stderr and "qemu-img: " not in proc.stderr
+            else:
+                assert proc.stderr == line
+    finally:
+        assert holder.stdin is not None
+        holder.stdin.close()
+        holder.wait(30)
+
+
+def test_operational_errors_are_one_exact_line(vm: dict[str, Path]) -> None:
+    s = ["--store", str(vm["store"])]
+    disk = ["--vmid", "100", "--disk"]
+    proc = dirbackup("backup", *s, *disk, "drive-scsi0=/nonexistent.qcow2", check=1)
+    assert proc.stderr == "error: disk image /nonexistent.qcow2 does not exist\n"
+    bad = vm["tmp"] / "bad.qcow2"  # a qcow2 header qemu-img refuses
+    qemu.img_create(bad, 16 * MiB)
+    with open(bad, "r+b") as f:
+        f.seek(40)
+        f.write(b"\xff\xff\xff\xff")
+    proc = dirbackup("backup", *s, *disk, f"drive-scsi0={bad}", check=1)
+    assert (
+        proc.stderr
+        == f"error: qemu-img info: Could not open '{bad}': Active L1 table offset invalid\n"
+    )
+    proc = dirbackup("restore", *s, "100/qemu-1", "--disk", "drive-scsi0=/tmp/x", check=1)
+    assert proc.stderr == f"error: backup 100/qemu-1 does not exist in {vm['store']}\n"
+    volid = backup_of(vm, "--protected")
+    proc = dirbackup("remove", *s, volid, check=1)
+    name = volid.split("backup/", 1)[1]
+    assert proc.stderr == f"error: backup {name} is protected; unprotect it first\n"
+    manifest = vm["store"] / name / "manifest.json"
+    manifest.write_text("garbage\n")  # a damaged store
+    proc = dirbackup("restore", *s, volid, "--disk", f"drive-scsi0={vm['tmp'] / 'r.raw'}", check=1)
+    assert proc.stderr == (
+        f"error: {manifest}: unreadable manifest (Expecting value: line 1 column 1 (char 0))\n"
+    )
+
+
+@pytest.mark.parametrize("command", ["backup", "restore"])
+def test_a_device_given_twice_is_a_usage_error_of_the_command(
+    vm: dict[str, Path], command: str
+) -> None:
+    s = ["--store", str(vm["store"])]
+    twice = ["--disk", f"drive-scsi0={vm['tmp'] / 'a'}", "--disk", f"drive-scsi0={vm['tmp'] / 'b'}"]
+    if command == "backup":
+        args = ["backup", *s, "--vmid", "100", *twice]
+    else:
+        args = ["restore", *s, backup_of(vm), *twice]
+    proc = dirbackup(*args, check=2)
+    lines = proc.stderr.splitlines()
+    assert lines[0].startswith(f"usage: dirbackup {command} [-h] --store DIR")
+    assert lines[-1] == f"dirbackup {command}: error: device drive-scsi0 given twice"
+    assert proc.stdout == ""
+
+
+def test_a_usage_error_found_late_prints_the_command_usage(vm: dict[str, Path]) -> None:
+    s = ["--store", str(vm["store"])]
+    volid = backup_of(vm)
+    proc = dirbackup("restore", *s, volid, "--rootfs", str(vm["tmp"] / "ct"), check=2)
+    lines = proc.stderr.splitlines()
+    assert lines[0].startswith("usage: dirbackup restore [-h]")
+    assert lines[-1] == (
+        f"dirbackup restore: error: {volid} is a VM backup: restore it with --disk DEV=TARGET"
+    )
+    proc = dirbackup("prune", *s, "--vmid", "100", check=2)
+    assert proc.stderr.startswith("usage: dirbackup prune [-h]")
+    assert proc.stderr.splitlines()[-1] == (
+        "dirbackup prune: error: give at least one --keep-* option (prune keeps everything "
+        "otherwise)"
+    )

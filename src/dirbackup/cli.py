@@ -275,6 +275,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     for command in sub.choices.values():  # global options go before or after the command
         _global_options(command.add_argument_group("global options"), suppress=True)
+        command.set_defaults(command_parser=command)  # whose usage a UsageError prints
     return p
 
 
@@ -321,6 +322,16 @@ def _volid(storage: DirectoryStorage, text: str) -> BackupId:
     return bid
 
 
+def _devices(pairs: list[tuple[str, str]]) -> dict[str, Path]:
+    """--disk DEV=PATH options as a map; a device named twice is a usage error."""
+    devices: dict[str, Path] = {}
+    for dev, path in pairs:
+        if dev in devices:
+            raise UsageError(f"device {dev} given twice")
+        devices[dev] = Path(path)
+    return devices
+
+
 class _Printer:
     """Log lines to stderr: warnings and errors always, info with --verbose."""
 
@@ -330,6 +341,8 @@ class _Printer:
 
     def __call__(self, level: str, message: str) -> None:
         if level == "info" and not self.verbose:
+            return
+        if level == "err":  # a failure: in the backup's log; the command prints it once
             return
         self.bar.finish()
         print(f"{level}: {message}" if level != "info" else message, file=sys.stderr)
@@ -377,7 +390,7 @@ def cmd_backup(args: argparse.Namespace) -> int:
         else:
             if args.exclude:
                 raise UsageError("--exclude applies to container backups (--rootfs)")
-            disks = [Disk(dev, Path(path)) for dev, path in args.disk]
+            disks = [Disk(dev, path) for dev, path in _devices(args.disk).items()]
             report = host.backup_vm(
                 args.vmid,
                 disks,
@@ -465,11 +478,7 @@ def cmd_restore(args: argparse.Namespace) -> int:
         return 0
     if bid.vmtype != VmType.QEMU:
         raise UsageError(f"{volid} is a container backup: restore it with --rootfs DIR")
-    targets: dict[str, Path] = {}
-    for dev, path in args.disk:
-        if dev in targets:
-            raise UsageError(f"device {dev} given twice")
-        targets[dev] = Path(path)
+    targets = _devices(args.disk)
     try:
         report = host.restore_vm(
             volid,
@@ -646,9 +655,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     undo = _terminate_like_ctrl_c()
     try:
         return COMMANDS[args.command](args)
-    except UsageError as exc:
-        parser.print_usage(sys.stderr)
-        print(f"{parser.prog} {args.command}: error: {exc}", file=sys.stderr)
+    except UsageError as exc:  # as argparse reports a mistake: the command's usage, then one line
+        command: argparse.ArgumentParser = getattr(args, "command_parser", parser)
+        command.print_usage(sys.stderr)
+        print(f"{command.prog}: error: {exc}", file=sys.stderr)
         return 2
     except Terminated:
         print("\nerror: terminated (SIGTERM)", file=sys.stderr)
