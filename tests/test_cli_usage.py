@@ -4,6 +4,9 @@ terminal only."""
 
 from __future__ import annotations
 
+import os
+import pty
+import re
 import subprocess
 import sys
 import time
@@ -196,3 +199,82 @@ def test_a_usage_error_found_late_prints_the_command_usage(vm: dict[str, Path]) 
         "dirbackup prune: error: give at least one --keep-* option (prune keeps everything "
         "otherwise)"
     )
+
+
+# ------------------------------------------------------------ progress bars
+
+
+def on_terminal(*args: str) -> tuple[int, str]:
+    """Run dirbackup with stdout and stderr on a pseudo-terminal: its exit
+    status and everything it showed there."""
+    master, slave = pty.openpty()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "dirbackup", *args],
+        stdin=subprocess.DEVNULL,
+        stdout=slave,
+        stderr=slave,
+    )
+    os.close(slave)
+    chunks = []
+    while True:
+        try:
+            data = os.read(master, 65536)
+        except OSError:  # EIO: the last holder of the terminal's other side is gone
+            break
+        if not data:
+            break
+        chunks.append(data)
+    os.close(master)
+    return proc.wait(300), b"".join(chunks).decode(errors="replace")
+
+
+BAR = re.compile(
+    r"\r(?P<item>\S+) +\[#+\] 100\.0% +(?P<done>[\d.]+ \w+) / (?P<total>[\d.]+ \w+) +"
+    r"[\d.]+ \w+/s ETA +\d+s\r?\n"
+)
+
+
+def bars(shown: str) -> dict[str, str]:
+    """The completed bars on a terminal: item -> its total."""
+    return {m["item"]: m["total"] for m in BAR.finditer(shown)}
+
+
+def test_bars_for_each_disk_on_a_terminal_and_none_otherwise(vm: dict[str, Path]) -> None:
+    s = ["--store", str(vm["store"])]
+    raw = vm["tmp"] / "disk1.raw"
+    with open(raw, "wb") as f:
+        f.truncate(8 * MiB)
+        f.write(os.urandom(2 * MiB))
+    disks = ["--disk", f"drive-scsi0={vm['disk']}", "--disk", f"drive-scsi1={raw}"]
+    status, shown = on_terminal("backup", *s, "--vmid", "100", *disks)
+    assert status == 0, shown
+    assert bars(shown) == {"drive-scsi0": "4.0 MiB", "drive-scsi1": "2.0 MiB"}, shown
+    volid = shown.splitlines()[-1].split(": ", 1)[0]
+    restored = ["--disk", f"drive-scsi0={vm['tmp'] / 'r0.raw'}"]
+    status, shown = on_terminal("restore", *s, volid, *restored)
+    assert status == 0 and list(bars(shown)) == ["drive-scsi0"], shown
+    status, shown = on_terminal("verify", *s)
+    assert status == 0 and list(bars(shown)) == ["verify"], shown
+    # not a terminal: the summary only, on stdout; nothing on stderr
+    for command in (
+        ["backup", *s, "--vmid", "100", *disks],
+        ["restore", *s, volid, "--disk", f"drive-scsi0={vm['tmp'] / 'r1.raw'}"],
+        ["verify", *s],
+    ):
+        proc = dirbackup(*command)
+        assert proc.stderr == "" and "\r" not in proc.stdout and "ETA" not in proc.stdout
+
+
+def test_a_container_backup_shows_the_bytes_of_its_tar_stream(tmp_path: Path) -> None:
+    store, rootfs = tmp_path / "store", tmp_path / "ct"
+    store.mkdir()
+    rootfs.mkdir()
+    (rootfs / "data").write_bytes(os.urandom(6 * MiB))
+    # slowed down so that the stream is seen going before it ends
+    args = ["backup", "--store", str(store), "--vmid", "200", "--rootfs", str(rootfs)]
+    status, shown = on_terminal(*args, "--bwlimit", "8MiB")
+    assert status == 0, shown
+    assert re.search(r"\rrootfs +[\d.]+ \w+ +[\d.]+ \w+/s", shown), shown  # no total yet
+    assert list(bars(shown)) == ["rootfs"], shown
+    proc = dirbackup(*args)
+    assert proc.stderr == "" and proc.stdout.count("\n") == 1

@@ -25,6 +25,7 @@ from typing import Any
 
 from dirbackup import __version__
 from dirbackup.api import VmType
+from dirbackup.copy import CopyStats
 from dirbackup.errors import DirbackupError, Terminated
 from dirbackup.host import Disk, Host, RestoreEngine
 from dirbackup.progress import ProgressBar
@@ -33,6 +34,7 @@ from dirbackup.storage import DirectoryStorage, PruneError, VerifyResult
 from dirbackup.store import (
     DEFAULT_LOCK_TIMEOUT,
     MAX_VMID,
+    BackupEntry,
     BackupId,
     StoreProblem,
     future_horizon,
@@ -507,15 +509,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
         problems: list[StoreProblem] = []
         entries = storage.store.backups(args.vmid, problems)
         results = [VerifyResult(str(p.path), False, (p.message,)) for p in problems]
-        bar = ProgressBar()
-        verifier = storage.verifier()  # a base shared by many backups is read once
-        for i, entry in enumerate(entries, 1):
-            if bar.enabled:
-                sys.stderr.write(f"\rverifying {i}/{len(entries)} {entry.id.archive}\033[K")
-                sys.stderr.flush()
-            results.append(verifier.verify(entry))
-        if bar.enabled and entries:
-            sys.stderr.write("\r\033[K")
+        results += _verify_entries(storage, entries)
     failed = 0
     for r in results:
         if r.ok:
@@ -531,6 +525,30 @@ def cmd_verify(args: argparse.Namespace) -> int:
         print(f"error: {failed} of {len(results)} backups failed verification", file=sys.stderr)
         return 1
     return 0
+
+
+def _verify_entries(storage: DirectoryStorage, entries: list[BackupEntry]) -> list[VerifyResult]:
+    """Verify backups in turn (a base shared by many is read once), with one
+    bar on a terminal: the bytes of the backups checked so far, rate, ETA."""
+    bar = ProgressBar()
+    verifier = storage.verifier()
+    sizes = [_backup_size(e) if bar.enabled else 0 for e in entries]
+    total, done, start = max(sum(sizes), 1), 0, time.monotonic()
+    results = []
+    for entry, size in zip(entries, sizes, strict=True):
+        bar.update("verify", CopyStats(total, done, done, 0, 0, 0, time.monotonic() - start, 1))
+        results.append(verifier.verify(entry))
+        done += size
+    if entries:
+        bar.update("verify", CopyStats(total, total, done, 0, 0, 0, time.monotonic() - start, 1))
+    return results
+
+
+def _backup_size(entry: BackupEntry) -> int:
+    try:
+        return entry.usage()[0]
+    except OSError:  # a damaged backup: its verify says why
+        return 0
 
 
 def cmd_prune(args: argparse.Namespace) -> int:
