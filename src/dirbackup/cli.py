@@ -531,16 +531,20 @@ def _verify_entries(storage: DirectoryStorage, entries: list[BackupEntry]) -> li
     """Verify backups in turn (a base shared by many is read once), with one
     bar on a terminal: the bytes of the backups checked so far, rate, ETA."""
     bar = ProgressBar()
-    verifier = storage.verifier()
-    sizes = [_backup_size(e) if bar.enabled else 0 for e in entries]
-    total, done, start = max(sum(sizes), 1), 0, time.monotonic()
-    results = []
-    for entry, size in zip(entries, sizes, strict=True):
+    total = max(sum(_backup_size(e) for e in entries), 1) if bar.enabled else 1
+    done, start = 0, time.monotonic()
+
+    def checked(n: int) -> None:
+        nonlocal done
+        done = min(done + n, total)
         bar.update("verify", CopyStats(total, done, done, 0, 0, 0, time.monotonic() - start, 1))
-        results.append(verifier.verify(entry))
-        done += size
+
+    verifier = storage.verifier(checked)
     if entries:
-        bar.update("verify", CopyStats(total, total, done, 0, 0, 0, time.monotonic() - start, 1))
+        checked(0)
+    results = [verifier.verify(entry) for entry in entries]
+    if entries:
+        checked(total)
     return results
 
 
