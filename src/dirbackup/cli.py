@@ -6,7 +6,7 @@ operational error (a traceback only with --debug), 2 for usage errors, 130
 when interrupted (Ctrl-C, SIGINT), 143 when terminated (SIGTERM); both clean
 up the same way.
 
-One module, longer than most (about 660 lines), because each command's
+One module, longer than most (about 720 lines), because each command's
 options, help text and handler are read together; what the commands share
 and is not about argument parsing lives elsewhere (progress bars in
 progress.py, sizes and durations in units.py, the demo in demo.py).
@@ -335,7 +335,8 @@ def _devices(pairs: list[tuple[str, str]]) -> dict[str, Path]:
 
 
 class _Printer:
-    """Log lines to stderr: warnings and errors always, info with --verbose."""
+    """Log lines to stderr: warnings always, info with --verbose; never errors
+    (the command fails with that error and prints it once, as its last line)."""
 
     def __init__(self, verbose: bool, bar: ProgressBar) -> None:
         self.verbose = verbose
