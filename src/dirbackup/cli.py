@@ -6,7 +6,7 @@ operational error (a traceback only with --debug), 2 for usage errors, 130
 when interrupted (Ctrl-C, SIGINT), 143 when terminated (SIGTERM); both clean
 up the same way.
 
-One module, longer than most (about 660 lines), because each command's
+One module, longer than most (about 720 lines), because each command's
 options, help text and handler are read together; what the commands share
 and is not about argument parsing lives elsewhere (progress bars in
 progress.py, sizes and durations in units.py, the demo in demo.py).
@@ -25,6 +25,7 @@ from typing import Any
 
 from dirbackup import __version__
 from dirbackup.api import VmType
+from dirbackup.copy import CopyStats
 from dirbackup.errors import DirbackupError, Terminated
 from dirbackup.host import Disk, Host, RestoreEngine, duplicate_disks
 from dirbackup.progress import ProgressBar
@@ -33,6 +34,7 @@ from dirbackup.storage import DirectoryStorage, PruneError, VerifyResult
 from dirbackup.store import (
     DEFAULT_LOCK_TIMEOUT,
     MAX_VMID,
+    BackupEntry,
     BackupId,
     StoreProblem,
     future_horizon,
@@ -98,9 +100,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="Volumes (VOLID) may be written STOREID:backup/100/qemu-1700000000, "
         "backup/100/qemu-1700000000 or 100/qemu-1700000000.",
     )
-    p.add_argument("--version", action="version", version=f"dirbackup {__version__}")
-    p.add_argument("--debug", action="store_true", help="show tracebacks of errors")
-    p.add_argument("-v", "--verbose", action="store_true", help="print the backup log as it goes")
+    _global_options(p, suppress=False)
     sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     def store_args(sp: argparse.ArgumentParser, locks: bool = False) -> None:
@@ -288,7 +288,22 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="DIR",
         help="where to build the demo (default: a new temporary directory)",
     )
+    for command in sub.choices.values():  # global options go before or after the command
+        _global_options(command.add_argument_group("global options"), suppress=True)
+        command.set_defaults(command_parser=command)  # whose usage a UsageError prints
     return p
+
+
+def _global_options(group: Any, suppress: bool) -> None:
+    """The options of every command, accepted before or after its name.  A
+    subcommand's copy has no default (SUPPRESS), so that it only sets what is
+    given after the command and never resets what was given before it."""
+    default: Any = {"default": argparse.SUPPRESS} if suppress else {}
+    group.add_argument("--version", action="version", version=f"dirbackup {__version__}")
+    group.add_argument("--debug", action="store_true", help="show tracebacks of errors", **default)
+    group.add_argument(
+        "-v", "--verbose", action="store_true", help="print the backup log as it goes", **default
+    )
 
 
 # ---------------------------------------------------------------------- helpers
@@ -335,8 +350,19 @@ def _emit(obj: dict[str, Any]) -> None:
     print(json.dumps(obj, sort_keys=True), flush=True)
 
 
+def _devices(pairs: list[tuple[str, str]]) -> dict[str, Path]:
+    """--disk DEV=PATH options as a map; a device named twice is a usage error."""
+    devices: dict[str, Path] = {}
+    for dev, path in pairs:
+        if dev in devices:
+            raise UsageError(f"device {dev} given twice")
+        devices[dev] = Path(path)
+    return devices
+
+
 class _Printer:
-    """Log lines to stderr: warnings and errors always, info with --verbose."""
+    """Log lines to stderr: warnings always, info with --verbose; never errors
+    (the command fails with that error and prints it once, as its last line)."""
 
     def __init__(self, verbose: bool, bar: ProgressBar) -> None:
         self.verbose = verbose
@@ -344,6 +370,8 @@ class _Printer:
 
     def __call__(self, level: str, message: str) -> None:
         if level == "info" and not self.verbose:
+            return
+        if level == "err":  # a failure: in the backup's log; the command prints it once
             return
         self.bar.finish()
         print(f"{level}: {message}" if level != "info" else message, file=sys.stderr)
@@ -506,11 +534,7 @@ def cmd_restore(args: argparse.Namespace) -> int:
         return 0
     if bid.vmtype != VmType.QEMU:
         raise UsageError(f"{volid} is a container backup: restore it with --rootfs DIR")
-    targets: dict[str, Path] = {}
-    for dev, path in args.disk:
-        if dev in targets:
-            raise UsageError(f"device {dev} given twice")
-        targets[dev] = Path(path)
+    targets = _devices(args.disk)
     try:
         report = host.restore_vm(
             volid,
@@ -555,15 +579,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
         problems: list[StoreProblem] = []
         entries = storage.store.backups(args.vmid, problems)
         results = [VerifyResult(str(p.path), False, (p.message,)) for p in problems]
-        bar = ProgressBar()
-        verifier = storage.verifier()  # a base shared by many backups is read once
-        for i, entry in enumerate(entries, 1):
-            if bar.enabled:
-                sys.stderr.write(f"\rverifying {i}/{len(entries)} {entry.id.archive}\033[K")
-                sys.stderr.flush()
-            results.append(verifier.verify(entry))
-        if bar.enabled and entries:
-            sys.stderr.write("\r\033[K")
+        results += _verify_entries(storage, entries)
     failed = 0
     for r in results:
         if args.json:
@@ -590,6 +606,34 @@ def cmd_verify(args: argparse.Namespace) -> int:
         print(f"error: {failed} of {len(results)} backups failed verification", file=sys.stderr)
         return 1
     return 0
+
+
+def _verify_entries(storage: DirectoryStorage, entries: list[BackupEntry]) -> list[VerifyResult]:
+    """Verify backups in turn (a base shared by many is read once), with one
+    bar on a terminal: the bytes of the backups checked so far, rate, ETA."""
+    bar = ProgressBar()
+    total = max(sum(_backup_size(e) for e in entries), 1) if bar.enabled else 1
+    done, start = 0, time.monotonic()
+
+    def checked(n: int) -> None:
+        nonlocal done
+        done = min(done + n, total)
+        bar.update("verify", CopyStats(total, done, done, 0, 0, 0, time.monotonic() - start, 1))
+
+    verifier = storage.verifier(checked)
+    if entries:
+        checked(0)
+    results = [verifier.verify(entry) for entry in entries]
+    if entries:
+        checked(total)
+    return results
+
+
+def _backup_size(entry: BackupEntry) -> int:
+    try:
+        return entry.usage()[0]
+    except OSError:  # a damaged backup: its verify says why
+        return 0
 
 
 def cmd_prune(args: argparse.Namespace) -> int:
@@ -719,9 +763,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     undo = _terminate_like_ctrl_c()
     try:
         return COMMANDS[args.command](args)
-    except UsageError as exc:
-        parser.print_usage(sys.stderr)
-        print(f"{parser.prog} {args.command}: error: {exc}", file=sys.stderr)
+    except UsageError as exc:  # as argparse reports a mistake: the command's usage, then one line
+        command: argparse.ArgumentParser = getattr(args, "command_parser", parser)
+        command.print_usage(sys.stderr)
+        print(f"{command.prog}: error: {exc}", file=sys.stderr)
         return 2
     except Terminated:
         print("\nerror: terminated (SIGTERM)", file=sys.stderr)

@@ -49,7 +49,8 @@ import re
 import select
 import tempfile
 import threading
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
@@ -311,8 +312,10 @@ def _pump(
     bandwidth_limit: int,
     cancel_event: threading.Event | None,
     what: str,
+    progress: Callable[[int], None] | None = None,
 ) -> tuple[int, str]:
-    """Copy the tar stream into the archive: rate limit, SHA-256, cancellation.
+    """Copy the tar stream into the archive: rate limit, SHA-256, cancellation,
+    `progress(bytes so far)` about every 0.25 s.
 
     Returns (bytes written, hex digest).  Polls with a timeout so that a cancel
     is seen within a fraction of a second even while tar is quiet (scanning)."""
@@ -325,6 +328,7 @@ def _pump(
     src = source.fileno()
     poller = select.poll()
     poller.register(src, select.POLLIN | select.POLLHUP | select.POLLERR)
+    reported = time.monotonic()
     while True:
         if cancel_event is not None:
             if cancel_event.is_set():
@@ -338,6 +342,9 @@ def _pump(
         digest.update(data)
         _write_all(fd, data)
         total += n
+        if progress is not None and time.monotonic() - reported >= 0.25:
+            reported = time.monotonic()
+            progress(total)
         if bucket is not None:
             delay = bucket.consume(n)
             if delay > 0:
@@ -364,10 +371,12 @@ def create_tar(
     bandwidth_limit: int = 0,
     log: LogFunction | None = None,
     cancel_event: threading.Event | None = None,
+    progress: Callable[[int], None] | None = None,
 ) -> ArchiveResult:
     """Write `directory` as a tar archive `target` (a new file, mode 0600).
 
-    `bandwidth_limit` is in bytes/s of archive (0: none).  tar's messages go to
+    `bandwidth_limit` is in bytes/s of archive (0: none); `progress` gets the
+    bytes of the tar stream written so far, a few times a second.  tar's messages go to
     `log` as "tar: ..." and into `warnings`.  Raises ContainerError (missing
     directory, tar failure, a full or read-only target...) or Cancelled when
     `cancel_event` is set; the partial archive is removed in every such case."""
@@ -387,6 +396,7 @@ def create_tar(
                     bandwidth_limit=bandwidth_limit,
                     cancel_event=cancel_event,
                     what=f"archiving {directory}",
+                    progress=progress,
                 )
             except _TargetWriteError as e:
                 raise ContainerError(f"cannot write {target}: {e.error.strerror}") from None

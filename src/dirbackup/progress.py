@@ -2,7 +2,10 @@
 
 Drawn only when stderr is a terminal; otherwise silent, so that logs and
 pipes stay clean.  Callbacks come from the copy engine's progress hook a few
-times a second.
+times a second.  A line ends itself when its item is complete (it may be
+drawn by a child process, whose bar state the parent never sees); a stream
+of unknown length (total 0: a tar archive being written) shows bytes and
+rate without a bar.
 """
 
 from __future__ import annotations
@@ -30,25 +33,30 @@ class ProgressBar:
         if not self.enabled:
             return
         now = time.monotonic()
-        if item == self._item and now - self._last < 0.1 and stats.done_bytes < stats.total_bytes:
+        complete = 0 < stats.total_bytes <= stats.done_bytes
+        if item == self._item and now - self._last < 0.1 and not complete:
             return
         if self._item is not None and item != self._item:
             self.stream.write("\n")
         self._item = item
         self._last = now
-        total = max(stats.total_bytes, 1)
-        frac = min(stats.done_bytes / total, 1.0)
         rate = stats.rate
-        eta = (stats.total_bytes - stats.done_bytes) / rate if rate > 0 else 0.0
-        width = max(10, min(30, shutil.get_terminal_size((80, 20)).columns - 70))
-        filled = int(frac * width)
-        bar = "#" * filled + "-" * (width - filled)
-        line = (
-            f"{item:<16.16} [{bar}] {frac * 100:5.1f}% {human(stats.done_bytes):>10} / "
-            f"{human(stats.total_bytes):<10} {human(rate):>10}/s ETA {eta:4.0f}s"
-        )
-        self.stream.write("\r" + line)
+        if stats.total_bytes <= 0:
+            line = f"{item:<16.16} {human(stats.done_bytes):>10} {human(rate):>10}/s\033[K"
+        else:
+            frac = min(stats.done_bytes / stats.total_bytes, 1.0)
+            eta = (stats.total_bytes - stats.done_bytes) / rate if rate > 0 else 0.0
+            width = max(10, min(30, shutil.get_terminal_size((80, 20)).columns - 70))
+            filled = int(frac * width)
+            bar = "#" * filled + "-" * (width - filled)
+            line = (
+                f"{item:<16.16} [{bar}] {frac * 100:5.1f}% {human(stats.done_bytes):>10} / "
+                f"{human(stats.total_bytes):<10} {human(rate):>10}/s ETA {eta:4.0f}s"
+            )
+        self.stream.write("\r" + line + ("\n" if complete else ""))
         self.stream.flush()
+        if complete:
+            self._item = None
 
     def device(self, item: str) -> ProgressCallback:
         """A copy.Progress callback bound to one item."""

@@ -497,7 +497,18 @@ class DirectoryBackupProvider(RestoringProvider):
         return extents.coalesce(extents.from_pairs(pairs, 1))
 
     def _progress_logger(self, device: str) -> copy.Progress:
+        """The copy's progress callback: to `progress` (a bar) each time, to
+        the log every PROGRESS_INTERVAL seconds."""
+        logged = time.monotonic()
+
         def report(s: copy.CopyStats) -> None:
+            nonlocal logged
+            if self.progress is not None:
+                self.progress(device, s)
+            now = time.monotonic()
+            if now - logged < PROGRESS_INTERVAL - 0.1:
+                return
+            logged = now
             if s.total_bytes and s.done_bytes < s.total_bytes:
                 pct = 100.0 * s.done_bytes / s.total_bytes
                 self.log(
@@ -577,6 +588,7 @@ class DirectoryBackupProvider(RestoringProvider):
                 log=self.log_function,
             )
         else:
+            report = self._stream_progress("rootfs")
             result = container.create_tar(
                 directory,
                 part.archive_path(mode),
@@ -584,10 +596,25 @@ class DirectoryBackupProvider(RestoringProvider):
                 exclude_patterns=list(exclude_patterns),
                 bandwidth_limit=cinfo.bandwidth_limit,
                 log=self.log_function,
+                progress=report,
             )
+            report(result.size, final=True)
         g.files[result.path.name] = FileRecord(result.size, result.sha256)
         part.save_container_result(g.files)
         self.log("info", f"archive {result.path.name}: {human(result.size)}")
+
+    def _stream_progress(self, item: str) -> Callable[..., None]:
+        """`progress` of a stream of unknown length (a tar archive): bytes so
+        far as CopyStats with no total, then (final) its size as the total."""
+        start = time.monotonic()
+
+        def report(done: int, final: bool = False) -> None:
+            if self.progress is not None:
+                seconds = time.monotonic() - start
+                total = done if final else 0
+                self.progress(item, copy.CopyStats(total, done, done, done, 0, 0, seconds, 1))
+
+        return report
 
     # ------------------------------------------------------------------ backup: end
 

@@ -67,12 +67,13 @@ class RestoringProvider(BackupProvider):
             return RestoreMechanism.TAR.value, bid.vmtype.value
         if archive is not None:
             return RestoreMechanism.DIRECTORY.value, bid.vmtype.value
-        raise StoreError(f"backup {volname} holds no container archive")
+        raise StoreError(f"backup {bid.archive} holds no container archive")
 
     def archive_get_guest_config(self, volname: str, *storeid: str) -> str:
-        config = self._backup(volname).guest_config()
+        backup = self._backup(volname)
+        config = backup.guest_config()
         if config is None:
-            raise StoreError(f"backup {volname} has no guest configuration")
+            raise StoreError(f"backup {backup.id.archive} has no guest configuration")
         return config
 
     def archive_get_firewall_config(self, volname: str, *storeid: str) -> str | None:
@@ -107,7 +108,7 @@ class RestoringProvider(BackupProvider):
         else:
             image = backup.image_path(device)
             if not image.exists():
-                raise StoreError(f"backup {volname} has no disk {device!r}")
+                raise StoreError(f"backup {bid.archive} has no disk {device!r}")
         chain = qcow2.Chain(image, self.store.guest_dir(bid.vmid))
         try:
             self._expect_layers(chain, bid, manifest, device)
@@ -119,12 +120,12 @@ class RestoringProvider(BackupProvider):
     def _disk_record(self, bid: BackupId, manifest: Manifest, device: str) -> DiskRecord:
         if device not in manifest.disks:
             raise StoreError(
-                f"backup {bid.volname} has no disk {device!r} "
+                f"backup {bid.archive} has no disk {device!r} "
                 f"(it has: {', '.join(sorted(manifest.disks)) or 'none'})"
             )
         record = manifest.disks[device]
         if Path(record.file).name != record.file or record.file in ("", ".", ".."):
-            raise StoreError(f"backup {bid.volname}: its manifest names {record.file!r}; refused")
+            raise StoreError(f"backup {bid.archive}: its manifest names {record.file!r}; refused")
         return record
 
     def _expect_layers(
@@ -276,9 +277,10 @@ class RestoringProvider(BackupProvider):
         from dirbackup import container
 
         mechanism, _ = self.restore_get_mechanism(volname)
-        found = self._backup(volname).archive()
+        backup = self._backup(volname)
+        found = backup.archive()
         if mechanism not in (RestoreMechanism.TAR, RestoreMechanism.DIRECTORY) or found is None:
-            raise StoreError(f"backup {volname} is not a container backup")
+            raise StoreError(f"backup {backup.id.archive} is not a container backup")
         archive = found[1]
         if not stat.S_ISREG(os.lstat(archive).st_mode):
             raise StoreError(f"{archive} is not a regular file (a symlink?); refused")

@@ -13,6 +13,7 @@ import ctypes
 import fcntl
 import json
 import os
+import re
 import shutil
 import signal
 import struct
@@ -43,9 +44,29 @@ def run(cmd: Sequence[str], *, input: bytes | None = None, timeout: float | None
     except subprocess.TimeoutExpired:
         raise ToolError(f"{cmd[0]} did not finish within {timeout} s") from None
     if proc.returncode != 0:
-        msg = proc.stderr.decode(errors="replace").strip() or f"exit status {proc.returncode}"
-        raise ToolError(f"{' '.join(cmd[:2])}: {msg}")
+        raise tool_error(cmd[:2], proc.stderr.decode(errors="replace"), proc.returncode)
     return proc.stdout.decode(errors="replace")
+
+
+# "Could not open 'IMAGE': Failed to get "write" lock" (qemu-img, qemu-io) or
+# "Failed to get shared "write" lock" (qemu-nbd)
+_LOCKED = re.compile(r"Could not open '(?P<path>[^']*)': Failed to get [^;]*lock")
+
+
+def tool_error(what: Sequence[str], stderr: str, status: int) -> ToolError:
+    """A failed tool's error as one line: `what` (the tool and its command, e.g.
+    "qemu-img bitmap"), then what it said without its own "qemu-img: " prefix,
+    its lines joined; an image another process holds is said in plain words."""
+    tool = os.path.basename(what[0])
+    lines = (line.strip().removeprefix(f"{tool}: ").strip() for line in stderr.splitlines())
+    text = "; ".join(line for line in lines if line) or f"exit status {status}"
+    locked = _LOCKED.search(text)
+    if locked:
+        return ToolError(
+            f"disk image {locked['path']} is in use by another process (a VM, qemu-nbd "
+            "or qemu-img holds its image lock)"
+        )
+    return ToolError(f"{' '.join(what)}: {text}")
 
 
 # ----------------------------------------------------------------------------
@@ -391,7 +412,7 @@ def start_nbd(
                     os.unlink(pidfile)
                 if late:
                     msg = f"did not start within 60 s {msg}".strip()
-                raise ToolError(f"qemu-nbd: {msg or f'exit status {proc.returncode}'}")
+                raise tool_error(["qemu-nbd"], msg, proc.returncode or 0)
             time.sleep(0.002)
     pid = proc.pid
     return NbdServer(socket=socket, export=export, pid=pid, pidfile=pidfile, process=proc)

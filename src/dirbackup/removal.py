@@ -87,7 +87,7 @@ def remove(store: Store, entry: BackupEntry, log: LogFunction | None) -> None:
     Every merge is planned and checked before the first one starts."""
     bid = entry.id
     if entry.manifest is not None and entry.manifest.protected:
-        raise StoreError(f"backup {bid.volname} is protected; unprotect it first")
+        raise StoreError(f"backup {bid.archive} is protected; unprotect it first")
     entries = store.backups(bid.vmid)
     for later in entries:
         if later.problem and later.id.epoch > bid.epoch:

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from enum import StrEnum
 from typing import Any
@@ -666,10 +666,10 @@ class DirectoryStorage:
         results = [verifier.verify(e) for e in entries]
         return results + [VerifyResult(str(p.path), False, (p.message,)) for p in problems]
 
-    def verifier(self) -> Verifier:
+    def verifier(self, progress: Callable[[int], None] | None = None) -> Verifier:
         """A verify run over this store: each image is read once, however many
-        backups build on it."""
-        return Verifier(self.store, self.storeid)
+        backups build on it; `progress(n)` as each n bytes are checked."""
+        return Verifier(self.store, self.storeid, progress)
 
     # ---------------------------------------------------------------- not possible here
 

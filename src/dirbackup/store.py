@@ -677,7 +677,7 @@ class Store:
         path = self.backup_dir(bid)
         self.check_guest_dir(bid.vmid)
         if not self.exists(bid):
-            raise StoreError(f"backup {bid.volname} does not exist in {self.root}")
+            raise StoreError(f"backup {bid.archive} does not exist in {self.root}")
         return path
 
     def image_path(self, bid: BackupId, device: str) -> Path:

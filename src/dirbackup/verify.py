@@ -23,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import os
 import stat
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -226,9 +227,14 @@ class Verifier:
     are read once).  A bad backup is reported in its result, never raised,
     so one never stops the verify of the others."""
 
-    def __init__(self, store: Store, storeid: str) -> None:
+    def __init__(
+        self, store: Store, storeid: str, progress: Callable[[int], None] | None = None
+    ) -> None:
+        """`progress(n)`: n more bytes of the store were checked (a disk's
+        image, a file), for a progress bar."""
         self.checker = Checker(store)
         self.storeid = storeid
+        self.progress = progress or (lambda n: None)
 
     def verify(self, entry: BackupEntry) -> VerifyResult:
         """Re-read one backup and check every digest, archive and chain; record
@@ -273,6 +279,7 @@ class Verifier:
                     found = self.checker.chain(chain, device, entry.id, disk)
                 if disk is not None:
                     checked += image.stat().st_size
+                    self.progress(image.stat().st_size)
             except (DirbackupError, OSError) as exc:
                 problems.append(str(exc) if disk is None else f"{device}: {exc}")
                 continue
@@ -311,6 +318,7 @@ class Verifier:
                 except DirbackupError as exc:
                     problems.append(str(exc))
             checked += st.st_size
+            self.progress(st.st_size)
         return problems, checked
 
 
