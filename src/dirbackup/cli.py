@@ -268,6 +268,23 @@ def build_parser() -> argparse.ArgumentParser:
     pt.add_argument("volid", metavar="VOLID")
     pt.add_argument("--off", action="store_true", help="remove the protection")
 
+    mp = sub.add_parser(
+        "map",
+        help="serve a restore point as an NBD export (instant access)",
+        description="Serve one disk of a VM backup as a read-only NBD export on a Unix "
+        "socket, in the foreground until Ctrl-C or SIGTERM; the chain is checked first, as "
+        "for a restore.  With --overlay, a new qcow2 overlay backed by that export is made "
+        "and served read-write instead: a VM or qemu-img can run on it at once, and the "
+        "backup is never written.",
+    )
+    store_args(mp)
+    mp.add_argument("volid", metavar="VOLID")
+    mp.add_argument("device", metavar="DEV", help="the disk to serve, e.g. drive-scsi0")
+    mp.add_argument("--socket", required=True, type=Path, metavar="PATH", help="a new socket")
+    mp.add_argument(
+        "--overlay", type=Path, metavar="FILE", help="create FILE (qcow2) and serve it read-write"
+    )
+
     d = sub.add_parser("demo", help="run a whole backup/restore cycle on generated data")
     d.add_argument(
         "--workdir",
@@ -584,6 +601,25 @@ def cmd_protect(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_map(args: argparse.Namespace) -> int:
+    from dirbackup import instant
+
+    storage = _storage(args)
+    bid = _volid(storage, args.volid)
+    if bid.vmtype != VmType.QEMU:
+        raise UsageError(f"{bid.volid(storage.storeid)} is a container backup: use mount")
+    printer = _Printer(args.verbose, ProgressBar(enabled=False))
+    with instant.serve(
+        storage, bid, args.device, args.socket, overlay=args.overlay, log=printer
+    ) as mapped:
+        what = f"overlay {args.overlay} (read-write)" if args.overlay else "read-only"
+        print(mapped.uri, flush=True)
+        print(f"serving {args.device} of {args.volid} {what}; Ctrl-C stops", file=sys.stderr)
+        instant.wait(mapped)  # until Ctrl-C or SIGTERM
+    print(f"stopped serving {mapped.uri}", file=sys.stderr)
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from dirbackup.demo import run_demo
 
@@ -599,6 +635,7 @@ COMMANDS = {
     "remove": cmd_remove,
     "notes": cmd_notes,
     "protect": cmd_protect,
+    "map": cmd_map,
     "demo": cmd_demo,
 }
 

@@ -79,6 +79,13 @@ def img_create(
     run([*cmd, os.fspath(path), str(size)])
 
 
+def overlay_create(path: str | os.PathLike[str], backing_uri: str) -> None:
+    """A new qcow2 overlay over a raw NBD export (`nbd+unix://...`), of the
+    export's size: QEMU opens nothing but the export for its backing."""
+    run(["qemu-img", "create", "-q", "-f", "qcow2", "-b", backing_uri, "-F", "raw",
+         os.fspath(path)])  # fmt: skip
+
+
 def img_compare(
     a: str | os.PathLike[str],
     b: str | os.PathLike[str],
