@@ -3,18 +3,21 @@
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import imagefaults as faults
 import pytest
 from conftest import MiB
-from faultlib import servers_for
+from faultlib import mounts_under, servers_for
 
 from dirbackup import qemu
 
@@ -189,3 +192,189 @@ def test_map_fails_when_its_server_dies(chain: dict[str, Path]) -> None:
         f"error: qemu-nbd stopped serving {mapping.uri} (killed by signal 9 (SIGKILL))"
     )
     assert not sock.exists()
+
+
+# ---------------------------------------------------------------------- mount
+
+
+def loops_over(path: Path) -> list[str]:
+    """Loop devices whose backing file lies below `path`."""
+    out = subprocess.run(["losetup", "-a"], capture_output=True, text=True, check=False).stdout
+    return [line for line in out.splitlines() if str(path) in line]
+
+
+def run_dirs() -> Path:
+    return Path(qemu.run_base())
+
+
+def ours_left(mountpoint: Path) -> list[str]:
+    """Whatever of a `dirbackup mount` still stands: its mount, loop devices,
+    helpers, run directories."""
+    left = mounts_under(mountpoint)
+    for d in run_dirs().glob("dirbackup-mount-*"):
+        try:
+            if str(mountpoint) in (d / "state.json").read_text():
+                left += [str(d), *loops_over(d), *servers_for(str(d))]
+        except OSError:
+            continue
+    return left
+
+
+@pytest.fixture
+def fs_disk(tmp_path: Path, sock_dir: Path, monkeypatch: pytest.MonkeyPatch) -> dict[str, Path]:
+    """An ext4 disk image made with mkfs.ext4 -d, holding a known file.  The
+    run directories go to a base of the test's own (its commands inherit it),
+    which no other dirbackup on the machine cleans up meanwhile."""
+    monkeypatch.setenv(qemu.RUN_DIR_VARIABLE, str(sock_dir / "run"))
+    tree = tmp_path / "tree"
+    (tree / "etc").mkdir(parents=True)
+    (tree / "etc" / "known.txt").write_text("a known file\n")
+    disk = tmp_path / "fs.raw"
+    with open(disk, "wb") as f:
+        f.truncate(64 * MiB)
+    subprocess.run(["mkfs.ext4", "-q", "-d", str(tree), str(disk)], check=True)
+    store = tmp_path / "store"
+    store.mkdir()
+    mountpoint = tmp_path / "mnt"
+    mountpoint.mkdir()
+    return {"disk": disk, "store": store, "mnt": mountpoint, "tree": tree}
+
+
+def backup_of(store: Path, disk: Path) -> str:
+    dirbackup("backup", "--store", str(store), "--vmid", "300", "--disk", f"drive-scsi0={disk}")
+    return volids(store)[-1]
+
+
+def assert_mounted_read_only(mountpoint: Path) -> None:
+    assert (mountpoint / "etc" / "known.txt").read_text() == "a known file\n"
+    with pytest.raises(OSError) as refused:
+        (mountpoint / "new.txt").write_text("x")
+    assert refused.value.errno == errno.EROFS
+
+
+def test_mount_reads_the_file_system_and_refuses_writes(fs_disk: dict[str, Path]) -> None:
+    store, mnt = fs_disk["store"], fs_disk["mnt"]
+    volid = backup_of(store, fs_disk["disk"])
+    before = store_sums(store)
+    out = dirbackup("mount", "--store", str(store), volid, "drive-scsi0", str(mnt)).stdout
+    assert out == f"drive-scsi0 of {volid} (ext4) mounted read-only on {mnt}\n"
+    try:
+        assert_mounted_read_only(mnt)  # the command has returned: still mounted
+        options = next(
+            line for line in Path("/proc/self/mountinfo").read_text().splitlines()
+            if line.split()[4] == str(mnt)
+        )  # fmt: skip
+        assert "ro," in options and "nosuid" in options and "nodev" in options
+        err = dirbackup(
+            "mount", "--store", str(store), volid, "drive-scsi0", str(mnt), check=1
+        ).stderr
+        assert err == f"error: {mnt} is already a mount point\n"
+    finally:
+        out = dirbackup("umount", str(mnt)).stdout
+    assert out == f"unmounted {mnt}\n"
+    assert ours_left(mnt) == [] and list(mnt.iterdir()) == []
+    assert store_sums(store) == before
+    err = dirbackup("umount", str(mnt), check=1).stderr
+    assert err == f"error: {mnt} is not mounted by dirbackup mount\n"
+
+
+def test_mount_a_partition_of_a_gpt_disk(fs_disk: dict[str, Path], tmp_path: Path) -> None:
+    if shutil.which("sfdisk") is None:
+        pytest.skip("sfdisk (package fdisk) is not installed")
+    store, mnt = fs_disk["store"], fs_disk["mnt"]
+    disk = tmp_path / "gpt.raw"
+    with open(disk, "wb") as f:
+        f.truncate(80 * MiB)
+    subprocess.run(
+        ["sfdisk", "-q", "--label", "gpt", str(disk)],
+        input="start=2048, size=131072, type=linux\n", text=True, check=True,
+    )  # fmt: skip
+    subprocess.run(
+        ["dd", f"if={fs_disk['disk']}", f"of={disk}", "bs=1M", "seek=1", "conv=notrunc,sparse"],
+        capture_output=True, check=True,
+    )  # fmt: skip
+    volid = backup_of(store, disk)
+    s = ["--store", str(store), volid, "drive-scsi0", str(mnt)]
+    err = dirbackup("mount", *s, check=1).stderr
+    assert err == (
+        f"error: drive-scsi0 of {volid} is a partitioned disk: give --partition N (it has: 1)\n"
+    )
+    err = dirbackup("mount", *s, "--partition", "2", check=1).stderr
+    assert err == f"error: drive-scsi0 of {volid} has no partition 2 (it has: 1)\n"
+    assert ours_left(mnt) == []  # a refused mount leaves nothing
+    out = dirbackup("mount", *s, "--partition", "1").stdout
+    assert out == f"partition 1 of drive-scsi0 of {volid} (ext4) mounted read-only on {mnt}\n"
+    try:
+        assert_mounted_read_only(mnt)
+    finally:
+        dirbackup("umount", str(mnt))
+    assert ours_left(mnt) == []
+
+
+def serving(mountpoint: Path) -> bool:
+    """Whether a `dirbackup mount` on `mountpoint` has its helpers running."""
+    for d in run_dirs().glob("dirbackup-mount-*"):
+        try:
+            state = json.loads((d / "state.json").read_text())
+        except (OSError, ValueError):
+            continue
+        if state.get("mountpoint") == str(mountpoint) and "nbdfuse" in state:
+            return True
+    return False
+
+
+@pytest.mark.parametrize(
+    ("when", "next_command"),
+    [("serving", "umount"), ("mounted", "umount"), ("serving", "mount")],
+)
+def test_kill_9_of_mount_leaves_nothing_the_next_command_does_not_clean(
+    fs_disk: dict[str, Path], when: str, next_command: str
+) -> None:
+    """kill -9 of `mount` half-way (its helpers running) or once mounted:
+    `umount` takes all down, and so does the next `mount` for what a killed
+    one left half-way (its run directory's owner is dead)."""
+    store, mnt = fs_disk["store"], fs_disk["mnt"]
+    volid = backup_of(store, fs_disk["disk"])
+    argv = ["mount", "--store", str(store), volid, "drive-scsi0", str(mnt)]
+    proc = subprocess.Popen([sys.executable, "-m", "dirbackup", *argv], stdout=subprocess.DEVNULL)
+    deadline = time.monotonic() + 60
+    while not (mounts_under(mnt) if when == "mounted" else serving(mnt)):
+        assert time.monotonic() < deadline and proc.poll() is None
+        time.sleep(0.002)
+    proc.kill()
+    proc.wait()
+    assert ours_left(mnt)  # the helpers outlive it
+    if next_command == "mount":
+        # mounts_under(mnt) == [] here: killed before mount(8), or its mount undone
+        dirbackup(*argv)
+        assert_mounted_read_only(mnt)
+    out = dirbackup("umount", str(mnt)).stdout
+    assert out == f"unmounted {mnt}\n"
+    assert ours_left(mnt) == [] and mounts_under(mnt) == []
+
+
+def test_mount_of_container_backups(fs_disk: dict[str, Path]) -> None:
+    """A squashfs backup's tree is mounted read-only; a tar archive is refused."""
+    store, mnt, tree = fs_disk["store"], fs_disk["mnt"], fs_disk["tree"]
+    base = ["backup", "--store", str(store), "--vmid", "400", "--rootfs", str(tree)]
+    dirbackup(*base, "--lxc-mode", "tar")
+    dirbackup(*base, "--lxc-mode", "squashfs")
+    tar, squashfs = volids(store)
+    err = dirbackup("mount", "--store", str(store), tar, str(mnt), check=1).stderr
+    assert err == (
+        f"error: {tar} is a tar archive, which cannot be mounted: restore it with "
+        "`dirbackup restore --rootfs DIR`\n"
+    )
+    out = dirbackup("mount", "--store", str(store), squashfs, str(mnt)).stdout
+    assert out == f"{squashfs} (squashfs) mounted read-only on {mnt}\n"
+    try:
+        assert_mounted_read_only(mnt)
+    finally:
+        out = dirbackup("umount", str(mnt)).stdout
+    assert out == f"unmounted {mnt}\n" and mounts_under(mnt) == []
+    err = dirbackup(
+        "mount", "--store", str(store), squashfs, "drive-scsi0", str(mnt), check=2
+    ).stderr
+    assert err.splitlines()[-1] == (
+        f"dirbackup mount: error: {squashfs} is a container backup: give no DEV"
+    )

@@ -285,6 +285,23 @@ def build_parser() -> argparse.ArgumentParser:
         "--overlay", type=Path, metavar="FILE", help="create FILE (qcow2) and serve it read-write"
     )
 
+    mt = sub.add_parser(
+        "mount",
+        help="mount a backup's file system read-only (file-level restore)",
+        description="Mount the file system of a VM backup's disk (a whole-disk file system, "
+        "or --partition N of an MBR or GPT disk; journal replay off) or a container "
+        "backup's squashfs tree read-only on MOUNTPOINT (an empty directory); it stays "
+        "mounted until `dirbackup umount MOUNTPOINT`.  The disk's chain is checked first, "
+        "as for a restore.",
+    )
+    store_args(mt)
+    mt.add_argument("volid", metavar="VOLID")
+    mt.add_argument("device", metavar="DEV", nargs="?", help="the disk (VM backups)")
+    mt.add_argument("mountpoint", metavar="MOUNTPOINT", type=Path)
+    mt.add_argument("--partition", type=int, metavar="N", help="mount partition N of the disk")
+    um = sub.add_parser("umount", help="unmount what dirbackup mount mounted, helpers and all")
+    um.add_argument("mountpoint", metavar="MOUNTPOINT", type=Path)
+
     d = sub.add_parser("demo", help="run a whole backup/restore cycle on generated data")
     d.add_argument(
         "--workdir",
@@ -620,6 +637,31 @@ def cmd_map(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_mount(args: argparse.Namespace) -> int:
+    from dirbackup import fsmount
+
+    storage = _storage(args)
+    bid = _volid(storage, args.volid)
+    if bid.vmtype == VmType.LXC and args.device is not None:
+        raise UsageError(f"{bid.volid(storage.storeid)} is a container backup: give no DEV")
+    if args.partition is not None and (bid.vmtype == VmType.LXC or args.partition < 1):
+        raise UsageError("--partition takes a partition number (1 or more) of a VM's disk")
+    printer = _Printer(args.verbose, ProgressBar(enabled=False))
+    print(
+        fsmount.mount(
+            storage, bid, args.device, args.mountpoint, partition=args.partition, log=printer
+        )
+    )
+    return 0
+
+
+def cmd_umount(args: argparse.Namespace) -> int:
+    from dirbackup import fsmount
+
+    print(fsmount.umount(args.mountpoint, _Printer(args.verbose, ProgressBar(enabled=False))))
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from dirbackup.demo import run_demo
 
@@ -636,6 +678,8 @@ COMMANDS = {
     "notes": cmd_notes,
     "protect": cmd_protect,
     "map": cmd_map,
+    "mount": cmd_mount,
+    "umount": cmd_umount,
     "demo": cmd_demo,
 }
 

@@ -243,7 +243,14 @@ class RestoringProvider(BackupProvider):
         return {"qemu-img-path": str(job.fuse.path)}
 
     def serve_checked(
-        self, volname: str, device: str, socket: str, *, shared: int = 4
+        self,
+        volname: str,
+        device: str,
+        socket: str,
+        *,
+        shared: int = 4,
+        persistent: bool = True,
+        detached: bool = False,
     ) -> qemu.NbdServer:
         """A read-only NBD export (named `device`, on `socket`) of one disk of
         a backup, served only once its chain is validated and every layer's
@@ -256,7 +263,14 @@ class RestoringProvider(BackupProvider):
             for path in verify.require_chain(verify.Checker(self.store), chain, bid, device):
                 self.log("warn", f"{path} has no digests (made without a manifest); not checked")
             return qemu.start_nbd(
-                None, socket, export=device, fmt=None, image_opts=chain.image_opts(), shared=shared
+                None,
+                socket,
+                export=device,
+                fmt=None,
+                image_opts=chain.image_opts(),
+                shared=shared,
+                persistent=persistent,
+                detached=detached,
             )
 
     def restore_vm_volume_cleanup(
