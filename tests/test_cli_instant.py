@@ -378,3 +378,56 @@ def test_mount_of_container_backups(fs_disk: dict[str, Path]) -> None:
     assert err.splitlines()[-1] == (
         f"dirbackup mount: error: {squashfs} is a container backup: give no DEV"
     )
+
+
+def test_mount_and_map_errors(fs_disk: dict[str, Path], tmp_path: Path) -> None:
+    """Each refusal: its exact line and status, and nothing left behind."""
+    store, mnt, tree = fs_disk["store"], fs_disk["mnt"], fs_disk["tree"]
+    volid = backup_of(store, fs_disk["disk"])
+    blank = tmp_path / "blank.raw"
+    with open(blank, "wb") as f:
+        f.truncate(8 * MiB)
+    dirbackup("backup", "--store", str(store), "--vmid", "301", "--disk", f"drive-scsi0={blank}")
+    dirbackup("backup", "--store", str(store), "--vmid", "400", "--rootfs", str(tree),
+              "--lxc-mode", "squashfs")  # fmt: skip
+    blank_volid, container = volids(store)[1:]
+    s = ["--store", str(store)]
+    cases: list[tuple[list[str], int, str]] = [
+        (["mount", *s, volid, str(mnt)], 1,
+         f"error: {volid} is a VM backup: name the disk to mount (DEV)"),
+        (["mount", *s, volid, "drive-scsi0", str(tree)], 1,
+         f"error: mount point {tree} is not empty"),
+        (["mount", *s, volid, "drive-scsi0", str(fs_disk["disk"])], 1,
+         f"error: mount point {fs_disk['disk']} is not a directory"),
+        (["mount", *s, blank_volid, "drive-scsi0", str(mnt)], 1,
+         f"error: drive-scsi0 of {blank_volid} holds no file system blkid knows"),
+        (["mount", *s, volid, "drive-scsi0", str(mnt), "--partition", "0"], 2,
+         "dirbackup mount: error: --partition takes a partition number (1 or more) of a "
+         "VM's disk"),
+        (["mount", *s, container, str(mnt), "--partition", "1"], 2,
+         "dirbackup mount: error: --partition takes a partition number (1 or more) of a "
+         "VM's disk"),
+        (["map", *s, container, "drive-scsi0", "--socket", str(tmp_path / "s.sock")], 2,
+         f"dirbackup map: error: {container} is a container backup: use mount"),
+        (["map", *s, volid, "drive-scsi0", "--socket", str(tmp_path / "no" / "s.sock")], 1,
+         f"error: {tmp_path / 'no'} is not a directory"),
+    ]  # fmt: skip
+    for argv, status, line in cases:
+        err = dirbackup(*argv, check=status).stderr
+        assert err.splitlines()[-1] == line, argv
+        if status == 1:
+            assert len(err.splitlines()) == 1, err
+    assert ours_left(mnt) == [] and list(mnt.iterdir()) == []
+
+
+def test_mount_refuses_a_damaged_backup(fs_disk: dict[str, Path]) -> None:
+    store, mnt = fs_disk["store"], fs_disk["mnt"]
+    volid = backup_of(store, fs_disk["disk"])
+    (image,) = (store / "300" / volid.split("/")[-1]).glob("*.qcow2")
+    guest = next(e.guest for e in faults.data_entries(image))
+    faults.flip_data_byte(image, guest)
+    err = dirbackup("mount", "--store", str(store), volid, "drive-scsi0", str(mnt), check=1).stderr
+    name = volid.split(":", 1)[1]
+    assert err.startswith(f"error: {name}: drive-scsi0: ") and err.endswith("; refused\n")
+    assert "data does not match its digests" in err and len(err.splitlines()) == 1
+    assert ours_left(mnt) == [] and mounts_under(mnt) == []
