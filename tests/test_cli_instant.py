@@ -431,3 +431,22 @@ def test_mount_refuses_a_damaged_backup(fs_disk: dict[str, Path]) -> None:
     assert err.startswith(f"error: {name}: drive-scsi0: ") and err.endswith("; refused\n")
     assert "data does not match its digests" in err and len(err.splitlines()) == 1
     assert ours_left(mnt) == [] and mounts_under(mnt) == []
+
+
+def test_kill_9_of_map_leaves_no_server(chain: dict[str, Path], tmp_path: Path) -> None:
+    """The servers die with `map`, even by SIGKILL: no qemu-nbd keeps the
+    backup's files open or serves the overlay."""
+    store, sock = chain["store"], chain["sock"]
+    overlay = tmp_path / "overlay.qcow2"
+    mapping = Mapping(
+        "--store", str(store), volids(store)[0], "drive-scsi0", "--socket", str(sock),
+        "--overlay", str(overlay),
+    )  # fmt: skip
+    assert len(servers_for(str(sock))) == 1 and servers_for(str(store))
+    mapping.proc.kill()
+    mapping.proc.wait()
+    deadline = time.monotonic() + 30
+    while servers_for(str(sock)) or servers_for(str(store)):
+        assert time.monotonic() < deadline, servers_for(str(sock)) + servers_for(str(store))
+        time.sleep(0.01)
+    assert overlay.is_file()

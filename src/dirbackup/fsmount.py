@@ -180,8 +180,8 @@ def _mount_container(
             f"{volid} is a tar archive, which cannot be mounted: restore it with "
             "`dirbackup restore --rootfs DIR`"
         )
-    squashfs = SquashfsMount(Path(found[1]), Path(real), use_fuse=False, log=log)
-    squashfs.mount()  # the kernel's: nothing runs that a state could name
+    squashfs = SquashfsMount(Path(found[1]), Path(real), log=log)
+    squashfs.mount()  # the kernel's loop mount, or squashfuse (a daemon of its own)
     record = _squashfs_record(real)
     record.write_text(json.dumps({"mountpoint": real, "volid": volid}))
     return f"{volid} (squashfs) mounted read-only on {mountpoint}"
@@ -218,7 +218,7 @@ def umount(mountpoint: Path, log: LogFunction | None = None) -> str:
         return f"unmounted {mountpoint}"
     record = _squashfs_record(real)
     if record.is_file():
-        SquashfsMount(Path(), Path(real), use_fuse=False, log=log).unmount()
+        SquashfsMount(Path(), Path(real), log=log).unmount()  # either way it was mounted
         record.unlink()
         return f"unmounted {mountpoint}"
     raise DirbackupError(f"{mountpoint} is not mounted by dirbackup mount")
