@@ -450,3 +450,51 @@ def test_kill_9_of_map_leaves_no_server(chain: dict[str, Path], tmp_path: Path) 
         assert time.monotonic() < deadline, servers_for(str(sock)) + servers_for(str(store))
         time.sleep(0.01)
     assert overlay.is_file()
+
+
+@pytest.mark.parametrize(
+    ("sig", "status", "said"),
+    [(signal.SIGINT, 130, "interrupted"), (signal.SIGTERM, 143, "terminated (SIGTERM)")],
+    ids=["SIGINT", "SIGTERM"],
+)
+def test_ctrl_c_of_mount_half_way_leaves_nothing(
+    fs_disk: dict[str, Path], sig: int, status: int, said: str
+) -> None:
+    store, mnt = fs_disk["store"], fs_disk["mnt"]
+    volid = backup_of(store, fs_disk["disk"])
+    argv = ["mount", "--store", str(store), volid, "drive-scsi0", str(mnt)]
+    for _ in range(5):  # until the signal comes while its helpers run
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "dirbackup", *argv],
+            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+        )  # fmt: skip
+        while not serving(mnt) and proc.poll() is None:
+            time.sleep(0.001)
+        proc.send_signal(signal.SIGSTOP)
+        proc.send_signal(sig)
+        proc.send_signal(signal.SIGCONT)
+        _, err = proc.communicate(timeout=60)
+        if proc.returncode == 0:  # it had mounted already
+            dirbackup("umount", str(mnt))
+            continue
+        assert (proc.returncode, err.splitlines()[-1]) == (status, f"error: {said}"), err
+        break
+    else:
+        pytest.skip("mount always finished before the signal came")
+    assert ours_left(mnt) == [] and mounts_under(mnt) == []
+
+
+def test_umount_of_a_busy_file_system_fails_and_can_be_retried(fs_disk: dict[str, Path]) -> None:
+    store, mnt = fs_disk["store"], fs_disk["mnt"]
+    volid = backup_of(store, fs_disk["disk"])
+    dirbackup("mount", "--store", str(store), volid, "drive-scsi0", str(mnt))
+    try:
+        with open(mnt / "etc" / "known.txt"):
+            err = dirbackup("umount", str(mnt), check=1).stderr
+            assert err == (
+                f"error: {mnt} is in use: close what uses it and run dirbackup umount again\n"
+            )
+            assert_mounted_read_only(mnt)  # nothing taken down under it
+    finally:
+        dirbackup("umount", str(mnt))
+    assert ours_left(mnt) == []

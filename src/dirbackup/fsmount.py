@@ -27,13 +27,20 @@ import hashlib
 import json
 import os
 import shutil
+import time
 from pathlib import Path
 from typing import Any
 
 from dirbackup import qemu
 from dirbackup.api import LogFunction, VmType
 from dirbackup.errors import DirbackupError
-from dirbackup.mount import SquashfsMount, is_mount_point, loop_mounts_over, mounts_below
+from dirbackup.mount import (
+    SquashfsMount,
+    is_mount_point,
+    loop_devices_over,
+    loop_mounts_over,
+    mounts_below,
+)
 from dirbackup.procs import owner_line
 from dirbackup.storage import DirectoryStorage
 from dirbackup.store import BackupId
@@ -230,10 +237,27 @@ def _teardown(rundir: Path, state: dict[str, Any]) -> None:
     real = os.path.realpath(rundir)
     point = state.get("mountpoint")
     if point and point in loop_mounts_over(real):
-        run_tool(["umount", point], name="umount", log=lambda level, message: None)
+        try:
+            run_tool(["umount", point], name="umount", log=lambda level, message: None)
+        except DirbackupError as exc:
+            if not is_mount_point(point):
+                raise
+            raise DirbackupError(
+                f"{point} is in use: close what uses it and run dirbackup umount again"
+            ) from exc
+    for point in loop_mounts_over(real):  # mounted by a mount(8) that was being stopped
+        run_tool(["umount", "-l", point], name="umount", log=lambda level, message: None)
+    quiet: LogFunction = lambda level, message: None  # noqa: E731
     fuse = os.path.join(real, "fuse")
     if is_mount_point(fuse):
-        run_tool(["fusermount3", "-u", fuse], name="fusermount3", log=lambda level, message: None)
+        try:
+            run_tool(["fusermount3", "-u", fuse], name="fusermount3", log=quiet)
+        except DirbackupError:  # held by a loop device a stopped mount(8) left, say
+            for loop in loop_devices_over(real):
+                run_tool(["losetup", "-d", loop], name="losetup", log=quiet, ok=(0, 1))
+            time.sleep(0.1)  # a detached loop device lets go of its file soon after
+            if is_mount_point(fuse):
+                run_tool(["fusermount3", "-u", "-z", fuse], name="fusermount3", log=quiet)
     for helper in ("nbdfuse", "qemu-nbd"):  # each exits by itself once unmounted / unused
         if state.get(helper):
             qemu.stop_owner(state[helper], wait_first=10.0)

@@ -98,6 +98,24 @@ def loop_mounts_over(path: str) -> list[str]:
     return sorted(set(found), key=len, reverse=True)
 
 
+def loop_devices_over(path: str) -> list[str]:
+    """Loop devices whose backing file lies at or below `path` (a real path)."""
+    prefix = path.rstrip("/") + "/"
+    found = []
+    with os.scandir("/sys/block") as entries:
+        for entry in entries:
+            if not entry.name.startswith("loop"):
+                continue
+            try:
+                with open(f"/sys/block/{entry.name}/loop/backing_file") as b:
+                    backing = b.read().strip()
+            except OSError:
+                continue
+            if backing == path or backing.startswith(prefix):
+                found.append(f"/dev/{entry.name}")
+    return sorted(found)
+
+
 def fuse_version(program: str) -> tuple[int, ...] | None:
     """squashfuse's version from `-V` (None if it does not say).
 
