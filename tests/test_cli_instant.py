@@ -498,3 +498,42 @@ def test_umount_of_a_busy_file_system_fails_and_can_be_retried(fs_disk: dict[str
     finally:
         dirbackup("umount", str(mnt))
     assert ours_left(mnt) == []
+
+
+@pytest.mark.parametrize(("kind", "size", "mkfs"), [
+    ("vfat", 64 * MiB, ["mkfs.vfat"]),
+    ("xfs", 320 * MiB, ["mkfs.xfs", "-q"]),
+])  # fmt: skip
+def test_mount_of_vfat_and_xfs(
+    fs_disk: dict[str, Path], tmp_path: Path, kind: str, size: int, mkfs: list[str]
+) -> None:
+    """Other file systems than ext4 (xfs with norecovery: no log replay)."""
+    if shutil.which(mkfs[0]) is None:
+        pytest.skip(f"{mkfs[0]} is not installed")
+    store, mnt = fs_disk["store"], fs_disk["mnt"]
+    disk = tmp_path / f"{kind}.raw"
+    with open(disk, "wb") as f:
+        f.truncate(size)
+    subprocess.run([*mkfs, str(disk)], capture_output=True, check=True)
+    filling = tmp_path / "filling"
+    filling.mkdir()
+    if subprocess.run(["mount", "-o", "loop", str(disk), str(filling)], check=False).returncode:
+        pytest.skip(f"cannot loop-mount {kind} here")
+    try:
+        (filling / "etc").mkdir()
+        (filling / "etc" / "known.txt").write_text("a known file\n")
+    finally:
+        subprocess.run(["umount", str(filling)], check=True)
+    volid = backup_of(store, disk)
+    out = dirbackup("mount", "--store", str(store), volid, "drive-scsi0", str(mnt)).stdout
+    assert out == f"drive-scsi0 of {volid} ({kind}) mounted read-only on {mnt}\n"
+    try:
+        assert_mounted_read_only(mnt)
+        line = next(
+            x for x in Path("/proc/self/mountinfo").read_text().splitlines()
+            if x.split()[4] == str(mnt)
+        )  # fmt: skip
+        assert (kind != "xfs") or "norecovery" in line
+    finally:
+        dirbackup("umount", str(mnt))
+    assert ours_left(mnt) == []
