@@ -281,6 +281,40 @@ def build_parser() -> argparse.ArgumentParser:
     pt.add_argument("volid", metavar="VOLID")
     pt.add_argument("--off", action="store_true", help="remove the protection")
 
+    mp = sub.add_parser(
+        "map",
+        help="serve a restore point as an NBD export (instant access)",
+        description="Serve one disk of a VM backup as a read-only NBD export on a Unix "
+        "socket, in the foreground until Ctrl-C or SIGTERM; the chain is checked first, as "
+        "for a restore.  With --overlay, a new qcow2 overlay backed by that export is made "
+        "and served read-write instead: a VM or qemu-img can run on it at once, and the "
+        "backup is never written.",
+    )
+    store_args(mp)
+    mp.add_argument("volid", metavar="VOLID")
+    mp.add_argument("device", metavar="DEV", help="the disk to serve, e.g. drive-scsi0")
+    mp.add_argument("--socket", required=True, type=Path, metavar="PATH", help="a new socket")
+    mp.add_argument(
+        "--overlay", type=Path, metavar="FILE", help="create FILE (qcow2) and serve it read-write"
+    )
+
+    mt = sub.add_parser(
+        "mount",
+        help="mount a backup's file system read-only (file-level restore)",
+        description="Mount the file system of a VM backup's disk (a whole-disk file system, "
+        "or --partition N of an MBR or GPT disk; journal replay off) or a container "
+        "backup's squashfs tree read-only on MOUNTPOINT (an empty directory); it stays "
+        "mounted until `dirbackup umount MOUNTPOINT`.  The disk's chain is checked first, "
+        "as for a restore.",
+    )
+    store_args(mt)
+    mt.add_argument("volid", metavar="VOLID")
+    mt.add_argument("device", metavar="DEV", nargs="?", help="the disk (VM backups)")
+    mt.add_argument("mountpoint", metavar="MOUNTPOINT", type=Path)
+    mt.add_argument("--partition", type=int, metavar="N", help="mount partition N of the disk")
+    um = sub.add_parser("umount", help="unmount what dirbackup mount mounted, helpers and all")
+    um.add_argument("mountpoint", metavar="MOUNTPOINT", type=Path)
+
     d = sub.add_parser("demo", help="run a whole backup/restore cycle on generated data")
     d.add_argument(
         "--workdir",
@@ -713,6 +747,50 @@ def cmd_protect(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_map(args: argparse.Namespace) -> int:
+    from dirbackup import instant
+
+    storage = _storage(args)
+    bid = _volid(storage, args.volid)
+    if bid.vmtype != VmType.QEMU:
+        raise UsageError(f"{bid.volid(storage.storeid)} is a container backup: use mount")
+    printer = _Printer(args.verbose, ProgressBar(enabled=False))
+    with instant.serve(
+        storage, bid, args.device, args.socket, overlay=args.overlay, log=printer
+    ) as mapped:
+        what = f"overlay {args.overlay} (read-write)" if args.overlay else "read-only"
+        print(mapped.uri, flush=True)
+        print(f"serving {args.device} of {args.volid} {what}; Ctrl-C stops", file=sys.stderr)
+        instant.wait(mapped)  # until Ctrl-C or SIGTERM
+    print(f"stopped serving {mapped.uri}", file=sys.stderr)
+    return 0
+
+
+def cmd_mount(args: argparse.Namespace) -> int:
+    from dirbackup import fsmount
+
+    storage = _storage(args)
+    bid = _volid(storage, args.volid)
+    if bid.vmtype == VmType.LXC and args.device is not None:
+        raise UsageError(f"{bid.volid(storage.storeid)} is a container backup: give no DEV")
+    if args.partition is not None and (bid.vmtype == VmType.LXC or args.partition < 1):
+        raise UsageError("--partition takes a partition number (1 or more) of a VM's disk")
+    printer = _Printer(args.verbose, ProgressBar(enabled=False))
+    print(
+        fsmount.mount(
+            storage, bid, args.device, args.mountpoint, partition=args.partition, log=printer
+        )
+    )
+    return 0
+
+
+def cmd_umount(args: argparse.Namespace) -> int:
+    from dirbackup import fsmount
+
+    print(fsmount.umount(args.mountpoint, _Printer(args.verbose, ProgressBar(enabled=False))))
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from dirbackup.demo import run_demo
 
@@ -728,6 +806,9 @@ COMMANDS = {
     "remove": cmd_remove,
     "notes": cmd_notes,
     "protect": cmd_protect,
+    "map": cmd_map,
+    "mount": cmd_mount,
+    "umount": cmd_umount,
     "demo": cmd_demo,
 }
 

@@ -73,6 +73,49 @@ def mounts_below(path: str) -> list[str]:
     return sorted(set(found), key=len, reverse=True)
 
 
+def loop_mounts_over(path: str) -> list[str]:
+    """Mount points of file systems on loop devices (or their partitions)
+    whose backing file lies at or below `path` (a real path): what `dirbackup
+    mount` mounted from a file of its run directory."""
+    prefix = path.rstrip("/") + "/"
+    found = []
+    with open("/proc/self/mountinfo", "rb") as f:
+        for raw in f:
+            fields = raw.decode("utf-8", "surrogateescape").split(" ")
+            if " - " not in raw.decode("utf-8", "surrogateescape") or len(fields) < 5:
+                continue
+            source = fields[fields.index("-") + 2]
+            match = re.fullmatch(r"/dev/(loop\d+)(?:p\d+)?", source)
+            if match is None:
+                continue
+            try:
+                with open(f"/sys/block/{match.group(1)}/loop/backing_file") as b:
+                    backing = b.read().strip()
+            except OSError:
+                continue
+            if backing == path or backing.startswith(prefix):
+                found.append(_unescape_mountinfo(fields[4]))
+    return sorted(set(found), key=len, reverse=True)
+
+
+def loop_devices_over(path: str) -> list[str]:
+    """Loop devices whose backing file lies at or below `path` (a real path)."""
+    prefix = path.rstrip("/") + "/"
+    found = []
+    with os.scandir("/sys/block") as entries:
+        for entry in entries:
+            if not entry.name.startswith("loop"):
+                continue
+            try:
+                with open(f"/sys/block/{entry.name}/loop/backing_file") as b:
+                    backing = b.read().strip()
+            except OSError:
+                continue
+            if backing == path or backing.startswith(prefix):
+                found.append(f"/dev/{entry.name}")
+    return sorted(found)
+
+
 def fuse_version(program: str) -> tuple[int, ...] | None:
     """squashfuse's version from `-V` (None if it does not say).
 

@@ -21,14 +21,16 @@ def _process_alive(pid: int, start: str) -> bool:
     return fields[0] not in ("Z", "X") and fields[19] == start
 
 
-def _own_start_time() -> str:
-    with open(f"/proc/{os.getpid()}/stat") as f:
+def _start_time(pid: int) -> str:
+    with open(f"/proc/{pid}/stat") as f:
         return f.read().rsplit(")", 1)[1].split()[19]
 
 
-def owner_line() -> str:
-    """`<pid> <start time>`: names this process, even after its pid is reused."""
-    return f"{os.getpid()} {_own_start_time()}\n"
+def owner_line(pid: int | None = None) -> str:
+    """`<pid> <start time>`: names this process (or process `pid`), even
+    after its pid is reused."""
+    pid = os.getpid() if pid is None else pid
+    return f"{pid} {_start_time(pid)}\n"
 
 
 def owner_alive(line: str) -> bool:

@@ -230,31 +230,49 @@ class RestoringProvider(BackupProvider):
         key = (volname, device_name)
         if key in self._restores:
             raise StoreError(f"{device_name} of {volname} is already being restored")
-        with self.open_chain(volname, device_name) as chain:
+        rundir = qemu.make_rundir("dirbackup-")
+        job = _VolumeRestore(rundir)
+        self._restores[key] = job
+        try:
+            job.server = self.serve_checked(volname, device_name, str(rundir / "nbd.sock"))
+            job.mountpoint = rundir / "fuse"
+            job.mountpoint.mkdir()
+            job.fuse = qemu.start_nbdfuse(job.mountpoint, device_name, job.server.uri)
+        except BaseException:
+            self.restore_vm_volume_cleanup(volname, device_name, info)
+            raise
+        return {"qemu-img-path": str(job.fuse.path)}
+
+    def serve_checked(
+        self,
+        volname: str,
+        device: str,
+        socket: str,
+        *,
+        shared: int = 4,
+        persistent: bool = True,
+        detached: bool = False,
+    ) -> qemu.NbdServer:
+        """A read-only NBD export (named `device`, on `socket`) of one disk of
+        a backup, served only once its chain is validated and every layer's
+        data checked against its digests (one read): what QEMU reads from it
+        is checked.  The qemu-img restore and `dirbackup map` serve this."""
+        with self.open_chain(volname, device) as chain:
             chain.map()  # every table checked: QEMU would read what lies as zeros
             # qemu-img checks nothing: every layer's data is checked first (one read)
             bid = self.storage_plugin.backup_id(volname)
-            for path in verify.require_chain(verify.Checker(self.store), chain, bid, device_name):
+            for path in verify.require_chain(verify.Checker(self.store), chain, bid, device):
                 self.log("warn", f"{path} has no digests (made without a manifest); not checked")
-            rundir = qemu.make_rundir("dirbackup-")
-            job = _VolumeRestore(rundir)
-            self._restores[key] = job
-            try:
-                job.server = qemu.start_nbd(
-                    None,
-                    str(rundir / "nbd.sock"),
-                    export=device_name,
-                    fmt=None,
-                    image_opts=chain.image_opts(),
-                    shared=4,
-                )
-                job.mountpoint = rundir / "fuse"
-                job.mountpoint.mkdir()
-                job.fuse = qemu.start_nbdfuse(job.mountpoint, device_name, job.server.uri)
-            except BaseException:
-                self.restore_vm_volume_cleanup(volname, device_name, info)
-                raise
-        return {"qemu-img-path": str(job.fuse.path)}
+            return qemu.start_nbd(
+                None,
+                socket,
+                export=device,
+                fmt=None,
+                image_opts=chain.image_opts(),
+                shared=shared,
+                persistent=persistent,
+                detached=detached,
+            )
 
     def restore_vm_volume_cleanup(
         self, volname: str, device_name: str, info: Mapping[str, Any] | None = None

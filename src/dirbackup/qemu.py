@@ -100,6 +100,13 @@ def img_create(
     run([*cmd, os.fspath(path), str(size)])
 
 
+def overlay_create(path: str | os.PathLike[str], backing_uri: str) -> None:
+    """A new qcow2 overlay over a raw NBD export (`nbd+unix://...`), of the
+    export's size: QEMU opens nothing but the export for its backing."""
+    run(["qemu-img", "create", "-q", "-f", "qcow2", "-b", backing_uri, "-F", "raw",
+         os.fspath(path)])  # fmt: skip
+
+
 def img_compare(
     a: str | os.PathLike[str],
     b: str | os.PathLike[str],
@@ -247,7 +254,7 @@ def clean_stale_rundirs(base: str | None = None) -> list[str]:
     directories with an owner file of ours are touched, and only mounts inside
     them; the owner file goes last, so that a directory that could not be
     emptied is retried by the next run instead of being left for good."""
-    from dirbackup.mount import mounts_below
+    from dirbackup.mount import loop_mounts_over, mounts_below
 
     base = base or run_base()
     removed = []
@@ -262,6 +269,8 @@ def clean_stale_rundirs(base: str | None = None) -> list[str]:
             if not owner.strip() or owner_alive(owner):
                 continue  # empty: being written by its (live) owner just now
             real = os.path.realpath(entry.path)
+            for point in loop_mounts_over(real):  # `dirbackup mount`'s file system first
+                subprocess.run(["umount", "-l", point], capture_output=True, check=False)
             for point in mounts_below(real):
                 for cmd in (["fusermount3", "-u", "-z"], ["umount", "-l"]):
                     done = subprocess.run([*cmd, point], capture_output=True, check=False)
@@ -341,6 +350,26 @@ class NbdServer:
             os.unlink(self.pidfile)
 
 
+def stop_owner(line: str, timeout: float = 10.0, *, wait_first: float = 0.0) -> None:
+    """Stop the process an owner line names (procs.owner_line), if it still
+    runs: given `wait_first` seconds to exit by itself, then SIGTERM, then
+    SIGKILL after `timeout`.  A process of another start time (a reused pid)
+    is never signalled."""
+    deadline = time.monotonic() + wait_first
+    while owner_alive(line) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    pid = int(line.split()[0])
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        if not owner_alive(line):
+            return
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, sig)
+            os.kill(pid, signal.SIGCONT)  # a stopped process acts on the SIGTERM
+        deadline = time.monotonic() + timeout
+        while owner_alive(line) and time.monotonic() < deadline:
+            time.sleep(0.01)
+
+
 def _alive(pid: int) -> bool:
     try:
         with open(f"/proc/{pid}/stat") as f:
@@ -361,16 +390,22 @@ def start_nbd(
     shared: int = 8,
     image_opts: str | None = None,
     extra: Sequence[str] = (),
+    persistent: bool = True,
+    detached: bool = False,
 ) -> NbdServer:
     """Start qemu-nbd on `socket` and return once it accepts connections.
 
     `image_opts` (a QEMU option string) replaces `image` + `fmt`, so that a
     validated chain can be given layer by layer.  `shared` > 1 lets clients
     open several connections (and makes a read-only export multi-conn).
+    `persistent=False`: the server exits when its (last) client disconnects.
+    `detached`: the server outlives us (its own session, not killed when we
+    die) -- for `dirbackup mount`, whose servers stay until `umount`.
     """
     fd, pidfile = tempfile.mkstemp(prefix="qemu-nbd-", suffix=".pid", dir=os.path.dirname(socket))
     os.close(fd)
-    cmd = ["qemu-nbd", "--persistent", f"--pid-file={pidfile}", f"--socket={socket}"]
+    cmd = ["qemu-nbd", *(["--persistent"] if persistent else []), f"--pid-file={pidfile}"]
+    cmd.append(f"--socket={socket}")
     cmd += [f"--export-name={export}", f"--shared={shared}"]
     if readonly:
         cmd.append("--read-only")
@@ -394,7 +429,10 @@ def start_nbd(
                 stdin=subprocess.DEVNULL,
                 stdout=subprocess.DEVNULL,
                 stderr=err,
-                preexec_fn=_die_with_parent(signal.SIGKILL if readonly else signal.SIGTERM),
+                start_new_session=detached,
+                preexec_fn=None
+                if detached
+                else _die_with_parent(signal.SIGKILL if readonly else signal.SIGTERM),
             )
         except FileNotFoundError:
             os.unlink(pidfile)
@@ -463,24 +501,32 @@ class FuseFile:
             )
 
 
-def start_nbdfuse(mountpoint: Path, filename: str, uri: str, timeout: float = 30.0) -> FuseFile:
-    """Mount `uri` read-only as mountpoint/filename; return once the file exists."""
+def start_nbdfuse(
+    mountpoint: Path, filename: str, uri: str, timeout: float = 30.0, *, detached: bool = False
+) -> FuseFile:
+    """Mount `uri` read-only as mountpoint/filename; return once the file
+    exists.  `detached`: nbdfuse outlives us (until unmounted)."""
     pidfile = mountpoint.parent / f".{mountpoint.name}.pid"
     pidfile.unlink(missing_ok=True)
+    errfile = mountpoint.parent / f".{mountpoint.name}.err"  # a pipe would outlive its reader
     try:
-        proc = subprocess.Popen(
-            ["nbdfuse", "-r", "-P", str(pidfile), f"{mountpoint}/{filename}", uri],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
-            start_new_session=True,
-            preexec_fn=_die_with_parent(),  # unmounts on SIGTERM
-        )
+        with open(errfile, "wb") if detached else contextlib.nullcontext() as errors:
+            proc = subprocess.Popen(
+                ["nbdfuse", "-r", "-P", str(pidfile), f"{mountpoint}/{filename}", uri],
+                stdout=subprocess.DEVNULL,
+                stderr=errors if detached else subprocess.PIPE,
+                start_new_session=True,
+                preexec_fn=None if detached else _die_with_parent(),  # unmounts on SIGTERM
+            )
     except FileNotFoundError:
         raise ToolError("nbdfuse is not installed (Debian package libnbd-bin)") from None
     deadline = time.monotonic() + timeout
     while not pidfile.exists():
         if proc.poll() is not None:
-            err = proc.stderr.read().decode(errors="replace").strip() if proc.stderr else ""
+            if detached:
+                err = errfile.read_text(errors="replace").strip()
+            else:
+                err = proc.stderr.read().decode(errors="replace").strip() if proc.stderr else ""
             raise ToolError(f"nbdfuse: {err or f'exited with status {proc.returncode}'}")
         if time.monotonic() > deadline:
             proc.kill()
