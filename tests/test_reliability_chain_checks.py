@@ -461,3 +461,38 @@ def test_merge_of_layers_with_different_cluster_sizes(tmp_path: Path) -> None:
     state = tmp_path / "state.raw"
     state.write_bytes(content)
     restore_and_compare(storage, second, {DEV: state}, tmp_path)
+
+
+@pytest.mark.parametrize("damage", ["garbage", "no-digests", "wrong-parent"])
+def test_no_incremental_on_a_backup_a_restore_would_refuse(tmp_path: Path, damage: str) -> None:
+    """A base whose manifest a restore cannot use (unreadable, digests gone, a
+    parent that is not its backing file's backup) is no base: the next backup
+    is full and restores exactly -- never an incremental nothing can restore."""
+    storage = make_storage(tmp_path)
+    guest = Guest(tmp_path, {DEV: 8 * MiB})
+    host = Host(storage, STOREID)
+    host.backup_vm(100, guest.disks, start_time=1000)
+    guest.change(DEV, "write -P 0x31 1M 64k")
+    host.backup_vm(100, guest.disks, start_time=2000)
+    manifest = Path(storage.path(f"{STOREID}:backup/100/qemu-2000")[0]) / "manifest.json"
+    m = json.loads(manifest.read_text())
+    if damage == "garbage":
+        manifest.write_text("not json")
+    elif damage == "no-digests":
+        m["disks"][DEV]["digest_chunk"] = 3
+        manifest.write_text(json.dumps(m))
+    else:
+        m["disks"][DEV]["parent"] = None
+        manifest.write_text(json.dumps(m))
+    guest.change(DEV, "write -P 0x32 2M 64k")
+    state = guest.snapshot()[DEV]
+    lines: list[str] = []
+    report = Host(
+        storage, STOREID, log=lambda level, msg: lines.append(f"{level}: {msg}")
+    ).backup_vm(100, guest.disks, start_time=3000)
+    m = json.loads((Path(storage.path(report.volid)[0]) / "manifest.json").read_text())
+    assert (m["mode"], m["disks"][DEV]["parent"]) == ("full", None), lines
+    assert any(f"{DEV}: its last backup qemu-2000 is no valid base" in line for line in lines), (
+        lines
+    )
+    restore_and_compare(storage, report.volid, {DEV: state}, tmp_path)

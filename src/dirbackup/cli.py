@@ -6,7 +6,7 @@ operational error (a traceback only with --debug), 2 for usage errors, 130
 when interrupted (Ctrl-C, SIGINT), 143 when terminated (SIGTERM); both clean
 up the same way.
 
-One module, longer than most (about 720 lines), because each command's
+One module, longer than most (about 880 lines), because each command's
 options, help text and handler are read together; what the commands share
 and is not about argument parsing lives elsewhere (progress bars in
 progress.py, sizes and durations in units.py, the demo in demo.py).

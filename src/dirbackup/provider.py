@@ -243,9 +243,9 @@ class DirectoryBackupProvider(RestoringProvider):
         if g is not None and bid.epoch >= g.bid.epoch:  # stamped in the future
             self.log("info", f"{device}: {bid.name} is stamped after this backup; full backup")
             return None  # (an incremental would sort before its base)
-        try:  # a base is a valid chain inside the guest's directory
-            with qcow2.Chain(image, self.store.guest_dir(vmid)) as chain:
-                if chain.virtual_size != size:
+        try:  # a base is a chain a restore accepts: valid, and what its manifests say
+            with self.open_chain(bid.volname, device) as chain:
+                if chain.virtual_size != qcow2.virtual_size_for(size):
                     why.append(f"its last backup {name} holds another size")
                     return None
                 if chain.depth >= self.max_chain_depth:
