@@ -174,7 +174,8 @@ def test_map_refuses_a_damaged_backup_before_serving(chain: dict[str, Path]) -> 
         "map", "--store", str(store), second, "drive-scsi9", "--socket", str(sock), check=1
     ).stderr
     assert err == (
-        f"error: backup {name(second)} has no disk 'drive-scsi9' (it has: drive-scsi0)\n"
+        f"error: backup {name(second).removeprefix('backup/')} has no disk 'drive-scsi9' "
+        "(it has: drive-scsi0)\n"
     )
     # the damage is recorded: list shows the base as failed
     rows = json.loads(dirbackup("list", "--store", str(store), "--json").stdout)
