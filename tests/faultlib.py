@@ -137,8 +137,9 @@ def _cmd(args: Sequence[str]) -> list[str]:
 
 
 def cli(
-    *args: Any, check: int | None = 0, timeout: float = 120
+    *args: Any, check: int | None = 0, timeout: float = 300
 ) -> subprocess.CompletedProcess[str]:
+    """The command line as a subprocess; asserts its exit status unless `check` is None."""
     proc = subprocess.run(_cmd(args), capture_output=True, text=True, timeout=timeout)
     if check is not None:
         assert proc.returncode == check, (proc.returncode, proc.stdout, proc.stderr)

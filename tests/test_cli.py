@@ -12,20 +12,12 @@ from pathlib import Path
 
 import pytest
 from conftest import MiB, assert_same
+from faultlib import cli as dirbackup
 from faultlib import mounts_under, rundirs_of, servers_for
 from guests import store_bitmap
 
 from dirbackup import qemu
 from dirbackup.storage import DirectoryStorage
-
-
-def dirbackup(*args: str, check: int | None = 0) -> subprocess.CompletedProcess[str]:
-    proc = subprocess.run(
-        [sys.executable, "-m", "dirbackup", *args], capture_output=True, text=True, timeout=300
-    )
-    if check is not None:
-        assert proc.returncode == check, (proc.returncode, proc.stdout, proc.stderr)
-    return proc
 
 
 @pytest.fixture

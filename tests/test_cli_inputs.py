@@ -7,27 +7,18 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
 from conftest import MiB
+from faultlib import cli as dirbackup
 
 from dirbackup import qemu
 from dirbackup.errors import HostError
 from dirbackup.host import Disk, Host
 from dirbackup.storage import DirectoryStorage
 from dirbackup.units import MIN_RATE, parse_rate, parse_size
-
-
-def dirbackup(*args: str, check: int | None = 0) -> subprocess.CompletedProcess[str]:
-    proc = subprocess.run(
-        [sys.executable, "-m", "dirbackup", *args], capture_output=True, text=True, timeout=300
-    )
-    if check is not None:
-        assert proc.returncode == check, (proc.returncode, proc.stdout, proc.stderr)
-    return proc
 
 
 def last_line(proc: subprocess.CompletedProcess[str]) -> str:

@@ -17,18 +17,10 @@ from pathlib import Path
 import imagefaults as faults
 import pytest
 from conftest import MiB
+from faultlib import cli as dirbackup
 from faultlib import mounts_under, servers_for
 
 from dirbackup import qemu
-
-
-def dirbackup(*args: str, check: int | None = 0) -> subprocess.CompletedProcess[str]:
-    proc = subprocess.run(
-        [sys.executable, "-m", "dirbackup", *args], capture_output=True, text=True, timeout=300
-    )
-    if check is not None:
-        assert proc.returncode == check, (proc.returncode, proc.stdout, proc.stderr)
-    return proc
 
 
 def snapshot(img: Path, out: Path) -> Path:

@@ -13,19 +13,11 @@ import time
 from pathlib import Path
 
 import pytest
+from faultlib import cli as dirbackup
 
 from dirbackup import qemu
 
 MiB = 1 << 20
-
-
-def dirbackup(*args: str, check: int | None = 0) -> subprocess.CompletedProcess[str]:
-    proc = subprocess.run(
-        [sys.executable, "-m", "dirbackup", *args], capture_output=True, text=True, timeout=300
-    )
-    if check is not None:
-        assert proc.returncode == check, (proc.returncode, proc.stdout, proc.stderr)
-    return proc
 
 
 @pytest.fixture
