@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from dirbackup.errors import DirbackupError
-from dirbackup.procs import owner_alive, owner_line
+from dirbackup.procs import owner_alive, owner_line, processes_naming
 
 
 class ToolError(DirbackupError):
@@ -278,6 +278,7 @@ def clean_stale_rundirs(base: str | None = None) -> list[str]:
                         break
             if mounts_below(real):
                 continue  # never delete through a mount: the next run tries again
+            stop_helpers_of(real)
             if _remove_rundir(Path(entry.path)):
                 removed.append(entry.path)
     return removed
@@ -368,6 +369,18 @@ def stop_owner(line: str, timeout: float = 10.0, *, wait_first: float = 0.0) -> 
         deadline = time.monotonic() + timeout
         while owner_alive(line) and time.monotonic() < deadline:
             time.sleep(0.01)
+
+
+_HELPERS = ("qemu-nbd", "nbdfuse")
+
+
+def stop_helpers_of(rundir: str, wait_first: float = 1.0) -> None:
+    """Stop what still names a run directory (a real path) on its command
+    line: helpers started for it but never recorded (their starter was killed
+    in between), given `wait_first` seconds to exit by themselves -- nbdfuse
+    exits once unmounted, qemu-nbd once its client has gone."""
+    for line in reversed(processes_naming(rundir, _HELPERS)):  # the client before its server
+        stop_owner(line, wait_first=wait_first)
 
 
 def _alive(pid: int) -> bool:
