@@ -51,7 +51,8 @@ MAX_TABLE_SIZE = 0x8000000  # entries
 MAX_PHYS_SIZE = 0x20000000  # bytes of bitmap data
 
 EXTENSION_SIZE = 24
-ENTRY_HEADER = struct.Struct(">QIIBBHI")  # table offset, table size, flags, type, gbits, name, extra
+# table offset, table size, flags, type, granularity bits, name size, extra data size
+ENTRY_HEADER = struct.Struct(">QIIBBHI")
 FLAG_IN_USE = 1 << 0
 FLAG_AUTO = 1 << 1
 FLAG_EXTRA_DATA_COMPATIBLE = 1 << 2
@@ -132,7 +133,9 @@ def _directory(fd: int, header: qcow2.Header, ext: qcow2.BitmapsExtension) -> li
     size, offset = ext.directory_size, ext.directory_offset
     if not ENTRY_HEADER.size * ext.nb_bitmaps <= size <= MAX_DIRECTORY_SIZE:
         raise _bad(header, f"bitmap directory size {size} does not fit {ext.nb_bitmaps} bitmaps")
-    if offset % cs or not _inside(header, offset, size):
+    if offset % cs:
+        raise _bad(header, f"bitmap directory at offset {offset} is not cluster-aligned")
+    if not _inside(header, offset, size):
         raise _bad(header, f"bitmap directory at offset {offset} lies outside the image")
     raw = _pread(fd, header, size, offset, "bitmap directory")
     out: list[BitmapInfo] = []
@@ -166,7 +169,9 @@ def _directory(fd: int, header: qcow2.Header, ext: qcow2.BitmapsExtension) -> li
             raise _bad(header, f"bitmap {name!r} has invalid granularity 2**{gbits}")
         if not 1 <= t_size <= MAX_TABLE_SIZE or t_size * cs > MAX_PHYS_SIZE:
             raise _bad(header, f"bitmap {name!r} has invalid table size {t_size}")
-        if t_off % cs or not _inside(header, t_off, t_size * 8):
+        if t_off % cs:
+            raise _bad(header, f"bitmap {name!r}: table at offset {t_off} is not cluster-aligned")
+        if not _inside(header, t_off, t_size * 8):
             raise _bad(header, f"bitmap {name!r}: table at offset {t_off} lies outside the image")
         out.append(
             BitmapInfo(
@@ -273,8 +278,8 @@ def _chunk(
     cs = header.cluster_size
     buf = np.zeros(host.size * cs, dtype=np.uint8)
     ones = np.flatnonzero((host == 0) & (table != 0))
-    for i in ones:
-        buf[int(i) * cs : (int(i) + 1) * cs] = 0xFF
+    for k in ones.tolist():
+        buf[k * cs : (k + 1) * cs] = 0xFF
     stored = np.flatnonzero(host != 0)
     if stored.size:
         # split where either index or host offset is not consecutive
