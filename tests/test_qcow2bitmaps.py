@@ -18,7 +18,7 @@ from conftest import KiB, MiB
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from dirbackup import extents, nbd, qcow2, qemu
+from dirbackup import extents, nbd, qcow2, qcow2bitmaps, qemu
 from dirbackup.errors import ImageError
 from dirbackup.qcow2bitmaps import (
     TABLE_OFFSET_MASK,
@@ -229,8 +229,21 @@ def test_large_sparse_disk(tmp_path: Path, qemu_map) -> None:
     size = 1 << 40  # 1 TiB: 16 Mi bits at 64 KiB, several table entries
     img = image(tmp_path, size, 64 * KiB)
     add(img, "b", 64 * KiB)
-    qemu.io(img, "write -P 1 0 1", "write -P 1 300G 128k", f"write -P 1 {size - 4096} 4k")
-    want = [[0, 64 * KiB, 1], [300 * GiB, 128 * KiB, 1], [size - 64 * KiB, 64 * KiB, 1]]
+    # 1 MiB of bitmap data (qcow2bitmaps.CHUNK_BYTES) covers 512 GiB here:
+    # the write at 512 GiB - 64 KiB crosses from one chunk into the next
+    qemu.io(
+        img,
+        "write -P 1 0 1",
+        "write -P 1 300G 128k",
+        f"write -z {512 * GiB - 64 * KiB} 192k",
+        f"write -P 1 {size - 4096} 4k",
+    )
+    want = [
+        [0, 64 * KiB, 1],
+        [300 * GiB, 128 * KiB, 1],
+        [512 * GiB - 64 * KiB, 192 * KiB, 1],
+        [size - 64 * KiB, 64 * KiB, 1],
+    ]
     assert ours(img, "b") == want == qemu_map(img, "b")
 
 
@@ -245,6 +258,32 @@ def test_bitmap_in_the_top_image_of_a_chain(tmp_path: Path, qemu_map) -> None:
     assert ours(top, "b") == [[5 * MiB, 48 * KiB, 1], [9 * MiB, 1 * MiB, 1]]
     assert ours(top, "b") == qemu_map(top, "b")
     assert ours(base, "b") == []
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    raw=st.binary(min_size=1, max_size=96),
+    dense=st.booleans(),
+    first=st.integers(0, 1 << 20),
+    gbits=st.integers(9, 31),
+)
+def test_runs_match_a_bit_by_bit_reading(raw: bytes, dense: bool, first: int, gbits: int) -> None:
+    """Both ways of reading runs (sparse: set bit positions; dense: edges)
+    agree with the spec's bit_offset formula read one bit at a time."""
+    data = bytes(b | 0x5A for b in raw) if dense else raw
+    if not dense:
+        data = bytes(1024) + data + bytes(1000)  # few non-zero bytes: the sparse path
+    buf = np.frombuffer(data, dtype=np.uint8).copy()
+    g = 1 << gbits
+    want: list[list[int]] = []
+    for bit in (b for b in range(len(data) * 8) if data[b // 8]):
+        if data[bit // 8] >> (bit % 8) & 1:
+            offset = (first + bit) * g
+            if want and want[-1][0] + want[-1][1] == offset:
+                want[-1][1] += g
+            else:
+                want.append([offset, g, 1])
+    assert qcow2bitmaps._runs(buf, first, g).tolist() == want
 
 
 # ----------------------------------------------------------------------------

@@ -296,18 +296,29 @@ def _chunk(
 
 def _runs(buf: npt.NDArray[np.uint8], first_bit: int, granularity: int) -> extents.Extents:
     """Rows (offset, length, DIRTY) of the runs of set bits in `buf`, whose
-    bit 0 is bitmap bit `first_bit`; bit k of a byte is its 2**k bit."""
+    bit 0 is bitmap bit `first_bit`; bit k of a byte is its 2**k bit.
+
+    A sparse buffer (few non-zero bytes: the usual incremental) is read from
+    the positions of its set bits; a dense one from the edges of all bits."""
     nz = np.flatnonzero(buf)
     if not nz.size:
         return extents.empty()
-    lo, hi = int(nz[0]), int(nz[-1]) + 1
-    bits = np.unpackbits(buf[lo:hi], bitorder="little").view(np.int8)
-    edges = np.diff(bits, prepend=np.int8(0), append=np.int8(0))
-    starts = np.flatnonzero(edges == 1).astype(np.uint64)
-    ends = np.flatnonzero(edges == -1).astype(np.uint64)
+    if nz.size * 8 <= buf.size:
+        set_bits = np.unpackbits(buf[nz], bitorder="little").reshape(-1, 8).view(bool)
+        pos = ((nz[:, None] << 3) + np.arange(8))[set_bits]
+        breaks = np.flatnonzero(np.diff(pos) != 1)
+        starts = pos[np.concatenate(([0], breaks + 1))].astype(np.uint64)
+        ends = pos[np.concatenate((breaks, [pos.size - 1]))].astype(np.uint64) + np.uint64(1)
+        base = np.uint64(first_bit)
+    else:
+        lo, hi = int(nz[0]), int(nz[-1]) + 1
+        bits = np.unpackbits(buf[lo:hi], bitorder="little").view(np.int8)
+        edges = np.diff(bits, prepend=np.int8(0), append=np.int8(0))
+        starts = np.flatnonzero(edges == 1).astype(np.uint64)
+        ends = np.flatnonzero(edges == -1).astype(np.uint64)
+        base = np.uint64(first_bit + lo * 8)
     out = np.empty((starts.size, 3), dtype=np.uint64)
     g = np.uint64(granularity)
-    base = np.uint64(first_bit + lo * 8)
     out[:, 0] = (starts + base) * g
     out[:, 1] = (ends - starts) * g
     out[:, 2] = extents.DIRTY
