@@ -449,6 +449,19 @@ def test_hostile_directory_fields(victim: Path) -> None:
             ours(victim, name)
 
 
+def test_two_bitmaps_extensions(victim: Path) -> None:
+    """Each extension appears at most once: a second one is refused as the
+    header is read (either could be the one QEMU trusts)."""
+    ext = bitmaps_ext_offset(victim) - 8
+    head = victim.read_bytes()[:4096]
+    end = ext
+    while struct.unpack_from(">I", head, end)[0] != 0:
+        end += 8 + ((struct.unpack_from(">I", head, end + 4)[0] + 7) & ~7)
+    poke(victim, end, head[ext : ext + 32] + bytes(8))
+    with pytest.raises(ImageError, match=f"^{victim}: two bitmaps extensions in the header$"):
+        qcow2.read_header(victim)
+
+
 def test_hostile_table_entries(victim: Path) -> None:
     table = table_offset(victim, "c")
     size = victim.stat().st_size
