@@ -255,7 +255,7 @@ def _read_bitmap(fd: int, header: qcow2.Header, bm: BitmapInfo) -> extents.Exten
         last = min(first + per_chunk, clusters)
         if not (table[first:last] != 0).any():
             continue
-        buf = _chunk(fd, header, bm, host[first:last], table[first:last], first)
+        buf = _chunk(fd, header, bm, host[first:last], table[first:last])
         rows = _runs(buf, first * cs * 8, bm.granularity)
         if rows.size:
             runs.append(rows)
@@ -270,11 +270,10 @@ def _chunk(
     bm: BitmapInfo,
     host: npt.NDArray[np.uint64],
     table: npt.NDArray[np.uint64],
-    first: int,
 ) -> npt.NDArray[np.uint8]:
-    """The bitmap data of table entries first.. (as `host`/`table` give
-    them): zeros, ones and data clusters, runs of neighbouring host
-    clusters read with one pread."""
+    """The bitmap data of a slice of the table (`table`, and `host`: its
+    entries' host offsets): zeros, ones and data clusters, runs of
+    neighbouring host clusters read with one pread."""
     cs = header.cluster_size
     buf = np.zeros(host.size * cs, dtype=np.uint8)
     ones = np.flatnonzero((host == 0) & (table != 0))
