@@ -23,7 +23,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from dirbackup import __version__
+from dirbackup import __version__, timings
 from dirbackup.api import VmType
 from dirbackup.copy import CopyStats
 from dirbackup.errors import DirbackupError, Terminated
@@ -839,6 +839,7 @@ def _terminate_like_ctrl_c() -> Callable[[], None]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `dirbackup` program."""
+    timings.begin()
     parser = build_parser()
     args = parser.parse_args(argv)
     undo = _terminate_like_ctrl_c()
@@ -862,6 +863,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     finally:
         undo()
+        timings.report()
 
 
 def _one_line(exc: BaseException) -> str:

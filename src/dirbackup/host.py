@@ -33,7 +33,17 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
-from dirbackup import bitmaps, copy, dirtyregions, extents, qcow2, qemu, restore_target, watchdog
+from dirbackup import (
+    bitmaps,
+    copy,
+    dirtyregions,
+    extents,
+    qcow2,
+    qemu,
+    restore_target,
+    timings,
+    watchdog,
+)
 from dirbackup.api import BackupProvider, BitmapMode, ChainAccess, LogFunction, VmType
 from dirbackup.errors import DirbackupError, HostError, Terminated
 from dirbackup.store import check_device_name
@@ -210,10 +220,12 @@ class Host:
             ok = stored = False
             try:
                 body(p, report, outcome)
-                outcome.stored()
+                with timings.phase("bitmaps advance"):
+                    outcome.stored()
                 stored = True
                 self._set_attributes(volid, notes, protected)
-                stats = p.backup_cleanup(vmid, vmtype, True, {})
+                with timings.phase("backup cleanup"):
+                    stats = p.backup_cleanup(vmid, vmtype, True, {})
                 report.archive_size = int((stats or {}).get("stats", {}).get("archive-size", 0))
                 ok = True
             except BaseException as exc:
@@ -253,17 +265,20 @@ class Host:
             mechanism = mechanism_override or p.backup_get_mechanism(vmid, VmType.QEMU)
             if mechanism not in ("nbd", "file-handle"):
                 raise HostError(f"provider chose unknown VM mechanism {mechanism!r}")
-            sizes = {d.device: {"size": _disk_size(d.path)} for d in disks}
-            formats = {d.device: d.format for d in disks}
-            query = {
-                d.device: {**sizes[d.device], **marks.query_facts(d.path, formats[d.device])}
-                for d in disks
-            }
-            choices = p.backup_vm_query_incremental(vmid, query) or {}
-            modes = marks.prepare([(d.device, d.path, formats[d.device]) for d in disks], choices)
+            with timings.phase("disk sizes and bitmaps"):
+                sizes = {d.device: {"size": _disk_size(d.path)} for d in disks}
+                formats = {d.device: d.format for d in disks}
+                query = {
+                    d.device: {**sizes[d.device], **marks.query_facts(d.path, formats[d.device])}
+                    for d in disks
+                }
+                choices = p.backup_vm_query_incremental(vmid, query) or {}
+                disks_in = [(d.device, d.path, formats[d.device]) for d in disks]
+                modes = marks.prepare(disks_in, choices)
             report.bitmap_modes = {dev: str(m) for dev, m in modes.items()}
             rundir = Path(stack.enter_context(_private_dir()))
-            volumes = self._snapshot_access(stack, rundir, disks, marks, sizes, mechanism)
+            with timings.phase("snapshot access"):
+                volumes = self._snapshot_access(stack, rundir, disks, marks, sizes, mechanism)
             info: dict[str, Any] = {"bandwidth-limit": bwlimit}
             if firewall is not None:
                 info["firewall-config"] = firewall
@@ -459,7 +474,9 @@ class Host:
                 report(device, stats)
 
         if engine == RestoreEngine.OURS and isinstance(p, ChainAccess):
-            with p.open_chain(volname, device) as chain:
+            with timings.phase("open and validate chain"):
+                opened = p.open_chain(volname, device)
+            with opened as chain:
                 if chain.unchecked:
                     names = ", ".join(Path(chain.paths[i]).parent.name for i in chain.unchecked)
                     self.log(
@@ -467,13 +484,14 @@ class Host:
                         f"{device}: {names} recorded no digests (written without a manifest): "
                         "their data is restored unchecked",
                     )
-                return restore_target.write(
-                    target,
-                    size,
-                    target_format,
-                    lambda t: qcow2.restore(chain, t, progress=progress),
-                    chain.min_cluster_size,
-                )
+                with timings.phase("restore copy (incl. fsync, rename)"):
+                    return restore_target.write(
+                        target,
+                        size,
+                        target_format,
+                        lambda t: qcow2.restore(chain, t, progress=progress),
+                        chain.min_cluster_size,
+                    )
         path = p.restore_vm_volume_init(volname, device, {})["qemu-img-path"]
         try:
             if engine == RestoreEngine.QEMU_IMG:

@@ -50,7 +50,7 @@ from typing import Any
 
 import numpy as np
 
-from dirbackup import copy, extents, nbd, qcow2, watchdog
+from dirbackup import copy, extents, nbd, qcow2, timings, watchdog
 from dirbackup.api import (
     BACKING_KEY,
     BITMAPS_KEY,
@@ -360,7 +360,8 @@ class DirectoryBackupProvider(RestoringProvider):
             g.disks[device] = self._backup_volume(
                 g, device, VolumeInfo.coerce(volumes[device]), binfo.bandwidth_limit
             )
-        self._publish(g, "incremental" if any(d.parent for d in g.disks.values()) else "full")
+        with timings.phase("publish (fsync, rename)"):
+            self._publish(g, "incremental" if any(d.parent for d in g.disks.values()) else "full")
         g.returned = True
 
     def _backup_volume(
@@ -414,16 +415,18 @@ class DirectoryBackupProvider(RestoringProvider):
                 io_timeout=self.io_timeout,
             )
             with qcow2.Writer(image, size, cluster, backing=backing) as writer:
-                stats = copy.copy_regions(
-                    source,
-                    writer,
-                    regions,
-                    options,
-                    progress=self._progress_logger(device),
-                    digest_size=size,
-                    digest_zero=writer.records_zero,
-                )
-                writer.finish()
+                with timings.phase("copy"):
+                    stats = copy.copy_regions(
+                        source,
+                        writer,
+                        regions,
+                        options,
+                        progress=self._progress_logger(device),
+                        digest_size=size,
+                        digest_zero=writer.records_zero,
+                    )
+                with timings.phase("qcow2 finish"):
+                    writer.finish()
         finally:
             nbd.close_all(handles)
         if stats.discard_note:

@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from dirbackup import timings
 from dirbackup.errors import DirbackupError
 from dirbackup.procs import owner_alive, owner_line, processes_naming
 
@@ -36,9 +37,10 @@ class ToolError(DirbackupError):
 def run(cmd: Sequence[str], *, input: bytes | None = None, timeout: float | None = 600) -> str:
     """Run a tool, return its stdout; raise ToolError with its stderr on failure."""
     try:
-        proc = subprocess.run(
-            list(cmd), input=input, capture_output=True, timeout=timeout, check=False
-        )
+        with timings.phase(" ".join(os.path.basename(c) for c in cmd[:2])):
+            proc = subprocess.run(
+                list(cmd), input=input, capture_output=True, timeout=timeout, check=False
+            )
     except FileNotFoundError:
         raise ToolError(f"{cmd[0]} is not installed (make setup installs it)") from None
     except subprocess.TimeoutExpired:
@@ -330,6 +332,10 @@ class NbdServer:
 
     def stop(self, timeout: float = 10.0) -> None:
         """Terminate the server and wait until it is gone."""
+        with timings.phase("qemu-nbd stop"):
+            self._stop(timeout)
+
+    def _stop(self, timeout: float) -> None:
         self.kill(signal.SIGTERM)
         self.kill(signal.SIGCONT)  # a stopped server acts on the SIGTERM
         deadline = time.monotonic() + timeout
