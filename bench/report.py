@@ -18,7 +18,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from context import Scale
+from context import CLI, Scale
 from images import GiB, KiB, MiB, TiB
 from runner import BENCH, PY, Result, Role, Tool, ratio
 
@@ -140,6 +140,7 @@ def print_table(res: Result) -> None:
 # "startup" (process start to main()).  Other names (qemu-img calls, nested
 # in the phases above) are listed after them as "of which".
 TOP_PHASES = (
+    "backup init (store lock, partial dir)",
     "disk sizes and bitmaps",
     "snapshot access",
     "copy",
@@ -324,7 +325,7 @@ def write_markdown(
         lines += ["", "Commands (`$W` = the work directory on /dev/shm):", "", "```"]
         for t in res.tools:
             cmd = " ".join(t.argv).replace(str(work), "$W").replace(str(BENCH), "bench")
-            cmd = cmd.replace(PY, "python")
+            cmd = cmd.replace(CLI, "dirbackup").replace(PY, "python")
             lines.append(f"{t.label}: {cmd}")
         lines += ["```", ""]
     analysis = BENCH / "analysis.md"

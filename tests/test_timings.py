@@ -19,6 +19,7 @@ from dirbackup import qemu
 
 PREFIX = "dirbackup timing: "
 BACKUP_PHASES = [  # in the order a backup passes them
+    "backup init (store lock, partial dir)",
     "disk sizes and bitmaps",
     "snapshot access",
     "copy",

@@ -64,7 +64,7 @@ def run(ctx: Ctx) -> Result:
             "The guest is `qemu-img convert -O qcow2` of workload 1's raw image (its written "
             "zeros become unallocated clusters).",
             "The CLI row backs up into an empty store each round; with --mode full it keeps "
-            "no dirty bitmap in the guest (qemu-img still looks for the store's bitmaps).",
+            "no dirty bitmap in the guest (it still asks `qemu-img info` about the image).",
         ],
     )
 

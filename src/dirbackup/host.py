@@ -213,7 +213,8 @@ class Host:
         p = self.provider
         p.job_init(start)
         try:
-            archive = p.backup_init(vmid, vmtype, start)["archive-name"]
+            with timings.phase("backup init (store lock, partial dir)"):
+                archive = p.backup_init(vmid, vmtype, start)["archive-name"]
             volid = f"{self.storeid}:backup/{archive}"
             report = BackupReport(volid, archive, 0.0)
             outcome = _Outcome()
