@@ -44,7 +44,14 @@ from dirbackup import (
     timings,
     watchdog,
 )
-from dirbackup.api import BackupProvider, BitmapMode, ChainAccess, LogFunction, VmType
+from dirbackup.api import (
+    BackupProvider,
+    BitmapMode,
+    ChainAccess,
+    LogFunction,
+    VmType,
+    check_incremental_answer,
+)
 from dirbackup.errors import DirbackupError, HostError, Terminated
 from dirbackup.store import check_device_name
 
@@ -273,7 +280,12 @@ class Host:
                     d.device: {**sizes[d.device], **marks.query_facts(d.path, formats[d.device])}
                     for d in disks
                 }
-                choices = p.backup_vm_query_incremental(vmid, query) or {}
+                try:
+                    choices = check_incremental_answer(
+                        p.backup_vm_query_incremental(vmid, query), query
+                    )
+                except ValueError as exc:
+                    raise HostError(str(exc)) from None
                 disks_in = [(d.device, d.path, formats[d.device]) for d in disks]
                 modes = marks.prepare(disks_in, choices)
             report.bitmap_modes = {dev: str(m) for dev, m in modes.items()}

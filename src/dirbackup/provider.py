@@ -680,18 +680,27 @@ class DirectoryBackupProvider(RestoringProvider):
             self.store.write_previous(g.bid.vmid, prev)
             self.log("warn", "the next backup of the removed backup's disks will be full")
 
-    def backup_handle_log_file(self, vmid: int, filename: str) -> None:
-        vmid = int(vmid)
-        done = self._finished.get(vmid)
-        g = self._guests.get(vmid)
-        if done is None and g is None:
-            raise StoreError(f"no backup of guest {vmid} to attach a log to")
-        bid, ok = done if done is not None else (g.bid, False)  # type: ignore[union-attr]
-        data = Path(filename).read_bytes()
-        if ok and self.store.exists(bid):
-            self.store.backup(bid).keep_log(data)
-        else:
-            self.store.keep_failed_log(bid, data)
+    def backup_handle_log_file(self, vmid: Any, filename: str) -> None:
+        """Keep the task log with the backup (or with the failed one's leftovers).
+
+        Never raises: the hypervisor calls this also when backup_init never
+        ran (a failure before it) and outside any error handling, so a
+        problem here is a warning in the task log, not a second failure."""
+        try:
+            vmid = int(vmid)
+            done = self._finished.get(vmid)
+            g = self._guests.get(vmid)
+            if done is None and g is None:
+                self.log("warn", f"no backup of guest {vmid} in this job; its task log is not kept")
+                return
+            bid, ok = done if done is not None else (g.bid, False)  # type: ignore[union-attr]
+            data = Path(filename).read_bytes()
+            if ok and self.store.exists(bid):
+                self.store.backup(bid).keep_log(data)
+            else:
+                self.store.keep_failed_log(bid, data)
+        except Exception as exc:  # see the docstring
+            self.log("warn", f"could not keep the task log {filename}: {exc}")
 
 
 def _canonical(value: Any) -> str:
