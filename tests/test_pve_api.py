@@ -261,3 +261,12 @@ def test_server_shutdown_aborts_a_running_backup(tmp_path: Path) -> None:
     reply = again.handle({"method": "backup_init", "args": [100, "qemu", 1_700_000_001]}, print)
     assert "result" in reply, reply  # not locked
     again.shutdown()
+
+
+def test_a_refused_configuration_is_the_answer(tmp_path: Path) -> None:
+    server = PveServer(STOREID, {"path": str(tmp_path), "vm-backup-mode": "sometimes"})
+    reply = server.handle({"method": "job_init", "args": [1]}, print)
+    assert reply["error"].startswith(f"storage '{STOREID}': invalid storage configuration: ")
+    assert "sometimes" in reply["error"]
+    assert server.handle({"method": "exit", "args": []}, print) == {"result": None}
+    server.shutdown()

@@ -162,12 +162,18 @@ class PveServer:
     storage: DirectoryStorage = field(init=False)
     provider: DirectoryBackupProvider | None = field(init=False, default=None)
     finished: bool = field(init=False, default=False)
+    config_error: str | None = field(init=False, default=None)
     _log: LogFunction = field(init=False)
     _job: bool = field(init=False, default=False)
 
     def __post_init__(self) -> None:
-        self.storage = DirectoryStorage(self.storeid, self.scfg)
+        """A storage configuration dirbackup refuses is the answer to every
+        request (the caller sees why, not a process that died)."""
         self._log = lambda level, msg: None
+        try:
+            self.storage = DirectoryStorage(self.storeid, self.scfg)
+        except DirbackupError as exc:
+            self.config_error = f"storage '{self.storeid}': {_one_line(exc)}"
 
     def _provider(self) -> DirectoryBackupProvider:
         if self.provider is None:
@@ -183,6 +189,8 @@ class PveServer:
         try:
             if not isinstance(request, Mapping) or not isinstance(request.get("method"), str):
                 raise DirbackupError('a request is {"method": NAME, "args": [...]}')
+            if self.config_error is not None and request["method"] != "exit":
+                raise DirbackupError(self.config_error)
             args = request.get("args", [])
             if not isinstance(args, list):
                 raise DirbackupError(f"{request['method']}: 'args' must be a list")
