@@ -18,7 +18,7 @@ from conftest import MiB
 from guests import STOREID, Guest, make_storage
 
 from dirbackup.api import check_incremental_answer
-from dirbackup.errors import HostError
+from dirbackup.errors import DirbackupError, HostError
 from dirbackup.host import Host
 from dirbackup.provider import DirectoryBackupProvider
 from dirbackup.pveserve import PveServer, serve_fd
@@ -270,3 +270,45 @@ def test_a_refused_configuration_is_the_answer(tmp_path: Path) -> None:
     assert "sometimes" in reply["error"]
     assert server.handle({"method": "exit", "args": []}, print) == {"result": None}
     server.shutdown()
+
+
+class _Recording(DirectoryBackupProvider):
+    """Our provider, remembering the calls the host makes."""
+
+    calls: list[tuple[str, Any]]
+
+    def backup_cleanup(
+        self, vmid: int, vmtype: str | None, success: bool, info: Mapping[str, Any] | None
+    ) -> dict[str, Any]:
+        self.calls.append(("backup_cleanup", (vmid, success, dict(info or {}))))
+        return super().backup_cleanup(vmid, vmtype, success, info)
+
+    def backup_handle_log_file(self, vmid: Any, filename: str) -> None:
+        self.calls.append(("backup_handle_log_file", Path(filename).read_text()))
+        super().backup_handle_log_file(vmid, filename)
+
+    def job_cleanup(self) -> None:
+        self.calls.append(("job_cleanup", None))
+        super().job_cleanup()
+
+
+def test_host_cleans_up_after_a_failed_backup_init(tmp_path: Path) -> None:
+    """As PVE: backup_cleanup with the error, the task log, job_cleanup."""
+    storage = make_storage(tmp_path)
+    calls: list[tuple[str, Any]] = []
+
+    def new(log: Any) -> _Recording:
+        p = _Recording(storage, storage.scfg, STOREID, log)
+        p.calls = calls
+        return p
+
+    guest = Guest(tmp_path, {"drive-scsi0": 4 * MiB})
+    host = Host(storage, STOREID, new_provider=new)
+    with pytest.raises(DirbackupError, match="start time"):
+        host.backup_vm(100, guest.disks, start_time=-1)
+    names = [name for name, _ in calls]
+    assert names == ["backup_cleanup", "backup_handle_log_file", "job_cleanup"]
+    vmid, success, info = calls[0][1]
+    assert (vmid, success) == (100, False) and "start time" in info["error"]
+    assert "start time" in calls[1][1]  # the task log holds the error
+    assert storage.list_volumes(100) == []

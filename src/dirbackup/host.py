@@ -214,14 +214,23 @@ class Host:
         the guest-type specific `body`, then -- still under the provider's
         guest lock -- what the guest needs once its data is stored (the VM's
         bitmaps advance), attributes, cleanup with success or with the error,
-        the task log, job cleanup."""
+        the task log, job cleanup.  A failing backup_init still gets the
+        cleanup with the error and the task log, as the hypervisor does."""
         start = int(time.time()) if start_time is None else start_time
         began = time.monotonic()
         p = self.provider
         p.job_init(start)
         try:
-            with timings.phase("backup init (store lock, partial dir)"):
-                archive = p.backup_init(vmid, vmtype, start)["archive-name"]
+            try:
+                with timings.phase("backup init (store lock, partial dir)"):
+                    archive = p.backup_init(vmid, vmtype, start)["archive-name"]
+            except BaseException as exc:  # as the hypervisor: cleanup and the log, even so
+                self.log("err", f"backup of guest {vmid} failed: {_describe(exc)}")
+                with contextlib.suppress(Exception):
+                    p.backup_cleanup(vmid, vmtype, False, {"error": _describe(exc)})
+                with contextlib.suppress(Exception):
+                    self._hand_over_log(p, vmid)
+                raise
             volid = f"{self.storeid}:backup/{archive}"
             report = BackupReport(volid, archive, 0.0)
             outcome = _Outcome()
