@@ -287,6 +287,10 @@ class _Recording(DirectoryBackupProvider):
         self.calls.append(("backup_handle_log_file", Path(filename).read_text()))
         super().backup_handle_log_file(vmid, filename)
 
+    def job_init(self, start_time: int) -> None:
+        self.calls.append(("job_init", start_time))
+        super().job_init(start_time)
+
     def job_cleanup(self) -> None:
         self.calls.append(("job_cleanup", None))
         super().job_cleanup()
@@ -307,8 +311,37 @@ def test_host_cleans_up_after_a_failed_backup_init(tmp_path: Path) -> None:
     with pytest.raises(DirbackupError, match="start time"):
         host.backup_vm(100, guest.disks, start_time=-1)
     names = [name for name, _ in calls]
-    assert names == ["backup_cleanup", "backup_handle_log_file", "job_cleanup"]
-    vmid, success, info = calls[0][1]
+    assert names == ["job_init", "backup_cleanup", "backup_handle_log_file", "job_cleanup"]
+    vmid, success, info = calls[1][1]
     assert (vmid, success) == (100, False) and "start time" in info["error"]
-    assert "start time" in calls[1][1]  # the task log holds the error
+    assert "start time" in calls[2][1]  # the task log holds the error
     assert storage.list_volumes(100) == []
+
+
+def test_several_guests_in_one_job(tmp_path: Path) -> None:
+    """job_init once, each guest's backup and its own task log, job_cleanup once."""
+    storage = make_storage(tmp_path)
+    calls: list[tuple[str, Any]] = []
+
+    def new(log: Any) -> _Recording:
+        p = _Recording(storage, storage.scfg, STOREID, log)
+        p.calls = calls
+        return p
+
+    guests = {}
+    for vmid in (100, 101):
+        (tmp_path / str(vmid)).mkdir()
+        guests[vmid] = Guest(tmp_path / str(vmid), {"drive-scsi0": 4 * MiB})
+    host = Host(storage, STOREID, new_provider=new)
+    with host.job(1_700_000_000):
+        reports = [host.backup_vm(v, g.disks, start_time=1_700_000_000) for v, g in guests.items()]
+        with pytest.raises(HostError, match="already running"), host.job():
+            pass
+    names = [name for name, _ in calls]
+    assert names.count("job_init") == 1 and names[0] == "job_init"
+    assert names.count("job_cleanup") == 1 and names[-1] == "job_cleanup"
+    logs = [value for name, value in calls if name == "backup_handle_log_file"]
+    assert len(logs) == 2
+    assert reports[0].volid not in logs[1]
+    assert reports[0].volid in logs[0]
+    assert {v["volid"] for v in storage.list_volumes()} == {r.volid for r in reports}

@@ -129,8 +129,8 @@ class _Log:
         if self.forward is not None:
             self.forward(level, message)
 
-    def write(self, path: Path) -> None:
-        path.write_text("\n".join(self.lines) + "\n")
+    def write(self, path: Path, first_line: int = 0) -> None:
+        path.write_text("\n".join(self.lines[first_line:]) + "\n")
 
 
 class Host:
@@ -164,6 +164,23 @@ class Host:
             scfg = getattr(storage, "scfg", None)
             io_timeout = float(getattr(scfg, "io_timeout", watchdog.DEFAULT_IO_TIMEOUT))
         self.io_timeout = io_timeout
+        self._job = False
+
+    @contextlib.contextmanager
+    def job(self, start_time: int | None = None) -> Iterator[None]:
+        """One backup job of several guests, as the hypervisor runs one:
+        job_init once, then each backup_vm / backup_container made inside
+        the `with` block, then job_cleanup (also after a failure).  Outside
+        a job each backup is a job of its own."""
+        if self._job:
+            raise HostError("a backup job is already running on this host")
+        self.provider.job_init(int(time.time()) if start_time is None else start_time)
+        self._job = True
+        try:
+            yield
+        finally:
+            self._job = False
+            self.provider.job_cleanup()
 
     # ------------------------------------------------------------------ VM backup
 
@@ -219,7 +236,10 @@ class Host:
         start = int(time.time()) if start_time is None else start_time
         began = time.monotonic()
         p = self.provider
-        p.job_init(start)
+        own_job = not self._job
+        first_line = len(self.log.lines)
+        if own_job:
+            p.job_init(start)
         try:
             try:
                 with timings.phase("backup init (store lock, partial dir)"):
@@ -229,7 +249,7 @@ class Host:
                 with contextlib.suppress(Exception):
                     p.backup_cleanup(vmid, vmtype, False, {"error": _describe(exc)})
                 with contextlib.suppress(Exception):
-                    self._hand_over_log(p, vmid)
+                    self._hand_over_log(p, vmid, first_line)
                 raise
             volid = f"{self.storeid}:backup/{archive}"
             report = BackupReport(volid, archive, 0.0)
@@ -254,11 +274,12 @@ class Host:
                 raise
             finally:
                 report.seconds = time.monotonic() - began
-                report.log_lines = list(self.log.lines)
-                self._hand_over_log(p, vmid)
+                report.log_lines = self.log.lines[first_line:]
+                self._hand_over_log(p, vmid, first_line)
             return report
         finally:
-            p.job_cleanup()
+            if own_job:
+                p.job_cleanup()
 
     def _backup_vm_body(
         self,
@@ -316,11 +337,12 @@ class Host:
         if protected:
             self.storage.update_volume_attribute(volid, "protected", 1)
 
-    def _hand_over_log(self, p: BackupProvider, vmid: int) -> None:
+    def _hand_over_log(self, p: BackupProvider, vmid: int, first_line: int = 0) -> None:
+        """The guest's task log: the lines since its backup began."""
         with tempfile.NamedTemporaryFile("w", suffix=".log", delete=False) as f:
             name = f.name
         try:
-            self.log.write(Path(name))
+            self.log.write(Path(name), first_line)
             p.backup_handle_log_file(vmid, name)
         except (DirbackupError, OSError) as exc:  # the backup stands or falls without it
             if self.log.forward:
