@@ -345,3 +345,44 @@ def test_several_guests_in_one_job(tmp_path: Path) -> None:
     assert reports[0].volid not in logs[1]
     assert reports[0].volid in logs[0]
     assert {v["volid"] for v in storage.list_volumes()} == {r.volid for r in reports}
+
+
+class _ContainerChild(DirectoryBackupProvider):
+    """Our provider, telling where backup_container runs."""
+
+    fail = False
+    ran_in: int | None = None
+
+    def backup_container(
+        self, vmid: int, guest_config: str, exclude_patterns: Any, info: Any
+    ) -> None:
+        self.ran_in = os.getpid()
+        self.log("info", f"backup_container runs in process {os.getpid()}")
+        if self.fail:
+            raise HostError("the archive could not be written\n(disk full)")
+        super().backup_container(vmid, guest_config, exclude_patterns, info)
+
+
+@pytest.mark.parametrize("fail", [False, True])
+def test_backup_container_runs_in_a_forked_child(tmp_path: Path, fail: bool) -> None:
+    storage = make_storage(tmp_path)
+    root = tmp_path / "ct"
+    root.mkdir()
+    (root / "etc").mkdir()
+    (root / "etc" / "hostname").write_text("ct\n")
+    provider = _ContainerChild(storage, storage.scfg, STOREID)
+    provider.fail = fail
+    lines: list[tuple[str, str]] = []
+    host = Host(storage, STOREID, provider=provider, log=lambda lv, m: lines.append((lv, m)))
+    provider.log_function = host.log
+    if fail:
+        with pytest.raises(HostError, match=r"^the archive could not be written \(disk full\)$"):
+            host.backup_container(200, root, start_time=1_700_000_000)
+        assert storage.list_volumes(200) == []
+    else:
+        report = host.backup_container(200, root, start_time=1_700_000_000)
+        assert [v["volid"] for v in storage.list_volumes(200)] == [report.volid]
+        assert any(m.startswith("archive archive.tar: ") for _, m in lines)
+    assert provider.ran_in is None  # what the child changed stayed in the child
+    child = [m for _, m in lines if m.startswith("backup_container runs in process ")]
+    assert len(child) == 1 and child[0] != f"backup_container runs in process {os.getpid()}"

@@ -42,6 +42,7 @@ from dirbackup import (
     qemu,
     restore_target,
     timings,
+    toolrun,
     watchdog,
 )
 from dirbackup.api import (
@@ -121,8 +122,12 @@ class _Log:
         self.forward = forward
         self.lines: list[str] = []
         self._lock = threading.Lock()
+        self.redirect: LogFunction | None = None  # in a forked child: to the parent
 
     def __call__(self, level: str, message: str) -> None:
+        if self.redirect is not None:
+            self.redirect(level, message)
+            return
         stamp = time.strftime("%Y-%m-%d %H:%M:%S")
         with self._lock:
             self.lines.append(f"{stamp} {level}: {message}")
@@ -437,7 +442,12 @@ class Host:
             if firewall is not None:
                 info["firewall-config"] = firewall
             p.backup_container_prepare(vmid, info)
-            p.backup_container(vmid, config, list(exclude), info)
+
+            def child(log: LogFunction) -> None:  # in a forked child, as the hypervisor
+                self.log.redirect = log  # (the child's copy of the task log)
+                p.backup_container(vmid, config, list(exclude), info)
+
+            toolrun.run_forked(child, self.log)
 
         return self._run_backup(vmid, VmType.LXC, start_time, notes, protected, body)
 
