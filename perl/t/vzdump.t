@@ -350,6 +350,52 @@ ok($v5, 'b5: incremental after a failure') or diag($e5);
     $p->job_cleanup();
 }
 
+# ---------------------------------------------------------------- a container
+
+# vzdump's order for a container: prepare while privileged, backup_container
+# in a forked child (which uses the connection it inherited), cleanup.
+{
+    my $ct = "$dir/ct";
+    mkdir($ct);
+    mkdir("$ct/etc");
+    mkdir("$ct/var");
+    mkdir("$ct/var/cache");
+    for my $file ('etc/hostname', 'var/cache/junk', 'big') {
+        open(my $fh, '>', "$ct/$file") or die;
+        print $fh ($file eq 'big' ? ('x' x 300000) : "$file\n");
+        close($fh);
+    }
+    my $p = $plugin->new_backup_provider($nbd, $storeid, $logf);
+    @log = ();
+    $p->job_init($t0 + 300);
+    my $init = $p->backup_init(4343, 'lxc', $t0 + 300);
+    is($p->backup_get_mechanism(4343, 'lxc'), 'directory', 'container: directory mechanism');
+    my $info = { directory => $ct, sources => ['.'], 'backup-user-id' => $>, 'bandwidth-limit' => 0 };
+    $p->backup_container_prepare(4343, $info);
+    my $pid = fork() // die "fork: $!\n";
+    if ($pid == 0) {
+        my $ok = eval { $p->backup_container(4343, "arch: amd64\nhostname: ct\n", ['/var/cache/**'], $info); 1 };
+        print STDERR "backup_container: $@" if !$ok;
+        POSIX::_exit($ok ? 0 : 1);
+    }
+    waitpid($pid, 0);
+    is($?, 0, 'container: backup_container in a forked child');
+    my $res = $p->backup_cleanup(4343, 'lxc', $? == 0 ? 1 : 0, {});
+    cmp_ok($res->{stats}->{'archive-size'}, '>', 300000, 'container: archive size');
+    $p->job_cleanup();
+    my $volname = "backup/$init->{'archive-name'}";
+    my $r = $plugin->new_backup_provider($nbd, $storeid, $logf);
+    my ($mechanism, $vmtype) = $r->restore_get_mechanism($volname);
+    is("$mechanism/$vmtype", 'tar/lxc', 'container: restore mechanism');
+    is($r->archive_get_guest_config($volname), "arch: amd64\nhostname: ct\n", 'container: config');
+    my $short = $r->restore_container_init($volname, {});
+    my $long = $r->restore_container_init($volname, $storeid, {});
+    is_deeply($short, $long, 'container: restore_container_init in both argument forms');
+    my @names = sort grep { length } map { s!^\./!!r } split /\n/, run('tar', '-tf', $short->{'tar-path'});
+    is_deeply(\@names, [sort qw(big etc/ etc/hostname var/ var/cache/)], 'container: archive contents, exclusion honoured');
+    $r->restore_container_cleanup($volname, {});
+}
+
 # ---------------------------------------------------------------- restores
 
 restore_and_compare('b1', $v1, $nbd);

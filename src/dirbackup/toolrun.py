@@ -238,13 +238,19 @@ def capture(argv: Sequence[str], *, timeout: float) -> bytes | None:
     return proc.stdout + proc.stderr
 
 
+def _default_sigterm() -> None:
+    """In call_in_child's worker: SIGTERM ends it quietly (the pool ends its
+    worker so), not through a handler of ours inherited from the parent."""
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
 def call_in_child(function: Callable[..., _T], args: tuple[Any, ...], timeout: float) -> _T:
     """`function(*args)` run in a forked child process, for a call that may hang
     in the kernel (a dead network mount): TimeoutError if it does not answer
     within `timeout` seconds; the child is then killed and the caller goes on.
     `function` must be a module-level function (it is named to the child)."""
     ctx = multiprocessing.get_context("fork")
-    with ctx.Pool(1) as pool:
+    with ctx.Pool(1, initializer=_default_sigterm) as pool:
         result = pool.apply_async(function, args)
         try:
             value: _T = result.get(timeout)
