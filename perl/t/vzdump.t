@@ -285,6 +285,15 @@ my @parsed = $plugin->parse_volname('backup/100/qemu-1700000000');
 is_deeply([@parsed[0 .. 2]], ['backup', '100/qemu-1700000000', 100], 'parse_volname');
 ok(!eval { $plugin->parse_volname("backup/100/../qemu-1") }, 'parse_volname refuses ..');
 
+{
+    local $ENV{DIRBACKUP_COMMAND} = "$dir/no-such-dirbackup";
+    my $p = $plugin->new_backup_provider({ path => $store }, $storeid, $logf);
+    ok(!eval { $p->job_init(1); 1 }, 'a missing program fails job_init');
+    like($@, qr/^dirbackup: the provider process ended during job_init \(\Q$dir\E\/no-such-dirbackup could not be run: is dirbackup installed\?/,
+        'and says which program could not be run');
+    ok(eval { $p->job_cleanup(); 1 }, 'job_cleanup after it');
+}
+
 # ---------------------------------------------------------------- a guest and its backups
 
 for my $device (sort keys %disks) {

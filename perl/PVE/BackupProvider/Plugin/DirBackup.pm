@@ -77,7 +77,7 @@ sub start_server {
     }
     close($theirs);
     $mine->autoflush(1);
-    return { pid => $pid, sock => $mine, owner => $$ };
+    return { pid => $pid, sock => $mine, owner => $$, command => $cmd[0] };
 }
 
 # One request; log lines go to $log; dies with the provider's one-line error.
@@ -88,7 +88,7 @@ sub call_server {
     my $sock = $srv->{sock};
     my $line = $json->encode({ method => $method, args => \@args });
     if (!print {$sock} "$line\n") {
-        die "dirbackup: the provider process is gone ($method): $!\n";
+        _ended($srv, $method);
     }
     while (defined(my $reply = <$sock>)) {
         my $msg = eval { $json->decode($reply) };
@@ -100,16 +100,36 @@ sub call_server {
         die "$msg->{error}\n" if exists($msg->{error});
         return $msg->{result};
     }
-    die "dirbackup: the provider process ended during $method\n";
+    _ended($srv, $method);
+}
+
+# The process is gone: say how, as far as its exit status tells.
+sub _ended {
+    my ($srv, $method) = @_;
+    my $status;
+    for (1 .. 40) {    # its end was seen: its exit status follows at once
+        last if !$srv->{pid};
+        if (waitpid($srv->{pid}, POSIX::WNOHANG()) == $srv->{pid}) {
+            $status = $?;
+            $srv->{pid} = undef;
+            last;
+        }
+        select(undef, undef, undef, 0.025);
+    }
+    my $how = !defined($status) ? '' : ($status >> 8) == 127
+        ? " ($srv->{command} could not be run: is dirbackup installed? see make install-pve)"
+        : ' (exit status ' . ($status >> 8) . ', signal ' . ($status & 127) . ')';
+    die "dirbackup: the provider process ended during $method$how\n";
 }
 
 # Close our end (the process sees the end, aborts what runs, exits); wait
 # for it, then TERM, then KILL.
 sub stop_server {
     my ($srv) = @_;
-    return if !$srv || !$srv->{pid};
+    return if !$srv;
     close($srv->{sock}) if $srv->{sock};
     $srv->{sock} = undef;
+    return if !$srv->{pid};
     my $pid = $srv->{pid};
     for my $signal (undef, 'TERM', 'KILL') {
         kill($signal, $pid) if defined($signal);
@@ -207,11 +227,13 @@ sub job_init {
 }
 
 # Stops the process whatever happens; a second call after a failed first
-# finds nothing to stop and returns.
+# finds nothing to stop and returns, as does a call after the process's end
+# was already reported (a failed job_init).
 sub job_cleanup {
     my ($self) = @_;
     $self->{job} = 0;
     return if !$self->{server};
+    return $self->_stop() if !$self->{server}->{pid};
     eval { $self->_call('job_cleanup') };
     my $err = $@;
     $self->_stop();
