@@ -36,7 +36,7 @@ def test_log_file_without_backup_init_does_not_raise(tmp_path: Path) -> None:
     log.write_text("task log\n")
     p.job_init(1_700_000_000)
     p.backup_handle_log_file(100, str(log))
-    assert logged[-1] == ("warn", "no backup of guest 100 in this job; its task log is not kept")
+    assert logged[-1] == ("info", "no backup of guest 100 in this job; its task log is not kept")
     p.backup_handle_log_file("not a number", str(log))
     assert logged[-1][0] == "warn" and "not a number" in logged[-1][1]
     p.job_cleanup()

@@ -355,7 +355,8 @@ ok($v5, 'b5: incremental after a failure') or diag($e5);
     ok(eval { $p->backup_handle_log_file(99, "$dir/b1.log"); 1 }, 'log file without a job');
     $p->job_init($t0);
     ok(eval { $p->backup_handle_log_file(99, "$dir/b1.log"); 1 }, 'log file without backup_init');
-    ok(grep({ $_->[0] eq 'warn' } @log), 'and a warning instead');
+    ok(grep({ $_->[1] eq 'no backup of guest 99 in this job; its task log is not kept' } @log),
+        'and a line saying so instead');
     $p->job_cleanup();
 }
 

@@ -691,7 +691,8 @@ class DirectoryBackupProvider(RestoringProvider):
             done = self._finished.get(vmid)
             g = self._guests.get(vmid)
             if done is None and g is None:
-                self.log("warn", f"no backup of guest {vmid} in this job; its task log is not kept")
+                # (a failure before backup_init: the error is in the hypervisor's log)
+                self.log("info", f"no backup of guest {vmid} in this job; its task log is not kept")
                 return
             bid, ok = done if done is not None else (g.bid, False)  # type: ignore[union-attr]
             data = Path(filename).read_bytes()
