@@ -386,3 +386,29 @@ def test_backup_container_runs_in_a_forked_child(tmp_path: Path, fail: bool) -> 
     assert provider.ran_in is None  # what the child changed stayed in the child
     child = [m for _, m in lines if m.startswith("backup_container runs in process ")]
     assert len(child) == 1 and child[0] != f"backup_container runs in process {os.getpid()}"
+
+
+def test_serve_on_a_listening_socket(tmp_path: Path) -> None:
+    """`pve-serve --socket PATH`: one connection after the other until "exit"."""
+    from dirbackup.pveserve import serve_socket
+
+    (tmp_path / "store").mkdir()
+    path = tmp_path / "pve.sock"
+    thread = threading.Thread(
+        target=serve_socket, args=(STOREID, {"path": str(tmp_path / "store")}, str(path))
+    )
+    thread.start()
+    try:
+        for _ in range(200):
+            if path.exists():
+                break
+            threading.Event().wait(0.01)
+        assert path.stat().st_mode & 0o777 == 0o600
+        for method in ("storage.list_volumes", "exit"):
+            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+                sock.connect(str(path))
+                _, reply = _call(sock, method)
+                assert reply == {"result": [] if method != "exit" else None}
+    finally:
+        thread.join(30)
+    assert not thread.is_alive() and not path.exists()
