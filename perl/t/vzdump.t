@@ -201,6 +201,7 @@ sub vzdump {
     if ($opt{kill_server}) {
         my $pid = $p->{server}->{pid};
         kill('KILL', $pid);
+        waitpid($pid, 0);    # gone for sure: the request's write fails (EPIPE), never SIGPIPE
         ok(!eval { $p->job_cleanup(); 1 }, "$tag: job_cleanup fails when the process died");
         ok(eval { $p->job_cleanup(); 1 }, "$tag: a second job_cleanup succeeds") or diag($@);
         ok(!kill(0, $pid), "$tag: no provider process left");

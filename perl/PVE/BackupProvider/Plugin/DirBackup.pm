@@ -127,6 +127,7 @@ sub _ended {
 sub stop_server {
     my ($srv) = @_;
     return if !$srv;
+    local $SIG{PIPE} = 'IGNORE';    # close flushes what a failed print left: never die of it
     close($srv->{sock}) if $srv->{sock};
     $srv->{sock} = undef;
     return if !$srv->{pid};
