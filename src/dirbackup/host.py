@@ -390,8 +390,8 @@ class Host:
             vol: dict[str, Any] = {"size": sizes[d.device]["size"], "bitmap-mode": str(mode)}
             if mechanism == "nbd":
                 vol["nbd-path"] = str(sock)
-                if mode == BitmapMode.REUSE:
-                    vol["bitmap-name"] = name
+                if mode != BitmapMode.NONE:  # also for `new`, as PVE (see Bitmaps.passed_name)
+                    vol["bitmap-name"] = marks.passed_name(d.device)
             else:
                 mount = rundir / f"fuse{i}"
                 mount.mkdir()
