@@ -69,7 +69,10 @@ def test_full_and_incremental_chain(tmp_path: Path, mechanism: str) -> None:
     for volid, state in zip(volids, guest.states, strict=True):
         restore_and_compare(storage, volid, state, tmp_path)
     provider = storage.new_backup_provider()
-    assert provider.archive_get_guest_config(volids[1].split(":")[1]) == "# config 1\n"
+    assert provider.archive_get_guest_config(volids[1].split(":")[1]) == (
+        "# config 1\n"  # and the host's drive map (PVE's #qmdump#map: lines)
+        "#qmdump#map:scsi0:drive-scsi0::qcow2:\n#qmdump#map:virtio1:drive-virtio1::qcow2:\n"
+    )
     assert provider.archive_get_firewall_config(volids[1].split(":")[1]) == (
         "[OPTIONS]\nenable: 1\n"
     )

@@ -37,6 +37,7 @@ from dirbackup import (
     bitmaps,
     copy,
     dirtyregions,
+    drivemap,
     extents,
     qcow2,
     qemu,
@@ -330,6 +331,15 @@ class Host:
             info: dict[str, Any] = {"bandwidth-limit": bwlimit}
             if firewall is not None:
                 info["firewall-config"] = firewall
+            config = drivemap.with_map(
+                config,
+                [
+                    drivemap.DriveMapping(
+                        drivemap.virtdev_of(d.device), d.device, "", formats[d.device]
+                    )
+                    for d in disks
+                ],
+            )
             p.backup_vm(vmid, config, volumes, info)
         _check_sizes(disks, sizes)
 
@@ -475,6 +485,7 @@ class Host:
         sizes = p.restore_vm_init(volname)
         report = RestoreReport(volid, 0.0)
         try:
+            targets = _by_device(targets, self._drive_map(p, volname, volid, sizes))
             unknown = sorted(set(targets) - set(sizes))
             if unknown:
                 raise HostError(
@@ -502,6 +513,28 @@ class Host:
             p.restore_vm_cleanup(volname)
         report.seconds = time.monotonic() - began
         return report
+
+    def _drive_map(
+        self, p: BackupProvider, volname: str, volid: str, sizes: Mapping[str, Any]
+    ) -> dict[str, str]:
+        """{drive key: device} from the guest config's `#qmdump#map:` lines,
+        each checked against the disks the backup holds (as the hypervisor's
+        restore refuses a map line without data).  A backup without a guest
+        config, or with no map lines, maps nothing."""
+        try:
+            config = p.archive_get_guest_config(volname)
+        except DirbackupError:
+            return {}
+        mapping = {}
+        for m in drivemap.parse(config):
+            if m.device not in sizes:
+                raise HostError(
+                    f"backup {volid}: its guest config maps {m.virtdev} to {m.device}, "
+                    f"but the backup holds no disk {m.device} "
+                    f"(it has: {', '.join(sorted(sizes)) or 'none'})"
+                )
+            mapping[m.virtdev] = m.device
+        return mapping
 
     def _store_root(self) -> Path | None:
         """The store's directory, when the storage has one (ours has)."""
@@ -605,6 +638,18 @@ def _describe(exc: BaseException) -> str:
     if isinstance(exc, KeyboardInterrupt):
         return "interrupted"
     return str(exc) or type(exc).__name__
+
+
+def _by_device(targets: Mapping[str, Path], mapping: Mapping[str, str]) -> dict[str, Path]:
+    """Restore targets keyed by device, where the caller may name a disk by
+    its device (`drive-scsi0`) or by its drive key from the map (`scsi0`)."""
+    out: dict[str, Path] = {}
+    for key, target in targets.items():
+        device = key if key not in mapping or key in mapping.values() else mapping[key]
+        if device in out:
+            raise HostError(f"disk {device} is given twice (as {key} and by its other name)")
+        out[device] = target
+    return out
 
 
 def duplicate_disks(disks: Sequence[Disk]) -> str | None:
