@@ -47,6 +47,22 @@ def virtdev_of(device: str) -> str:
     )
 
 
+def mappings(disks: Iterable[tuple[str, str]]) -> list[DriveMapping]:
+    """The map of a VM's disks, given as (device, format), on a plain path
+    (no storage id).  Each drive key is unique: a device whose key would be
+    another device's name (`drive-scsi0` beside a device `scsi0`) is its own
+    key, so that every backup the host writes can be restored."""
+    disks = list(disks)
+    names = {device for device, _ in disks}
+    out = []
+    for device, fmt in disks:
+        key = virtdev_of(device)
+        out.append(
+            DriveMapping(key if key == device or key not in names else device, device, "", fmt)
+        )
+    return out
+
+
 def with_map(config: str, mappings: Iterable[DriveMapping]) -> str:
     """`config` without its `#qmdump#`/`#vzdump#` lines (the hypervisor drops
     them "just to be sure"), then one map line per disk.  Every other line is

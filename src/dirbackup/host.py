@@ -332,13 +332,7 @@ class Host:
             if firewall is not None:
                 info["firewall-config"] = firewall
             config = drivemap.with_map(
-                config,
-                [
-                    drivemap.DriveMapping(
-                        drivemap.virtdev_of(d.device), d.device, "", formats[d.device]
-                    )
-                    for d in disks
-                ],
+                config, drivemap.mappings([(d.device, formats[d.device]) for d in disks])
             )
             p.backup_vm(vmid, config, volumes, info)
         _check_sizes(disks, sizes)
