@@ -514,10 +514,14 @@ class Host:
         """{drive key: device} from the guest config's `#qmdump#map:` lines,
         each checked against the disks the backup holds (as the hypervisor's
         restore refuses a map line without data).  A backup without a guest
-        config, or with no map lines, maps nothing."""
+        config (or one that cannot be read: logged), or with no map lines,
+        maps nothing."""
         try:
             config = p.archive_get_guest_config(volname)
-        except DirbackupError:
+        except DirbackupError:  # none kept (or refused by the store): the disks stand alone
+            return {}
+        except OSError as exc:
+            self.log("warn", f"{volid}: guest config not readable ({exc}); no drive map")
             return {}
         mapping = {}
         for m in drivemap.parse(config):
