@@ -40,7 +40,9 @@ from dirbackup import (
     drivemap,
     extents,
     qcow2,
+    qcow2bitmaps,
     qemu,
+    readcheck,
     restore_target,
     timings,
     toolrun,
@@ -158,9 +160,16 @@ class Host:
         new_provider: Callable[[LogFunction], BackupProvider] | None = None,
         progress: Callable[[str, copy.CopyStats], None] | None = None,
         io_timeout: float | None = None,
+        check_reads: bool = False,
     ) -> None:
         """`io_timeout` (default: the storage's `io-timeout`, 60 s) bounds the
-        host's own wait for a disk's dirty map (the file-handle mechanism)."""
+        host's own wait for a disk's dirty map (the file-handle mechanism).
+        `check_reads` (for tests of a provider): a backup whose provider read
+        an incremental disk outside its bitmap's dirty areas fails, as the
+        hypervisor refuses such reads -- found after the fact from the
+        exports' request traces (readcheck.py)."""
+        self.check_reads = check_reads
+        self._traces: Path | None = None
         self.storage = storage
         self.storeid = storeid
         self.log = _Log(log)
@@ -305,6 +314,29 @@ class Host:
         # advanced); before that, a failure drops the bitmaps made for this one
         outcome.stored = lambda: self._advance_bitmaps(marks)
         outcome.failed = marks.drop
+        with contextlib.ExitStack() as outer:
+            self._traces = Path(outer.enter_context(_private_dir())) if self.check_reads else None
+            sizes = self._backup_vm_exports(
+                p, vmid, disks, config, firewall, bwlimit, mechanism_override, report, marks
+            )
+            if self._traces is not None:  # the servers are stopped: their traces are complete
+                self._check_reads(self._traces, disks, marks)
+        _check_sizes(disks, sizes)
+
+    def _backup_vm_exports(
+        self,
+        p: BackupProvider,
+        vmid: int,
+        disks: Sequence[Disk],
+        config: str,
+        firewall: str | None,
+        bwlimit: int,
+        mechanism_override: str | None,
+        report: BackupReport,
+        marks: bitmaps.Bitmaps,
+    ) -> dict[str, dict[str, int]]:
+        """Bitmap modes, the snapshot access, backup_vm; every export stopped
+        on return.  The disks' sizes as the provider was told them."""
         with contextlib.ExitStack() as stack:
             mechanism = mechanism_override or p.backup_get_mechanism(vmid, VmType.QEMU)
             if mechanism not in ("nbd", "file-handle"):
@@ -335,7 +367,34 @@ class Host:
                 config, drivemap.mappings([(d.device, formats[d.device]) for d in disks])
             )
             p.backup_vm(vmid, config, volumes, info)
-        _check_sizes(disks, sizes)
+        return sizes
+
+    def _trace_args(self, index: int) -> list[str]:
+        """qemu-nbd options for disk `index`'s request trace, with check_reads."""
+        if self._traces is None:
+            return []
+        return readcheck.trace_args(self._traces / f"disk{index}.trace")
+
+    def _check_reads(self, traces: Path, disks: Sequence[Disk], marks: bitmaps.Bitmaps) -> None:
+        """With check_reads: no read of a disk read through its bitmap lies
+        outside the bitmap's dirty extents (readcheck.py), else the backup
+        is void."""
+        for i, d in enumerate(disks):
+            name = marks.reading(d.device)
+            if name is None:
+                continue  # no bitmap reused: the whole disk may be read
+            fd = os.open(d.path, os.O_RDONLY)
+            try:
+                dirty = qcow2bitmaps.dirty_extents(fd, qcow2.read_header(d.path, fd), name)
+            finally:
+                os.close(fd)
+            bad = readcheck.first_outside(readcheck.reads(traces / f"disk{i}.trace"), dirty)
+            if bad is not None:
+                raise HostError(
+                    f"{d.device}: the provider read {bad[1]} bytes at offset {bad[0]}, outside "
+                    f"the dirty areas of bitmap {name}; the hypervisor refuses such reads "
+                    "(the backup is void)"
+                )
 
     def _set_attributes(self, volid: str, notes: str | None, protected: bool) -> None:
         if notes:
@@ -389,6 +448,7 @@ class Host:
                 fmt=d.format,
                 readonly=True,
                 bitmap=name if mode == BitmapMode.REUSE else None,
+                extra=self._trace_args(i),  # check_reads (readcheck.py)
             )
             stack.callback(server.stop)
             vol: dict[str, Any] = {"size": sizes[d.device]["size"], "bitmap-mode": str(mode)}
