@@ -220,8 +220,11 @@ class Host:
         twice = duplicate_disks(disks)
         if twice is not None:
             raise HostError(twice)
-        for d in disks:
-            _check_disk(d.path)
+
+        def prepare() -> None:  # after job_init, as the hypervisor's prepare step
+            for d in disks:
+                _check_disk(d.path)
+
         return self._run_backup(
             vmid,
             VmType.QEMU,
@@ -231,6 +234,7 @@ class Host:
             lambda p, report, outcome: self._backup_vm_body(
                 p, vmid, disks, config, firewall, bandwidth_limit, mechanism, report, outcome
             ),
+            prepare,
         )
 
     def _run_backup(
@@ -241,6 +245,7 @@ class Host:
         notes: str | None,
         protected: bool,
         body: Callable[[BackupProvider, BackupReport, _Outcome], None],
+        prepare: Callable[[], None] = lambda: None,
     ) -> BackupReport:
         """The hypervisor's frame around one guest's backup: job and backup init,
         the guest-type specific `body`, then -- still under the provider's
@@ -253,10 +258,11 @@ class Host:
         p = self.provider
         own_job = not self._job
         first_line = len(self.log.lines)
-        if own_job:
-            p.job_init(start)
         try:
+            if own_job:
+                p.job_init(start)  # failed, it is still followed by job_cleanup (vzdump)
             try:
+                prepare()  # the guest's checks: failed, the provider hears of it too
                 with timings.phase("backup init (store lock, partial dir)"):
                     archive = p.backup_init(vmid, vmtype, start)["archive-name"]
             except BaseException as exc:  # as the hypervisor: cleanup and the log, even so
@@ -490,8 +496,10 @@ class Host:
     ) -> BackupReport:
         """Back up a directory holding a container's root file system."""
         rootfs = Path(rootfs)
-        if not rootfs.is_dir():
-            raise HostError(f"container root {rootfs} does not exist or is not a directory")
+
+        def prepare() -> None:
+            if not rootfs.is_dir():
+                raise HostError(f"container root {rootfs} does not exist or is not a directory")
 
         def body(p: BackupProvider, report: BackupReport, outcome: _Outcome) -> None:
             mechanism = p.backup_get_mechanism(vmid, VmType.LXC)
@@ -513,7 +521,7 @@ class Host:
 
             toolrun.run_forked(child, self.log)
 
-        return self._run_backup(vmid, VmType.LXC, start_time, notes, protected, body)
+        return self._run_backup(vmid, VmType.LXC, start_time, notes, protected, body, prepare)
 
     # ------------------------------------------------------------------ restore
 
