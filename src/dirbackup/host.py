@@ -11,6 +11,13 @@ manages the bitmaps (per store and backup generation with our provider, see
 with its abort paths, and stops and unmounts everything it started on every
 exit path, Ctrl-C included.
 
+Where a provider can tell, it does what Proxmox VE does: `bitmap-name` comes
+whenever a disk has a bitmap (also in mode `new`); the guest config carries
+the `#qmdump#map:` drive map (drivemap.py) that a restore checks; a guest
+whose disk check fails after job_init still gets backup_cleanup and its task
+log.  With `check_reads`, a read outside an incremental's dirty areas fails
+the backup (readcheck.py).
+
 It drives any `api.BackupProvider` (and a provider with the seed's POC v3
 method names through `compat.from_v3`).  With our own provider it restores a
 VM disk straight from the validated qcow2 chain; with any other, from the
