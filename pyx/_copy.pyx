@@ -38,7 +38,7 @@ from cpython.ref cimport Py_INCREF
 from libc.errno cimport (EBADF, EINTR, EINVAL, EIO, ENOSPC, ENOSYS, ENOTCONN, ENOTTY, EOPNOTSUPP,
                          EXDEV, errno)
 from libc.stdint cimport int64_t, uint64_t
-from libc.stdlib cimport calloc, free
+from libc.stdlib cimport calloc, free, malloc
 from libc.string cimport memcmp, memset, strncpy
 from posix.ioctl cimport ioctl
 from posix.stdlib cimport posix_memalign
@@ -54,6 +54,7 @@ from libnbd cimport (NBD_NULL_COMPLETION, nbd_aio_command_completed, nbd_aio_in_
                      nbd_get_error, nbd_handle, nbd_poll, nbd_pwrite, nbd_trim, nbd_zero)
 from rows cimport ROW_COPY, ROW_DATA, ROW_HASH, ROW_KIND_MASK, ROW_NOWRITE, ROW_ZERO
 from sink cimport sink_ops
+from zstd cimport ZSTD_CCtx, ZSTD_compressCCtx, ZSTD_createCCtx, ZSTD_freeCCtx, ZSTD_isError
 from sysdeps cimport (BLKDISCARD, BLKZEROOUT, FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE,
                       FALLOC_FL_ZERO_RANGE, IOV_MAX, __ATOMIC_RELAXED, __ATOMIC_SEQ_CST,
                       atomic_add_u64, atomic_load_int, atomic_load_u64, atomic_store_int,
@@ -205,6 +206,13 @@ cdef struct Worker:
     iovec *iov
     uint64_t *clusters
     uint64_t max_units
+    # compressing sinks: this worker's zstd context, the buffer its streams
+    # are packed into, and per stream its guest cluster, offset and length
+    ZSTD_CCtx *cctx
+    char *cbuf
+    uint64_t *cclusters
+    uint64_t *coffsets
+    uint64_t *clengths
     int leak                # buffers may still be in use by libnbd: never free
     pthread_t tid
     int started
@@ -331,17 +339,47 @@ cdef void hash_layer_units(Job *j, uint64_t layer, const char *buf, uint64_t off
         pos = ue
 
 
+cdef inline bint compress_cluster(Worker *w, const char *p, uint64_t cluster,
+                                  uint64_t *packed) noexcept nogil:
+    """Compress one whole cluster onto the worker's packed streams; False
+    when it does not shrink by at least one 512-byte sector (stored as is)."""
+    cdef sink_ops *s = w.job.sink
+    cdef uint64_t cs = s.cluster_size, k = w.cclusters[0]
+    cdef size_t r = ZSTD_compressCCtx(w.cctx, w.cbuf + packed[0], cs - 512, p, cs,
+                                      s.compress_level)
+    cdef uint64_t room
+    if ZSTD_isError(r) or r == 0 or r > cs - 512:
+        return False
+    # streams take at least cs/65535 bytes, so that no host cluster is touched
+    # by more compressed clusters than a 16-bit refcount counts
+    room = cs // 65535 + 1
+    if r < room:
+        memset(w.cbuf + packed[0] + r, 0, room - r)
+    k = w.cclusters[0] + 1
+    w.cclusters[k] = cluster
+    w.coffsets[k] = packed[0]
+    w.clengths[k] = r
+    w.cclusters[0] = k
+    packed[0] += r if r >= room else room
+    return True
+
+
 cdef int process_sink(Worker *w, const char *buf, uint64_t offset,
                       uint64_t length, bint detect_zero) noexcept nogil:
     """Hand one cluster-aligned request to a sink: data clusters go to newly
-    allocated host clusters with one pwritev, zero clusters are recorded."""
+    allocated host clusters with one pwritev, zero clusters are recorded.
+    A compressing sink gets each whole data cluster that shrinks as a zstd
+    stream instead, all of the request's streams packed into one write."""
     cdef Job *j = w.job
     cdef sink_ops *s = j.sink
     cdef uint64_t cs = s.cluster_size
-    cdef uint64_t pos = offset, end = offset + length, ue, n = 0
+    cdef uint64_t pos = offset, end = offset + length, ue, n = 0, packed = 0
     cdef uint64_t zstart = 0, zend = 0
     cdef int64_t host
     cdef const char *p
+    cdef bint compress = w.cctx != NULL
+    if compress:
+        w.cclusters[0] = 0      # count of streams; entries from 1 on
     while pos < end:
         ue = pos - pos % cs + cs
         if ue > end:
@@ -358,13 +396,22 @@ cdef int process_sink(Worker *w, const char *buf, uint64_t offset,
         else:
             if j.digests != NULL:
                 add_digest(j, pos, data_unit_digest(p, pos, ue - pos))
-            w.clusters[n] = pos // cs
-            w.iov[n].iov_base = <void *>p
-            w.iov[n].iov_len = ue - pos
-            n += 1
+            if not (compress and ue - pos == cs and compress_cluster(w, p, pos // cs, &packed)):
+                w.clusters[n] = pos // cs
+                w.iov[n].iov_base = <void *>p
+                w.iov[n].iov_len = ue - pos
+                n += 1
         pos = ue
     if zend > zstart and target_zero(w, zstart, zend - zstart) < 0:
         return -1
+    if compress and w.cclusters[0]:
+        host = s.alloc_compressed(s.ctx, w.cclusters + 1, w.coffsets + 1, w.clengths + 1,
+                                  w.cclusters[0], packed)
+        if host < 0:
+            fail(j, errno, OP_ALLOC, offset, NULL)
+            return -1
+        if write_fd(j, s.fd, w.cbuf, packed, <uint64_t>host) < 0:
+            return -1
     if n:
         host = s.alloc(s.ctx, w.clusters, n)
         if host < 0:
@@ -742,6 +789,15 @@ cdef class CopyJob:
             w.clusters = <uint64_t *>calloc(max_units, sizeof(uint64_t))
             if w.iov == NULL or w.clusters == NULL:
                 raise MemoryError()
+            if target_kind == TGT_SINK and j.sink.compress_level and cluster_size > 512:
+                w.cctx = ZSTD_createCCtx()
+                w.cbuf = <char *>malloc(max_units * cluster_size)
+                w.cclusters = <uint64_t *>calloc(max_units + 1, sizeof(uint64_t))
+                w.coffsets = <uint64_t *>calloc(max_units + 1, sizeof(uint64_t))
+                w.clengths = <uint64_t *>calloc(max_units + 1, sizeof(uint64_t))
+                if (w.cctx == NULL or w.cbuf == NULL or w.cclusters == NULL
+                        or w.coffsets == NULL or w.clengths == NULL):
+                    raise MemoryError()
             if j.src_nbd:
                 w.src_h = handle_of(src_handles[i])
             if target_kind == TGT_NBD:
@@ -861,6 +917,12 @@ cdef class CopyJob:
                 free(self.workers[i].buf)
                 free(self.workers[i].iov)
                 free(self.workers[i].clusters)
+                if self.workers[i].cctx != NULL:
+                    ZSTD_freeCCtx(self.workers[i].cctx)
+                free(self.workers[i].cbuf)
+                free(self.workers[i].cclusters)
+                free(self.workers[i].coffsets)
+                free(self.workers[i].clengths)
             free(self.workers)
         free(self._zeros)
         pthread_mutex_destroy(&self.job.err_lock)
