@@ -35,8 +35,11 @@ from posix.unistd cimport close, fdatasync, ftruncate, pread, pwrite
 
 from _errors cimport os_error
 from _hash cimport data_unit_digest, zero_unit_digest
-from rows cimport ROW_DATA, ROW_HASH, ROW_KIND_MASK, ROW_NOWRITE, ROW_UNALLOCATED, ROW_ZERO
+from rows cimport (ROW_COMPRESSED, ROW_DATA, ROW_HASH, ROW_KIND_MASK, ROW_NOWRITE, ROW_UNALLOCATED,
+                   ROW_ZERO)
 from sink cimport sink_ops
+from unpack cimport ZLIB_WINDOW_BITS, decompress_cluster, inflateEnd, inflateInit2, z_stream
+from zstd cimport ZSTD_createDCtx, ZSTD_DCtx, ZSTD_freeDCtx
 from sysdeps cimport (__ATOMIC_ACQUIRE, __ATOMIC_RELAXED, __ATOMIC_SEQ_CST, atomic_add_u64,
                       atomic_cas_ptr, atomic_load_ptr, atomic_load_u64, be64toh, htobe64,
                       pthread_mutex_destroy, pthread_mutex_init, pthread_mutex_lock,
@@ -47,7 +50,7 @@ import os
 import numpy as np
 
 from dirbackup.compression import compress_level
-from dirbackup.errors import ImageError, UnsupportedImage
+from dirbackup.errors import ImageError
 
 cdef extern from *:
     """
@@ -78,6 +81,7 @@ cdef extern from *:
 MAP_DATA = ROW_DATA
 MAP_ZERO = ROW_ZERO
 MAP_UNALLOCATED = ROW_UNALLOCATED
+MAP_COMPRESSED = ROW_COMPRESSED
 # Flags of check_plan() rows (rows.pxd)
 PLAN_HASH = ROW_HASH
 PLAN_NOWRITE = ROW_NOWRITE
@@ -604,6 +608,16 @@ cdef uint32_t *compressed_refcounts(WriterState *w, uint64_t data_end) except NU
     return counts
 
 
+cdef inline void compressed_range(uint64_t entry, int bits, uint64_t *start,
+                                  uint64_t *end) noexcept nogil:
+    """The host bytes [start, end) a compressed cluster descriptor names: from
+    its offset to the end of its last 512-byte sector."""
+    cdef uint64_t x = 62 - (bits - 8)
+    start[0] = entry & ((<uint64_t>1 << x) - 1)
+    end[0] = ((start[0] & ~(<uint64_t>SECTOR - 1))
+              + (((entry >> x) & ((<uint64_t>1 << (bits - 8)) - 1)) + 1) * SECTOR)
+
+
 cdef inline uint16_t htobe16_(uint16_t x) noexcept nogil:
     return <uint16_t>((x >> 8) | (x << 8))
 
@@ -623,6 +637,9 @@ cdef struct Layer:
     uint64_t *l1                # native endian
     uint64_t *l2                # one cached L2 table
     int64_t l2_index
+    uint64_t l1_offset
+    int ctype                   # compression type: 0 zlib (raw deflate), 1 zstd
+    int compressed_checked      # compressed ranges checked against the rest
 
 
 cdef struct RowBuf:
@@ -638,7 +655,8 @@ cdef int rows_push(RowBuf *b, uint64_t off, uint64_t length, uint64_t kind, uint
     cdef uint64_t *last
     cdef uint64_t *grown
     cdef bint data = (kind & ROW_KIND_MASK) == ROW_DATA
-    if b.n:
+    cdef bint compressed = (kind & ROW_KIND_MASK) == ROW_COMPRESSED
+    if b.n and not compressed:
         last = b.rows + 5 * (b.n - 1)
         if (last[2] == kind and last[0] + last[1] == off and
                 (not data or (last[3] == layer and last[4] + last[1] == host))):
@@ -654,8 +672,8 @@ cdef int rows_push(RowBuf *b, uint64_t off, uint64_t length, uint64_t kind, uint
     last[0] = off
     last[1] = length
     last[2] = kind
-    last[3] = layer if data else 0
-    last[4] = host if data else 0
+    last[3] = layer if data or compressed else 0
+    last[4] = host if data or compressed else 0
     b.n += 1
     return 0
 
@@ -715,7 +733,7 @@ cdef class ChainMap:
 
     def __init__(self, layers):
         """`layers`: sequence of (fd, name, version, cluster_bits, virtual_size,
-        l1_offset, l1_size, file_size), top image first."""
+        l1_offset, l1_size, file_size[, compression type]), top image first."""
         cdef Layer *L
         cdef uint64_t i, need
         cdef ssize_t r
@@ -724,7 +742,7 @@ cdef class ChainMap:
         if self.layers == NULL:
             raise MemoryError()
         for spec in layers:
-            fd, name, version, bits, vsize, l1_offset, l1_size, file_size = spec
+            fd, name, version, bits, vsize, l1_offset, l1_size, file_size = spec[:8]
             L = &self.layers[self.n]
             self.n += 1
             self.names.append(name)
@@ -737,6 +755,8 @@ cdef class ChainMap:
             L.file_size = file_size
             L.l1_size = l1_size
             L.l2_index = -1
+            L.l1_offset = l1_offset
+            L.ctype = spec[8] if len(spec) > 8 else 0
             need = l1_entries_for(vsize, bits)
             if l1_size < need:
                 raise ImageError(f"{name}: L1 table has {l1_size} entries, "
@@ -823,9 +843,13 @@ cdef class ChainMap:
                 self.load_l2(li, l1i)
                 entry = L.l2[cluster % L.l2_entries]
             if entry & OFLAG_COMPRESSED:
-                raise UnsupportedImage(
-                    f"{self.names[li]}: compressed clusters are not supported "
-                    f"(guest offset {cluster << L.bits}); convert the image with qemu-img")
+                self.check_compressed(li, cluster, entry)
+                if run_kind == ROW_UNALLOCATED:
+                    self.resolve(li + 1, depth, run_start, pos, out)
+                run_kind = ROW_COMPRESSED
+                rows_push(out, pos, cend - pos, ROW_COMPRESSED, li, entry)
+                pos = cend
+                continue
             if entry & L2E_RESERVED or (L.version < 3 and entry & OFLAG_ZERO):
                 raise ImageError(f"{self.names[li]}: L2 entry for guest offset "
                                  f"{cluster << L.bits} has reserved bits set (corrupt)")
@@ -851,6 +875,69 @@ cdef class ChainMap:
         if run_kind == ROW_UNALLOCATED:
             self.resolve(li + 1, depth, run_start, end, out)
         return 0
+
+    cdef int check_compressed(self, int li, uint64_t cluster, uint64_t entry) except -1:
+        """Refuse a compressed cluster whose bytes run past the end of the
+        file or into the header; the first one seen in a layer also checks
+        the whole layer (check_compressed_layer)."""
+        cdef Layer *L = &self.layers[li]
+        cdef uint64_t start, end
+        compressed_range(entry, L.bits, &start, &end)
+        # QEMU writes the last stream up to the end of the file, not of its sector
+        if start < L.cs or end > ((L.file_size + SECTOR - 1) & ~(<uint64_t>SECTOR - 1)):
+            raise ImageError(f"{self.names[li]}: compressed cluster for guest offset "
+                             f"{cluster << L.bits} at host offset {start}: its {end - start} "
+                             f"bytes lie outside the file's data (corrupt)")
+        if not L.compressed_checked:
+            self.check_compressed_layer(li)
+            L.compressed_checked = 1
+        return 0
+
+    def check_compressed_layer(self, int li):
+        """Refuse a layer whose compressed clusters share host clusters with its
+        header, L1 or L2 tables or normal data clusters: QEMU never writes that,
+        and a write through one would corrupt the other."""
+        cdef Layer *L = &self.layers[li]
+        name = self.names[li]
+        bits = L.bits
+        normal = [np.array([0], dtype=np.uint64),
+                  np.arange(L.l1_offset >> bits,
+                            ((L.l1_offset + max(L.l1_size * 8, 1) - 1) >> bits) + 1,
+                            dtype=np.uint64)]
+        starts = []
+        ends = []
+        x = 62 - (bits - 8)
+        for i in range(L.l1_size):
+            off = L.l1[i] & L1E_OFFSET_MASK
+            if not off:
+                continue
+            normal.append(np.array([off >> bits], dtype=np.uint64))
+            raw = os.pread(L.fd, L.cs, off)
+            if len(raw) != L.cs:
+                raise ImageError(f"{name}: truncated L2 table at offset {off}")
+            e = np.frombuffer(raw, dtype=">u8").astype(np.uint64)
+            comp = (e >> np.uint64(62)) & np.uint64(1) == 1
+            plain = e[~comp] & np.uint64(L2E_OFFSET_MASK)
+            normal.append(plain[plain != 0] >> np.uint64(bits))
+            c = e[comp]
+            s = c & np.uint64((1 << x) - 1)
+            n = ((c >> np.uint64(x)) & np.uint64((1 << (bits - 8)) - 1)) + np.uint64(1)
+            starts.append(s)
+            ends.append((s & ~np.uint64(SECTOR - 1)) + n * np.uint64(SECTOR))
+        if not starts:
+            return
+        s = np.concatenate(starts)
+        e = np.concatenate(ends)
+        used = np.unique(np.concatenate(normal))
+        first = s >> np.uint64(bits)
+        last = (e - np.uint64(1)) >> np.uint64(bits)
+        for touched in (first, last, np.minimum(first + np.uint64(1), last)):
+            hit = np.isin(touched, used)
+            if hit.any():
+                k = int(np.argmax(hit))
+                raise ImageError(f"{name}: compressed data at host offset {int(s[k])} overlaps "
+                                 f"the normal cluster at host offset "
+                                 f"{int(touched[k]) << bits} (corrupt)")
 
     def map(self, uint64_t offset=0, length=None, int depth=-1):
         """Rows (guest offset, length, kind, layer, host offset) covering the range,
@@ -941,6 +1028,15 @@ cdef class ChainMap:
             vis = self.map(0, None, depth)
             for i in range(vis.shape[0]):
                 off, length, kind, li, host = vis[i, 0], vis[i, 1], vis[i, 2], vis[i, 3], vis[i, 4]
+                if kind == ROW_COMPRESSED and chunk[li]:
+                    # one cluster: hashed as it is copied when seen whole
+                    u = self.layers[li].cs
+                    if off % u == 0 and (length == u or off + length == vsize):
+                        rows_push(&out, off, length, ROW_COMPRESSED | ROW_HASH, li, host)
+                        rows_push(&covered[li], off, length, ROW_ZERO, 0, 0)
+                    else:
+                        rows_push(&out, off, length, ROW_COMPRESSED, li, host)
+                    continue
                 if kind != ROW_DATA or chunk[li] == 0:
                     rows_push(&out, off, length, kind, li, host)
                     continue
@@ -998,6 +1094,13 @@ cdef class ChainMap:
                         ue = e
                     sums[pos // chunk] += zero_unit_digest(pos, ue - pos)
                     pos = ue
+                continue
+            if row[2] == ROW_COMPRESSED:
+                # a whole cluster: covered whole or not at all
+                while k < covered.n and covered.rows[5 * k] + covered.rows[5 * k + 1] <= s:
+                    k += 1
+                if not (k < covered.n and covered.rows[5 * k] <= s):
+                    rows_push(out, s, e - s, ROW_COMPRESSED | ROW_HASH | ROW_NOWRITE, li, row[4])
                 continue
             if row[2] != ROW_DATA:
                 continue
@@ -1063,6 +1166,54 @@ cdef inline uint64_t view_unit_digest(const char *p, uint64_t pos, uint64_t n,
     return data_unit_digest(p, pos, n)
 
 
+cdef class Unpacker:
+    """Decompression of single compressed clusters outside the copy loop."""
+
+    cdef ZSTD_DCtx *dctx
+    cdef z_stream zs
+    cdef bint zs_ready
+    cdef char *src
+    cdef uint64_t cs
+
+    def __cinit__(self, uint64_t cs):
+        self.cs = cs
+        self.dctx = ZSTD_createDCtx()
+        self.src = <char *>malloc(2 * cs)
+        memset(&self.zs, 0, sizeof(z_stream))
+        if self.dctx == NULL or self.src == NULL or inflateInit2(&self.zs, ZLIB_WINDOW_BITS) != 0:
+            raise MemoryError()
+        self.zs_ready = True
+
+    def __dealloc__(self):
+        if self.dctx != NULL:
+            ZSTD_freeDCtx(self.dctx)
+        if self.zs_ready:
+            inflateEnd(&self.zs)
+        free(self.src)
+
+    cdef int unpack(self, Layer *L, object name, uint64_t entry, uint64_t guest,
+                    char *dst) except -1:
+        """Decompress the cluster `entry` describes into `dst` (L.cs bytes)."""
+        cdef uint64_t start, end
+        cdef ssize_t r
+        cdef int rc
+        compressed_range(entry, L.bits, &start, &end)
+        with nogil:
+            r = pread(L.fd, self.src, end - start, start)
+        if r < 0:
+            raise os_error(errno, "reading", name)
+        if <uint64_t>r < end - start:
+            memset(self.src + r, 0, end - start - r)
+        with nogil:
+            rc = decompress_cluster(L.ctype, self.src, end - start, dst, L.cs, self.dctx,
+                                    &self.zs)
+        if rc < 0:
+            raise ImageError(f"{name}: compressed cluster for guest offset {guest} at host "
+                             f"offset {start}: the stream does not decompress to exactly one "
+                             f"cluster (corrupt)")
+        return 0
+
+
 def layer_views(ChainMap chain, uint64_t chunk, uint64_t n_chunks, uint64_t unit=0,
                 bint bottom=False, shadow=None):
     """Read the top image's own clusters once; return (own, view).
@@ -1098,6 +1249,7 @@ def layer_views(ChainMap chain, uint64_t chunk, uint64_t n_chunks, uint64_t unit
     buf = <char *>malloc(cs)
     if buf == NULL:
         raise MemoryError()
+    cdef Unpacker unpacker = None
     try:
         for i in range(rows.shape[0]):
             if rows[i, 2] == ROW_UNALLOCATED:
@@ -1112,6 +1264,11 @@ def layer_views(ChainMap chain, uint64_t chunk, uint64_t n_chunks, uint64_t unit
                     raise ImageError(f"{chain.names[0]}: cluster beyond the digested size")
                 if zero:
                     d[idx] += zero_unit_digest(pos, step)
+                elif rows[i, 2] == ROW_COMPRESSED:
+                    if unpacker is None:
+                        unpacker = Unpacker(cs)
+                    unpacker.unpack(L, chain.names[0], rows[i, 4], pos - pos % cs, buf)
+                    d[idx] += data_unit_digest(buf, pos, step)
                 else:
                     with nogil:
                         r = pread(L.fd, buf, step, rows[i, 4] + (pos - rows[i, 0]))
