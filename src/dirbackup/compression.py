@@ -15,6 +15,8 @@ DEFAULT_ZSTD_LEVEL = 1
 MIN_LEVEL = 1
 MAX_LEVEL = 19
 CHOICES = "none, zstd or zstd:LEVEL (LEVEL 1 to 19)"
+# what backups use when neither the storage nor the command line says
+DEFAULT_COMPRESS = "none"
 
 
 def compress_level(value: str | None) -> int:
