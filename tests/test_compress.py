@@ -324,3 +324,31 @@ def test_cli_compress_flag_and_list(tmp_path: Path) -> None:
     assert images[0].stat().st_size > 4 * images[1].stat().st_size
     manifest = json.loads((images[1].parent / "manifest.json").read_text())
     assert [d["compress"] for d in manifest["disks"].values()] == ["zstd:5"]
+
+
+def test_damaged_compressed_stream_never_restores_wrong_data(tmp_path: Path) -> None:
+    """A flipped byte inside a compressed stream either breaks the stream or
+    changes what it decompresses to: a restore and a verify say so either way."""
+    storage = make_storage(tmp_path, compress="zstd")
+    guest = Guest(tmp_path, {"drive-scsi0": 8 * MiB})
+    volid = Host(storage, STOREID).backup_vm(100, guest.disks, config="").volid
+    img = storage.store.backup_dir(storage.backup_id(volid)) / "drive-scsi0.qcow2"
+    _pos, entry, bits = first_compressed_entry(img)
+    x = 62 - (bits - 8)
+    start = entry & ((1 << x) - 1)
+    for flip, where in enumerate((start + 6, start + 12)):  # inside its first bytes
+        data = bytearray(img.read_bytes())
+        data[where] ^= 0x10
+        img.write_bytes(bytes(data))
+        provider = storage.new_backup_provider()
+        out = tmp_path / f"r{flip}.raw"
+        with (
+            provider.open_chain(volid.split(":", 1)[1], "drive-scsi0") as chain,
+            open(out, "wb") as f,
+            pytest.raises(ImageError),  # IntegrityError is one
+        ):
+            qcow2.restore(chain, copy.FileTarget(f.fileno(), str(out)))
+        assert not storage.verify(volid.split(":", 1)[1])[0].ok
+        data[where] ^= 0x10
+        img.write_bytes(bytes(data))
+    assert storage.verify(volid.split(":", 1)[1])[0].ok
