@@ -169,7 +169,8 @@ def product_backup(
     from dirbackup.host import Disk, Host
     from dirbackup.storage import DirectoryStorage
 
-    storage = DirectoryStorage(storeid, {"path": store})
+    # workloads 1-6 compare uncompressed images with qemu-img's: compress=none
+    storage = DirectoryStorage(storeid, {"path": store, "compress": "none"})
     report = Host(storage, storeid).backup_vm(vmid, [Disk(device, Path(disk))], start_time=epoch)
     return {
         "volid": report.volid,
