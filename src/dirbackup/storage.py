@@ -26,7 +26,7 @@ from dataclasses import dataclass, field, replace
 from enum import StrEnum
 from typing import Any
 
-from dirbackup import removal
+from dirbackup import compression, removal
 from dirbackup.api import VM_MECHANISMS, LogFunction, Mechanism, VmType
 from dirbackup.errors import DirbackupError, StoreError
 from dirbackup.manifest import Manifest
@@ -90,6 +90,7 @@ class StorageConfig:
     nodes: tuple[str, ...] = ()
     lock_timeout: float = DEFAULT_LOCK_TIMEOUT
     io_timeout: float = DEFAULT_IO_TIMEOUT
+    compress: str = compression.DEFAULT_COMPRESS
 
     @classmethod
     def from_mapping(cls, scfg: Mapping[str, Any]) -> StorageConfig:
@@ -104,6 +105,7 @@ class StorageConfig:
             "max-protected-backups",
             "lock-timeout",
             "io-timeout",
+            "compress",
             "disable",
             "nodes",
             "type",
@@ -139,6 +141,9 @@ class StorageConfig:
                     raise ValueError(
                         f"{key} must be a number of seconds >= 0, not {timeout!r}"
                     ) from None
+            compress = compression.normalize(
+                str(scfg.get("compress", compression.DEFAULT_COMPRESS))
+            )
             return cls(
                 path=str(scfg["path"]),
                 vm_backup_mode=VmBackupMode(scfg.get("vm-backup-mode", VmBackupMode.INCREMENTAL)),
@@ -150,9 +155,17 @@ class StorageConfig:
                 nodes=tuple(nodes),
                 lock_timeout=timeouts["lock-timeout"],
                 io_timeout=timeouts["io-timeout"],
+                compress=compress,
             )
         except ValueError as exc:
             raise StoreError(f"invalid storage configuration: {exc}") from None
+
+
+def _compress_of(m: Manifest | None) -> str:
+    """How a backup's disks were stored (`none` for containers and backups
+    older than the option; the values joined by commas if disks differ)."""
+    values = sorted({d.compress for d in m.disks.values()}) if m else []
+    return ",".join(values) if values else "none"
 
 
 @dataclass(frozen=True)
@@ -281,6 +294,13 @@ class DirectoryStorage:
                 "minimum": 0,
                 "default": DEFAULT_IO_TIMEOUT,
             },
+            "compress": {
+                "description": "How VM backups store data clusters: zstd-compressed qcow2 "
+                "clusters (zstd, or zstd:LEVEL with LEVEL 1 to 19) or as they are (none).",
+                "type": "string",
+                "pattern": r"none|zstd(:\d+)?",
+                "default": compression.DEFAULT_COMPRESS,
+            },
         }
 
     @staticmethod
@@ -294,6 +314,7 @@ class DirectoryStorage:
             "max-protected-backups": {"optional": 1},
             "lock-timeout": {"optional": 1},
             "io-timeout": {"optional": 1},
+            "compress": {"optional": 1},
             "disable": {"optional": 1},
             "nodes": {"optional": 1},
         }
@@ -419,6 +440,7 @@ class DirectoryStorage:
                     "notes": m.notes if m else "",
                     "protected": bool(m.protected) if m else False,
                     "parent": parent.volid(self.storeid) if parent else None,
+                    "compress": _compress_of(m),
                 }
             )
         return out
