@@ -1214,8 +1214,12 @@ cdef class Unpacker:
         return 0
 
 
+#: How often layer_views reports progress: every 32 MiB of data read.
+cdef uint64_t PROGRESS_STEP = 32 << 20
+
+
 def layer_views(ChainMap chain, uint64_t chunk, uint64_t n_chunks, uint64_t unit=0,
-                bint bottom=False, shadow=None):
+                bint bottom=False, shadow=None, progress=None):
     """Read the top image's own clusters once; return (own, view).
 
     `own` is layer_digests().  `view` (None without `unit`) sums, per chunk,
@@ -1225,8 +1229,11 @@ def layer_views(ChainMap chain, uint64_t chunk, uint64_t n_chunks, uint64_t unit
     the same), any other piece as its data's digest; pieces inside the sorted
     (offset, length) ranges of `shadow` (hidden by images above) count
     nothing.  Two layers whose views add up to the view of one image read,
-    together, exactly as that image does: a merge is checked that way."""
+    together, exactly as that image does: a merge is checked that way.
+    `progress(n)`, if given, is told every PROGRESS_STEP bytes read (and the
+    rest at the end): n more bytes of the image's data were read."""
     cdef Layer *L = &chain.layers[0]
+    cdef uint64_t since = 0
     cdef uint64_t cs = L.cs, pos, end, step, idx, sub, slen
     cdef uint64_t[:, ::1] rows
     cdef uint64_t[:, ::1] hidden
@@ -1287,6 +1294,13 @@ def layer_views(ChainMap chain, uint64_t chunk, uint64_t n_chunks, uint64_t unit
                             NULL if zero else buf + (sub - pos), sub, slen, bottom)
                     sub += slen
                 pos += step
+                if not zero:
+                    since += step
+                    if since >= PROGRESS_STEP and progress is not None:
+                        progress(since)
+                        since = 0
     finally:
         free(buf)
+    if since and progress is not None:
+        progress(since)
     return out, view

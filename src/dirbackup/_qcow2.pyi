@@ -1,6 +1,6 @@
 # Type stubs of the Cython module pyx/_qcow2.pyx.
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -79,4 +79,5 @@ def layer_views(
     unit: int = ...,
     bottom: bool = ...,
     shadow: npt.NDArray[np.uint64] | None = ...,
+    progress: Callable[[int], object] | None = ...,
 ) -> tuple[npt.NDArray[np.uint64], npt.NDArray[np.uint64] | None]: ...

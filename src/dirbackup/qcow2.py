@@ -587,18 +587,22 @@ def layer_views(
     *,
     bottom: bool = False,
     shadow: npt.NDArray[np.uint64] | None = None,
+    progress: Callable[[int], object] | None = None,
 ) -> tuple[npt.NDArray[np.uint64], npt.NDArray[np.uint64] | None]:
     """One read of layer `layer` of a chain (its own clusters, through the
     chain's open file): its digests as image_digests() gives them, and with
     `unit` its view digests (see _qcow2.layer_views), leaving out the
-    (offset, length) ranges of `shadow`, which must be `unit`-aligned."""
+    (offset, length) ranges of `shadow`, which must be `unit`-aligned.
+    `progress(n)`: n more bytes of the layer's data were read."""
     if unit and shadow is not None and shadow.size:
         u = np.uint64(unit)
         ends = shadow[:, 0] + shadow[:, 1]
         if bool((shadow[:, 0] % u).any() or ((ends % u != 0) & (ends != np.uint64(size))).any()):
             raise ValueError("shadow ranges must be aligned to the view unit")
     cmap = _qcow2.ChainMap([_layer(chain.fds[layer], chain.headers[layer])])
-    return _qcow2.layer_views(cmap, chunk, (size + chunk - 1) // chunk, unit, bottom, shadow)
+    return _qcow2.layer_views(
+        cmap, chunk, (size + chunk - 1) // chunk, unit, bottom, shadow, progress
+    )
 
 
 def allocated(chain: Chain, layer: int = 0) -> npt.NDArray[np.uint64]:

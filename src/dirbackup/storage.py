@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from enum import StrEnum
 from typing import Any
@@ -43,7 +43,7 @@ from dirbackup.store import (
 )
 from dirbackup.toolrun import call_in_child
 from dirbackup.units import parse_seconds
-from dirbackup.verify import Verifier, VerifyResult
+from dirbackup.verify import Verifier, VerifyProgress, VerifyResult
 from dirbackup.watchdog import DEFAULT_IO_TIMEOUT
 
 PLUGIN_TYPE = "dirbackup"
@@ -712,9 +712,10 @@ class DirectoryStorage:
         results = [verifier.verify(e) for e in entries]
         return results + [VerifyResult(str(p.path), False, (p.message,)) for p in problems]
 
-    def verifier(self, progress: Callable[[int], None] | None = None) -> Verifier:
+    def verifier(self, progress: VerifyProgress | None = None) -> Verifier:
         """A verify run over this store: each image is read once, however many
-        backups build on it; `progress(n)` as each n bytes are checked."""
+        backups build on it; `progress(item, done, total)` per disk and per
+        backup's files as they are checked (see Verifier)."""
         return Verifier(self.store, self.storeid, progress)
 
     # ---------------------------------------------------------------- not possible here
