@@ -31,6 +31,7 @@ import errno
 import json
 import os
 import socket
+import tempfile
 import threading
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
@@ -332,8 +333,12 @@ def serve_socket(storeid: str, scfg: Mapping[str, Any], path: str) -> None:
     server = PveServer(storeid, scfg)
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
-        listener.bind(path)
-        os.chmod(path, 0o600)
+        # made 0600 in a private directory, then moved into place: nobody
+        # can connect in between, whatever the umask
+        with tempfile.TemporaryDirectory(dir=os.path.dirname(os.path.abspath(path))) as private:
+            listener.bind(os.path.join(private, "s"))
+            os.chmod(os.path.join(private, "s"), 0o600)
+            os.rename(os.path.join(private, "s"), path)
         listener.listen(1)
         while not server.finished:
             sock, _ = listener.accept()
