@@ -315,6 +315,20 @@ cdef inline void add_digest(Job *j, uint64_t offset, uint64_t value) noexcept no
     atomic_add_u64(&j.digests[offset // j.digest_chunk], value, __ATOMIC_RELAXED)
 
 
+cdef void add_zero_digests(Job *j, uint64_t offset, uint64_t length) noexcept nogil:
+    """A mapped REQ_ZERO row with `digest_zero`: each cluster counts as a
+    cluster read as zero would in process_sink, so a backup copied from a
+    mapped plan sums the same digests as one read through a source."""
+    cdef uint64_t cs = j.cluster
+    cdef uint64_t pos = offset, end = offset + length, ue
+    while pos < end:
+        ue = pos - pos % cs + cs
+        if ue > end:
+            ue = end
+        add_digest(j, pos, zero_unit_digest(pos, ue - pos))
+        pos = ue
+
+
 cdef void hash_layer_units(Job *j, uint64_t layer, const char *buf, uint64_t offset,
                            uint64_t length) noexcept nogil:
     """Add the digest of each of the layer's clusters in `buf` (read from guest
@@ -439,6 +453,8 @@ cdef int one_request(Worker *w, uint64_t *row) noexcept nogil:
     cdef uint64_t kind = row[2] & ROW_KIND_MASK, flags = row[2] & ~(<uint64_t>ROW_KIND_MASK)
     cdef int fd, rc
     if kind == ROW_ZERO:
+        if j.digests != NULL and j.digest_zero:
+            add_zero_digests(j, off, length)
         return target_zero(w, off, length)
     throttle(j, length)
     if kind == ROW_DATA:

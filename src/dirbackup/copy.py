@@ -402,6 +402,8 @@ def copy_mapped(
     cancel_event: threading.Event | None = None,
     layer_sums: Sequence[LayerSums | None] = (),
     size: int = 0,
+    digest_zero: bool = False,
+    source_name: str = "backup chain",
 ) -> CopyStats:
     """Copy a mapped image (a qcow2 chain) into `target`.
 
@@ -415,9 +417,17 @@ def copy_mapped(
     cluster by cluster as they are read, and REQ_NOWRITE rows only read and
     hashed; the per-chunk sums come back in the stats' `layer_sums`.  `size` is
     the virtual size (the last cluster may end there).
+
+    With `options.digest_chunk`, per-chunk digest sums over [0, size) of what
+    is written come back in the stats' `digests`, exactly as copy_regions sums
+    them (REQ_ZERO rows count as zero clusters only with `digest_zero`): a
+    backup read from a mapped image records the digests of one read through
+    a source.  `source_name` names the layers in error messages.
     """
     args = _target_args(target, options)
-    args.update(layer_fds=tuple(layers), source_name="backup chain")
+    args.update(layer_fds=tuple(layers), source_name=source_name)
+    if options.digest_chunk:
+        args.update(digest_chunk=options.digest_chunk, digest_size=size, digest_zero=digest_zero)
     request_size = options.request_size
     if any(s is not None for s in layer_sums):
         # every piece of a hashed row must hold whole clusters of its layer

@@ -34,7 +34,14 @@ from pathlib import Path
 from typing import Any
 
 from dirbackup import bitmaps, copy, dirtyregions, extents, qcow2, qemu, restore_target, watchdog
-from dirbackup.api import BackupProvider, BitmapMode, ChainAccess, LogFunction, VmType
+from dirbackup.api import (
+    DIRECT_KEY,
+    BackupProvider,
+    BitmapMode,
+    ChainAccess,
+    LogFunction,
+    VmType,
+)
 from dirbackup.errors import DirbackupError, HostError, Terminated
 from dirbackup.store import check_device_name
 
@@ -328,6 +335,15 @@ class Host:
                 vol["nbd-path"] = str(sock)
                 if mode == BitmapMode.REUSE:
                     vol["bitmap-name"] = name
+                # the provider may read the image itself (api.DIRECT_KEY); the
+                # read-only export above still holds QEMU's lock and is the
+                # fallback.  (file-handle is the hypervisor's other path, kept
+                # as it is for those who choose it.)
+                vol[DIRECT_KEY] = {
+                    "path": str(d.path),
+                    "format": d.format,
+                    "bitmap": name if mode == BitmapMode.REUSE else None,
+                }
             else:
                 mount = rundir / f"fuse{i}"
                 mount.mkdir()

@@ -39,6 +39,7 @@ internals.  Where the backup's files go is the store's (store.PartialBackup).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 import secrets
@@ -50,7 +51,7 @@ from typing import Any
 
 import numpy as np
 
-from dirbackup import copy, extents, nbd, qcow2, watchdog
+from dirbackup import copy, directread, extents, nbd, qcow2, watchdog
 from dirbackup.api import (
     BACKING_KEY,
     BITMAPS_KEY,
@@ -385,24 +386,34 @@ class DirectoryBackupProvider(RestoringProvider):
         if vol.bitmap_mode == BitmapMode.NONE:
             g.generations.pop(device, None)  # the host keeps no bitmap of this disk
         handles: list[Any] = []
-        source: copy.Source
+        source: copy.Source | None = None
+        vsize = qcow2.virtual_size_for(size)  # the image reads a sector's zero tail
+        direct = None
         try:
-            if vol.nbd_path:
-                source, regions, handles = self._nbd_source(device, vol, base is not None)
+            if vol.direct is not None and vol.nbd_path:
+                direct = self._direct_read(device, vol, base is not None, vsize)
+            if direct is not None:
+                read, cluster, dirty = direct
             else:
-                source = copy.FileSource(vol.fileno(), f"{device} (file handle)")
-                regions = self._regions_from_iterator(device, vol)
-            dirty = extents.total(regions)
-            vsize = qcow2.virtual_size_for(size)  # the image reads a sector's zero tail
-            if base:
-                cluster = _cluster_size_for(device, regions, vsize)
-            else:
-                cluster = max(DEFAULT_CLUSTER, qcow2.smallest_cluster_size(vsize))
-            regions = extents.align(regions, cluster, vsize)
+                read = None
+                if vol.nbd_path:
+                    source, regions, handles = self._nbd_source(device, vol, base is not None)
+                else:
+                    source = copy.FileSource(vol.fileno(), f"{device} (file handle)")
+                    regions = self._regions_from_iterator(device, vol)
+                dirty = extents.total(regions)
+                if base:
+                    cluster = _cluster_size_for(device, regions, vsize)
+                else:
+                    cluster = max(DEFAULT_CLUSTER, qcow2.smallest_cluster_size(vsize))
+                regions = extents.align(regions, cluster, vsize)
             image = self.store.partial(g.bid).image_path(device)
             backing = os.path.relpath(base[1], image.parent) if base else None
             mode = "incremental" if base else "full"
-            self.log("info", f"{device}: {mode} backup of {human(size)}, {human(dirty)} to read")
+            via = " directly" if read is not None else ""  # from the image (api.DIRECT_KEY)
+            self.log(
+                "info", f"{device}: {mode} backup of {human(size)}, {human(dirty)} to read{via}"
+            )
             options = copy.CopyOptions(
                 request_size=self.copy_options.request_size,
                 workers=self.copy_options.workers,
@@ -414,18 +425,33 @@ class DirectoryBackupProvider(RestoringProvider):
                 io_timeout=self.io_timeout,
             )
             with qcow2.Writer(image, size, cluster, backing=backing) as writer:
-                stats = copy.copy_regions(
-                    source,
-                    writer,
-                    regions,
-                    options,
-                    progress=self._progress_logger(device),
-                    digest_size=size,
-                    digest_zero=writer.records_zero,
-                )
+                if read is not None:
+                    stats = copy.copy_mapped(
+                        read.layers,
+                        read.plan,
+                        writer,
+                        dataclasses.replace(options, discard=False),  # the guest's own disk
+                        progress=self._progress_logger(device),
+                        size=size,
+                        digest_zero=writer.records_zero,
+                        source_name=f"{device} ({read.name})",
+                    )
+                else:
+                    assert source is not None
+                    stats = copy.copy_regions(
+                        source,
+                        writer,
+                        regions,
+                        options,
+                        progress=self._progress_logger(device),
+                        digest_size=size,
+                        digest_zero=writer.records_zero,
+                    )
                 writer.finish()
         finally:
             nbd.close_all(handles)
+            if direct is not None:
+                direct[0].close()
         if stats.discard_note:
             self.log("info", f"{device}: {stats.discard_note}")
         self.log(
@@ -445,6 +471,51 @@ class DirectoryBackupProvider(RestoringProvider):
             dirty_bytes=dirty,
             written_bytes=stats.written_bytes,
         )
+
+    def _direct_read(
+        self, device: str, vol: VolumeInfo, incremental: bool, vsize: int
+    ) -> tuple[directread.DirectRead, int, int] | None:
+        """The disk read by the core from its image file (api.DIRECT_KEY):
+        the open image with its copy plan, the backup's cluster size and the
+        bytes to read (as _nbd_source would count them).  None, with one log
+        line saying why, when the core cannot read the image: the caller
+        then reads through the export."""
+        src = vol.direct
+        assert src is not None
+        try:
+            if not incremental:
+                cluster = max(DEFAULT_CLUSTER, qcow2.smallest_cluster_size(vsize))
+                read = directread.open_direct(src, vol.size, cluster)
+                return read, cluster, read.data_bytes
+            if src.format != "qcow2":
+                raise directread.DirectUnusable("a raw image has no persistent dirty bitmap")
+            if src.bitmap is None or src.bitmap != vol.bitmap_name:
+                raise directread.DirectUnusable(
+                    f"the image's bitmap {src.bitmap} is not the exported {vol.bitmap_name}"
+                )
+            dirty = self._dirty_map(device, vol)
+            cluster = _cluster_size_for(device, dirty, vsize)
+            read = directread.open_direct(
+                src, vol.size, cluster, extents.align(dirty, cluster, vsize)
+            )
+            return read, cluster, extents.total(dirty)
+        except directread.DirectUnusable as exc:
+            self.log("info", f"{device}: DEV: reading through qemu-nbd: {exc}")
+            return None
+
+    def _dirty_map(self, device: str, vol: VolumeInfo) -> extents.Extents:
+        """The dirty regions of the bitmap an incremental read directly
+        continues: block status of the export's `qemu:dirty-bitmap` context
+        (no data goes through the export).  To become
+        qcow2bitmaps.dirty_extents() on the image itself once that is in."""
+        context = extents.dirty_bitmap_context(str(vol.bitmap_name))
+        uri = nbd.unix_uri(str(vol.nbd_path), device)
+        handles = nbd.connect_many(uri, 1, [context], timeout=self.io_timeout)
+        try:
+            nbd.require_context(handles[0], context)
+            return extents.dirty(self._block_status(device, handles, context))
+        finally:
+            nbd.close_all(handles)
 
     def _nbd_source(
         self, device: str, vol: VolumeInfo, incremental: bool
