@@ -610,6 +610,7 @@ cdef class CopyJob:
     cdef Worker *workers
     cdef int n_workers
     cdef object _requests
+    cdef uint64_t _total         # bytes the requests cover (read by every progress snapshot)
     cdef object _keep            # Python objects whose C resources the job uses
     cdef object _layer_array
     cdef object _digests
@@ -646,6 +647,7 @@ cdef class CopyJob:
         if self._requests.ndim != 2 or self._requests.shape[1] != 5:
             raise ValueError("requests must have shape (N, 5)")
         rows = self._requests
+        self._total = int(self._requests[:, 1].sum()) if self._requests.shape[0] else 0
         if cluster_size == 0 or cluster_size & (cluster_size - 1):
             raise ValueError("cluster_size must be a power of two")
         if request_size < cluster_size or request_size % ALIGN:
@@ -891,7 +893,7 @@ cdef class CopyJob:
     @property
     def total_bytes(self):
         """Bytes the requests cover."""
-        return int(self._requests[:, 1].sum()) if self._requests.shape[0] else 0
+        return self._total
 
     @property
     def done_bytes(self):
