@@ -6,6 +6,10 @@ The seed's `DirectoryExample`, done properly:
   target side); an incremental image is backed by the previous backup of the
   same disk and holds exactly what the dirty bitmap says changed, with
   clusters that now read as zero stored as zero clusters.
+* A local disk the host passes as api.DIRECT_KEY is read by the core from its
+  image file (directread: raw files, block devices, qcow2 chains), with the
+  same images and digests as through the export; what the core cannot read
+  goes through the export, with one log line saying why.
 * Only the dirty parts of a source with a bitmap are read or queried; each
   copied range is discarded on the source afterwards where the source allows
   it; the bandwidth limit is honoured; digests are summed while copying.
