@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import subprocess
+import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -162,10 +163,16 @@ def test_direct_equals_nbd(tmp_path: Path, kind: str) -> None:
             qemu.img_create(img, size)
             qemu.io(img, "write -P 0x51 0 1M", "write -P 0x52 10M 3M", "write -z 20M 1M")
     disk = Disk("drive-scsi0", img)
+    before = (img.read_bytes() if img.stat().st_size < GiB else b"", img.stat().st_blocks)
     d, n = both(tmp_path)
     d.backup([disk], 0)
     assert d.fallbacks() == []
     assert any("to read directly" in line for line in d.lines), d.lines
+    if fmt == "raw":  # read only: nothing discarded or changed (qcow2 images get bitmaps)
+        assert (
+            img.read_bytes() if img.stat().st_size < GiB else b"",
+            img.stat().st_blocks,
+        ) == before
     n.backup([disk], 0)
     assert not any("to read directly" in line for line in n.lines)
     assert_equal_backups(tmp_path, d, n, disk, fmt)
@@ -268,3 +275,17 @@ def test_disk_in_use_is_refused(tmp_path: Path) -> None:
     finally:
         server.stop()
     assert d.storage.list_volumes(100) == []
+
+
+def test_bandwidth_limit_holds_on_the_direct_path(tmp_path: Path) -> None:
+    img = make_raw(tmp_path / "d.raw", 16 * MiB, [(0, b"\xa1" * 12 * MiB)])
+    d = Side(tmp_path / "direct", True)
+    start = time.monotonic()
+    report = d.host.backup_vm(
+        100, [Disk("drive-scsi0", img)], start_time=1_700_000_000, bandwidth_limit=4 * MiB
+    )
+    seconds = time.monotonic() - start
+    assert any("to read directly" in line for line in d.lines)
+    # 12 MiB at 4 MiB/s with one request's burst: at least 2 s
+    assert seconds >= 1.9, seconds
+    assert report.volid
