@@ -68,7 +68,7 @@ from dirbackup.api import (
     VmType,
     VolumeInfo,
 )
-from dirbackup.errors import DirbackupError, StoreError
+from dirbackup.errors import DirbackupError, IOTimeout, StoreError
 from dirbackup.manifest import (
     DiskRecord,
     FileRecord,
@@ -398,6 +398,7 @@ class DirectoryBackupProvider(RestoringProvider):
                 direct = self._direct_read(device, vol, base is not None, vsize)
             if direct is not None:
                 read, cluster, dirty = direct
+                handles = self._export_witness(device, vol)
             else:
                 read = None
                 if vol.nbd_path:
@@ -440,6 +441,7 @@ class DirectoryBackupProvider(RestoringProvider):
                         digest_zero=writer.records_zero,
                         source_name=f"{device} ({read.name})",
                     )
+                    self._check_witness(device, vol, handles, image)
                 else:
                     assert source is not None
                     stats = copy.copy_regions(
@@ -506,6 +508,36 @@ class DirectoryBackupProvider(RestoringProvider):
         except directread.DirectUnusable as exc:
             self.log("info", f"{device}: DEV: reading through qemu-nbd: {exc}")
             return None
+
+    def _export_witness(self, device: str, vol: VolumeInfo) -> list[Any]:
+        """A connection to the disk's export, held while the image is read
+        directly: the export's server holds QEMU's image lock, so the copy is
+        only good if that server is still there and answering at its end."""
+        uri = nbd.unix_uri(str(vol.nbd_path), device)
+        return nbd.connect_many(uri, 1, timeout=self.io_timeout)
+
+    def _check_witness(self, device: str, vol: VolumeInfo, handles: list[Any], image: Path) -> None:
+        """After a direct copy: one read through the export, given up after
+        the I/O timeout.  A server that died may have let a writer in (its
+        lock went with it), one that does not answer may be stuck for good:
+        either way the backup fails, as it would reading through it."""
+        uri = nbd.unix_uri(str(vol.nbd_path), device)
+        fds = nbd.socket_fds(handles) if self.io_timeout > 0 else []
+        with watchdog.Watchdog(self.io_timeout, lambda: 0, lambda: nbd.shut_down(fds)) as guard:
+            try:
+                nbd.pread(handles[0], 512, 0, f"reading {uri} at offset 0")
+            except OSError as exc:
+                if not guard.fired:
+                    raise OSError(
+                        exc.errno,
+                        f"{exc.strerror} (the export that holds the image's lock while the "
+                        "image is read directly)",
+                    ) from None
+        if guard.fired:
+            raise IOTimeout(
+                f"no progress for {self.io_timeout:g} s reading {uri} into {image}: the export "
+                "that holds the image's lock stopped answering (I/O timeout)"
+            )
 
     def _dirty_map(self, device: str, vol: VolumeInfo) -> extents.Extents:
         """The dirty regions of the bitmap an incremental read directly
