@@ -9,6 +9,7 @@ digests must be equal and both restores must equal the disk."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import time
 from collections.abc import Mapping
@@ -104,6 +105,8 @@ def make_raw(path: Path, size: int, writes: list[tuple[int, bytes]]) -> Path:
         for off, data in writes:
             f.seek(off)
             f.write(data)
+        f.flush()
+        os.fsync(f.fileno())  # allocated now: an O_DIRECT read would flush it (st_blocks)
     return path
 
 

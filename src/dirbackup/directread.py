@@ -9,10 +9,12 @@ open_direct() turns such a disk into a mapped copy plan for
 copy.copy_mapped: rows (guest offset, length, kind, layer, host offset) over
 the image's open file descriptors, aligned to the backup's cluster size.
 
-* A raw file or block device is one layer read at the guest offset; its data
-  regions come from SEEK_DATA/SEEK_HOLE (a block device is all data).  The
-  tail up to the 512-byte sector QEMU rounds a raw file to reads as zero, as
-  it does through the export.
+* A raw file or block device is read with O_DIRECT where the file system
+  allows it (measured on an uncached disk file: 2.5 s against 4.1 s buffered
+  for 1 GiB on a loaded machine; the same on tmpfs), its data regions from
+  SEEK_DATA/SEEK_HOLE (a block device is all data).  A raw file whose size is
+  not a multiple of 512 is read as a one-layer map instead, whose tail up to
+  the 512-byte sector QEMU rounds it to reads as zero, as through the export.
 * A qcow2 image, possibly an overlay on a qcow2 backing chain, is opened
   with qcow2.Chain (every header checked, cycles and depth refused, the files
   held open) and mapped; what no layer holds reads as zero.
@@ -26,6 +28,8 @@ image: the files are opened read-only and the copy must not discard.
 
 from __future__ import annotations
 
+import dataclasses
+import errno
 import os
 from dataclasses import dataclass, field
 
@@ -48,14 +52,52 @@ class DirectRead:
     name: str
     layers: list[int]
     plan: npt.NDArray[np.uint64]
+    regions: extents.Extents | None = None  # instead of the plan: these of layers[0]
     _chain: qcow2.Chain | None = field(default=None, repr=False)
     _fd: int = -1
 
     @property
     def data_bytes(self) -> int:
-        """Bytes the plan reads from the layers."""
+        """Bytes the copy reads from the image."""
+        if self.regions is not None:
+            return extents.total(self.regions)
         data = (self.plan[:, 2] & np.uint64(copy.REQ_KIND_MASK)) == copy.REQ_DATA
         return int(self.plan[data, 1].sum())
+
+    def copy(
+        self,
+        target: copy.Target,
+        options: copy.CopyOptions,
+        *,
+        progress: copy.Progress | None,
+        size: int,
+        digest_zero: bool,
+        name: str,
+    ) -> copy.CopyStats:
+        """Copy into `target` (a sink) with per-chunk digests over [0, size)
+        as copy.copy_regions sums them.  Never discards: this is the guest's
+        own disk."""
+        options = dataclasses.replace(options, discard=False)
+        if self.regions is not None:
+            return copy.copy_regions(
+                copy.FileSource(self.layers[0], name),
+                target,
+                self.regions,
+                options,
+                progress=progress,
+                digest_size=size,
+                digest_zero=digest_zero,
+            )
+        return copy.copy_mapped(
+            self.layers,
+            self.plan,
+            target,
+            options,
+            progress=progress,
+            size=size,
+            digest_zero=digest_zero,
+            source_name=name,
+        )
 
     def close(self) -> None:
         if self._chain is not None:
@@ -89,17 +131,25 @@ def open_direct(
 
 
 def _open_raw(path: str, size: int, cluster: int) -> DirectRead:
+    vsize = qcow2.virtual_size_for(size)
+    flags = os.O_RDONLY | os.O_CLOEXEC
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            fd = os.open(path, flags | (os.O_DIRECT if vsize == size else 0))
+        except OSError as exc:
+            if exc.errno != errno.EINVAL:  # a file system without O_DIRECT
+                raise
+            fd = os.open(path, flags)
     except OSError as exc:
         raise DirectUnusable(f"{path}: {exc.strerror}") from None
     try:
         have = copy.fd_size(fd)
         if have != size:
             raise DirectUnusable(f"{path} has {have} bytes, the host said {size}")
-        vsize = qcow2.virtual_size_for(size)
         data = extents.data(extents.file_extents(fd, 0, size))
         regions = extents.align(data, cluster, vsize)
+        if vsize == size:
+            return DirectRead(path, [fd], np.zeros((0, 5), np.uint64), regions, _fd=fd)
         rows = np.zeros((regions.shape[0], 5), dtype=np.uint64)
         rows[:, 0] = regions[:, 0]
         rows[:, 1] = regions[:, 1]

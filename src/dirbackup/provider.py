@@ -43,7 +43,6 @@ internals.  Where the backup's files go is the store's (store.PartialBackup).
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import json
 import os
 import secrets
@@ -431,15 +430,13 @@ class DirectoryBackupProvider(RestoringProvider):
             )
             with qcow2.Writer(image, size, cluster, backing=backing) as writer:
                 if read is not None:
-                    stats = copy.copy_mapped(
-                        read.layers,
-                        read.plan,
+                    stats = read.copy(
                         writer,
-                        dataclasses.replace(options, discard=False),  # the guest's own disk
+                        options,
                         progress=self._progress_logger(device),
                         size=size,
                         digest_zero=writer.records_zero,
-                        source_name=f"{device} ({read.name})",
+                        name=f"{device} ({read.name})",
                     )
                     self._check_witness(device, vol, handles, image)
                 else:
