@@ -13,7 +13,16 @@ SOURCES       := $(wildcard pyx/*.pyx pyx/*.pxd) CMakeLists.txt pyproject.toml
 PYTEST_ARGS   ?=
 BENCH_ARGS    ?=
 
-.PHONY: all setup build demo test test-long lint bench bench-small bench-micro clean distclean
+# `make install-pve`: the Perl plugins of a Proxmox VE node (see README,
+# "On a Proxmox VE node"), pointed at this checkout's dirbackup program.
+PERL_VENDORLIB ?= $(shell perl -MConfig -e 'print $$Config{vendorlib}')
+DIRBACKUP_BIN  ?= $(CURDIR)/$(VENV)/bin/dirbackup
+DESTDIR        ?=
+PVE_PROVIDER   := PVE/BackupProvider/Plugin/DirBackup.pm
+PVE_STORAGE    := PVE/Storage/Custom/DirBackupPlugin.pm
+
+.PHONY: all setup build demo test test-perl test-long lint bench bench-small bench-micro \
+	install-pve clean distclean
 
 all: build
 
@@ -41,8 +50,28 @@ lint: $(STAMPS)/build
 	$(PY) -m mypy
 	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" cython-lint pyx
 
-test: lint
+test: lint test-perl
 	$(PY) -m pytest -q -m "not slow" $(PYTEST_ARGS)
+
+# The Perl plugins, driven as Proxmox VE drives them, with our stand-ins for
+# PVE's base classes (perl/t/lib); about 20 s.
+test-perl: $(STAMPS)/build
+	DIRBACKUP_COMMAND="$(CURDIR)/$(VENV)/bin/dirbackup" prove -r perl/t
+
+install-pve:
+	@test -x "$(DIRBACKUP_BIN)" || { echo "error: $(DIRBACKUP_BIN) is not there: run make build first, or give DIRBACKUP_BIN=" >&2; exit 1; }
+	install -d $(DESTDIR)$(PERL_VENDORLIB)/$(dir $(PVE_PROVIDER)) \
+		$(DESTDIR)$(PERL_VENDORLIB)/$(dir $(PVE_STORAGE))
+	sed 's|@DIRBACKUP@|$(DIRBACKUP_BIN)|' perl/$(PVE_PROVIDER) > perl/.DirBackup.pm.tmp
+	install -m 0644 perl/.DirBackup.pm.tmp $(DESTDIR)$(PERL_VENDORLIB)/$(PVE_PROVIDER)
+	rm -f perl/.DirBackup.pm.tmp
+	install -m 0644 perl/$(PVE_STORAGE) $(DESTDIR)$(PERL_VENDORLIB)/$(PVE_STORAGE)
+	@echo "installed $(PVE_PROVIDER) and $(PVE_STORAGE) under $(DESTDIR)$(PERL_VENDORLIB)"
+	@echo "they run $(DIRBACKUP_BIN) (make install-pve DIRBACKUP_BIN=... to change)"
+	@echo "Debian packages they need: perl (JSON::PP, from perl-modules), perl-base (Socket,"
+	@echo "  Fcntl, POSIX), libpve-storage-perl 8.4 or later (storage API 11, backup providers),"
+	@echo "  and dirbackup's own: qemu-utils, libnbd-bin (nbdfuse, for restores), python3-libnbd"
+	@echo "then: systemctl restart pvedaemon pveproxy pvescheduler; see README, On a Proxmox VE node"
 
 test-long: $(STAMPS)/build
 	$(PY) -m pytest -q $(PYTEST_ARGS)

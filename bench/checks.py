@@ -43,6 +43,54 @@ def check_output(
     return check
 
 
+def cli_image(store: Path, vmid: str, device: str, keep: tuple[str, ...] = ()) -> Path:
+    """The one disk image a `dirbackup backup` run added to the store (backups
+    named in `keep` were there before)."""
+    found = [
+        p / f"{device}.qcow2"
+        for p in (store / vmid).glob("qemu-*")
+        if p.name not in keep and (p / f"{device}.qcow2").exists()
+    ]
+    if len(found) != 1:
+        raise ToolFailed(f"expected one new backup of {device} in {store / vmid}, found {found}")
+    return found[0]
+
+
+def cli_backup_check(
+    store: Path,
+    vmid: str,
+    device: str,
+    reference: Path | str,
+    ref_fmt: str,
+    mode: str,
+    keep: tuple[str, ...] = (),
+) -> Callable[[Sample], None]:
+    """`dirbackup backup --json` made a `mode` backup of `device` whose image
+    equals `reference` and passes qemu-img check."""
+
+    def check(sample: Sample) -> None:
+        disk = sample.report.get("disks", {}).get(device, {})
+        if disk.get("mode") != mode:
+            raise ToolFailed(f"the command made no {mode} backup of {device}: {sample.report}")
+        image = cli_image(store, vmid, device, keep)
+        same(image, reference, "qcow2", ref_fmt)
+        sound_qcow2(image)
+
+    return check
+
+
+def cli_read(device: str, expected: int) -> Callable[[Sample], None]:
+    """Every `dirbackup backup --json` run read exactly `expected` bytes of
+    `device` (an incremental: the bitmap's dirty bytes)."""
+
+    def check(sample: Sample) -> None:
+        got = sample.report.get("disks", {}).get(device, {}).get("read")
+        if got != expected:
+            raise ToolFailed(f"the command read {got} bytes of {device}, expected {expected}")
+
+    return check
+
+
 def reported(key: str, expected: int) -> Callable[[Sample], None]:
     """Every run must report having moved exactly the expected bytes (catches a
     source whose state changed between rounds, e.g. a cleared bitmap)."""

@@ -20,6 +20,7 @@ from dirbackup import qemu
 
 OURS = str(BENCH / "ours.py")
 SEED = str(BENCH / "seed_baseline.py")
+CLI = str(Path(PY).parent / "dirbackup")  # the venv's command, as `make build` installs it
 STORE_EPOCH = 1_700_000_000
 DEVICE = "drive-scsi0"
 
@@ -129,6 +130,28 @@ def untimed_ours(*args: str) -> list[str]:
 def product_backup(store: Path, storeid: str, vmid: str, disk: Path, epoch: int) -> list[str]:
     """ours.py's arguments for a backup by the product (Host.backup_vm) of one disk."""
     return ["product-backup", str(store), storeid, vmid, DEVICE, str(disk), str(epoch)]
+
+
+def cli_backup(store: Path, storeid: str, vmid: str, disk: Path, mode: str) -> list[str]:
+    """The `dirbackup backup` command a user types for one disk (`mode` full or
+    incremental); --json makes it print one line the runner reads."""
+    return [
+        *[CLI, "backup", "--store", str(store), "--storeid", storeid, "--vmid", vmid],
+        *["--mode", mode, "--disk", f"{DEVICE}={disk}", "--json"],
+    ]
+
+
+def cli_restore(store: Path, storeid: str, volid: str, out: Path) -> list[str]:
+    """The `dirbackup restore` command a user types for one disk into a new file."""
+    return [
+        *[CLI, "restore", "--store", str(store), "--storeid", storeid, volid],
+        *["--disk", f"{DEVICE}={out}", "--json"],
+    ]
+
+
+def write_floor(nbytes: int, out: Path) -> list[str]:
+    """ours.py write-floor: `nbytes` written from one buffer into a new file."""
+    return [PY, OURS, "write-floor", str(nbytes), str(out)]
 
 
 def product_image(store: Path, vmid: str, epoch: int) -> Path:

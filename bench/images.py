@@ -6,6 +6,7 @@ with dirbackup itself, so a bug of ours cannot shape the data it is judged on.
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 from collections.abc import Iterable, Sequence
@@ -134,6 +135,15 @@ def dirty_commands(
 def qemu_img(*args: str) -> None:
     """Run qemu-img quietly, failing loudly."""
     subprocess.run(["qemu-img", *args], check=True, stdout=subprocess.DEVNULL)
+
+
+def data_bytes(path: Path) -> int:
+    """Bytes of an image (through its backing chain) that hold data other than
+    zeros, as `qemu-img map` reports them: what a copy of it must write."""
+    out = subprocess.run(
+        ["qemu-img", "map", "--output=json", str(path)], check=True, capture_output=True
+    ).stdout
+    return sum(e["length"] for e in json.loads(out) if e["data"] and not e["zero"])
 
 
 def map_text(path: Path, lines: int, seed: int) -> tuple[int, int, int]:

@@ -12,12 +12,13 @@ import contextlib
 import datetime
 import os
 import platform
+import statistics
 import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from context import Scale
+from context import CLI, Scale
 from images import GiB, KiB, MiB, TiB
 from runner import BENCH, PY, Result, Role, Tool, ratio
 
@@ -26,22 +27,30 @@ REPO = BENCH.parent
 
 @dataclass
 class Target:
-    """One goal of the issue, judged on medians of one run."""
+    """One goal of the issue, judged on medians of one run; a ratio the issue
+    asks to be reported without a goal (ours / write floor) has limit None."""
 
     name: str
     value: float | None
-    limit: float
+    limit: float | None
     lower_is_better: bool = True
     unit: str = "x"
     informational: bool = False
 
     @property
     def met(self) -> bool | None:
-        if self.value is None:
+        if self.value is None or self.limit is None:
             return None
         return self.value <= self.limit if self.lower_is_better else self.value >= self.limit
 
+    def limit_text(self) -> str:
+        if self.limit is None:
+            return "-"
+        return f"{'≤' if self.lower_is_better else '≥'} {self.limit:.3g}{self.unit}"
+
     def verdict(self) -> str:
+        if self.limit is None:
+            return "shown (no target)" if self.value is not None else "n/a (a tool failed)"
         if self.met is None:
             return "n/a (a tool failed)"
         word = "met" if self.met else "MISSED"
@@ -63,10 +72,7 @@ def print_targets(goals: list[Target]) -> None:
     print("\nTargets (medians of this run):")
     for g in goals:
         value = "-" if g.value is None else f"{g.value:.3g}{g.unit}"
-        print(
-            f"  {g.name:55s} {value:>12s}  limit {'≤' if g.lower_is_better else '≥'} "
-            f"{g.limit:.3g}{g.unit}  {g.verdict()}"
-        )
+        print(f"  {g.name:55s} {value:>12s}  limit {g.limit_text():>10s}  {g.verdict()}")
 
 
 def human(n: float) -> str:
@@ -121,6 +127,62 @@ def print_table(res: Result) -> None:
         print("  ".join(str(c).ljust(wd) for c, wd in zip(row, widths, strict=True)))
     for k, v in res.derived.items():
         print(f"  {k}: {v:.4g}" if isinstance(v, float) else f"  {k}: {v}")
+    for t in res.tools:
+        phases = phase_rows(t)
+        if phases:
+            print(f"  where `{t.label}` spends its time (medians, s):")
+            for name, seconds, share in phases:
+                print(f"    {name:48s} {seconds:8.3f}  {share}")
+
+
+# The phases dirbackup.timings reports (DIRBACKUP_TIMINGS), in the order a
+# backup passes them; each is part of "total" (main() to exit), except
+# "startup" (process start to main()).  Other names (qemu-img calls, nested
+# in the phases above) are listed after them as "of which".
+TOP_PHASES = (
+    "backup init (store lock, partial dir)",
+    "disk sizes and bitmaps",
+    "snapshot access",
+    "copy",
+    "qcow2 finish",
+    "publish (fsync, rename)",
+    "qemu-nbd stop",
+    "bitmaps advance",
+    "backup cleanup",
+    "open and validate chain",  # restore
+    "restore copy (incl. fsync, rename)",
+)
+
+
+def phase_rows(t: Tool) -> list[tuple[str, float, str]]:
+    """Where a `dirbackup` command's time went: (phase, median seconds, share
+    of the median wall time), from the timings it printed; empty for other
+    tools.  "rest" is the time inside main() no phase covers (store, manifest,
+    log, Python); "exit" what is left of the wall time after main()."""
+    reports = [s.report.get("timings") for s in t.samples]
+    timed = [r for r in reports if r]
+    if not timed:
+        return []
+
+    def med(name: str) -> float:
+        return statistics.median(r.get(name, 0.0) for r in timed)
+
+    wall = t.median() or 0.0
+    names = [n for n in TOP_PHASES if any(n in r for r in timed)]
+    nested = sorted({n for r in timed for n in r} - {*TOP_PHASES, "startup", "total"})
+    rows = [("process start and imports", med("startup"))]
+    rows += [(n, med(n)) for n in names]
+    rest = statistics.median(
+        r.get("total", 0.0) - sum(r.get(n, 0.0) for n in TOP_PHASES) for r in timed
+    )
+    exits = statistics.median(
+        s.wall - s.report["timings"].get("startup", 0.0) - s.report["timings"].get("total", 0.0)
+        for s in t.samples
+        if s.report.get("timings")
+    )
+    rows += [("rest of main() (store, manifest, log, Python)", rest), ("exit", exits)]
+    rows += [(f"of which {n}", med(n)) for n in nested]
+    return [(n, v, f"{v / wall:.0%}" if wall else "-") for n, v in rows]
 
 
 OWN_FILES = ("--", ".", ":!bench/RESULTS.md", ":!bench/results.png")  # written by this run
@@ -223,8 +285,7 @@ def write_markdown(
     lines += ["", "## Targets", "", "| target | value | limit | verdict |", "|---|---|---|---|"]
     for g in goals:
         value = "-" if g.value is None else f"{g.value:.3g}{g.unit}"
-        limit = f"{'≤' if g.lower_is_better else '≥'} {g.limit:.3g}{g.unit}"
-        lines.append(f"| {g.name} | {value} | {limit} | {g.verdict()} |")
+        lines.append(f"| {g.name} | {value} | {g.limit_text()} | {g.verdict()} |")
     lines += [
         "",
         "Ratios are ours/peer of median whole-process wall times unless the row says "
@@ -248,10 +309,23 @@ def write_markdown(
             )
             lines.append(f"- {k.replace('_', ' ')}: {shown}")
         lines += [f"- {n}" for n in res.notes]
+        for t in res.tools:
+            phases = phase_rows(t)
+            if phases:
+                lines += [
+                    "",
+                    f"Where `{t.label}` spends its time (medians of the timed rounds, from "
+                    "the command's own DIRBACKUP_TIMINGS report; 'of which' rows are inside "
+                    "the phases above):",
+                    "",
+                    "| phase | s | share of wall |",
+                    "|---|---|---|",
+                ]
+                lines += [f"| {n} | {v:.3f} | {share} |" for n, v, share in phases]
         lines += ["", "Commands (`$W` = the work directory on /dev/shm):", "", "```"]
         for t in res.tools:
             cmd = " ".join(t.argv).replace(str(work), "$W").replace(str(BENCH), "bench")
-            cmd = cmd.replace(PY, "python")
+            cmd = cmd.replace(CLI, "dirbackup").replace(PY, "python")
             lines.append(f"{t.label}: {cmd}")
         lines += ["```", ""]
     analysis = BENCH / "analysis.md"
@@ -290,6 +364,7 @@ def write_chart(path: Path, results: dict[str, Result], scale: Scale) -> None:
     fig, axes = plt.subplots(rows, cols, figsize=(13, 2.6 * rows + 0.8), squeeze=False)
     colours = {
         Role.OURS: "#1f77b4",
+        Role.CLI: "#2ca02c",
         Role.INFO: "#9ecae1",
         Role.PEER: "#d62728",
         Role.IDEAL: "#7f7f7f",

@@ -4,7 +4,8 @@ They time one kernel at a time, in this process, so that a regression shows
 up as a number that moved rather than as a few percent of a whole backup:
 map parsing (against the seed's regex loop), block status collection from a
 real qemu-nbd export (against a python-libnbd callback loop), zero detection,
-the file-to-file copy loop, and qcow2 metadata (writer finish, chain map).
+the file-to-file copy loop, qcow2 metadata (writer finish, chain map) and a
+persistent dirty bitmap read from the image file.
 Each checks its result before it is timed.  Not part of `make test`: the
 tests directory is `tests/`; run with `make bench-micro`, or e.g.
 `.venv/bin/python -m pytest bench/test_micro.py -k parse --benchmark-columns=min,median`.
@@ -28,7 +29,7 @@ import pytest
 import seed_baseline
 from images import CLUSTER, GiB, MiB, TiB
 
-from dirbackup import _copy, copy, extents, nbd, qcow2, qemu
+from dirbackup import _copy, copy, extents, nbd, qcow2, qcow2bitmaps, qemu
 
 MAP_LINES = 1_000_000
 
@@ -382,4 +383,42 @@ def test_chain_map_1tib_depth6(benchmark: Any, chain: Path) -> None:
 
     rows = run()
     assert rows[:, 1].sum() == TiB
+    benchmark(run)
+
+
+@pytest.fixture(scope="module")
+def bitmap_image(work: Path) -> tuple[Path, np.ndarray]:
+    """A 1 TiB qcow2 image (64 KiB clusters) whose 64 KiB-granularity bitmap
+    recorded 400 scattered zero writes (no data clusters), and QEMU's map of
+    it from a read-only qemu-nbd export."""
+    path = work / "bitmap.qcow2"
+    qemu.img_create(path, TiB, cluster_size=CLUSTER)
+    qemu.run(["qemu-img", "bitmap", "--add", "-g", str(CLUSTER), "--enable", str(path), "b"])
+    picks = images.scattered_clusters(TiB, 400, seed=31)
+    qemu.io(path, *(f"write -z {int(c) * CLUSTER} {CLUSTER}" for c in picks))
+    context = extents.dirty_bitmap_context("b")
+    with qemu.serve_nbd(path, str(work / "bitmap.sock"), bitmap="b") as server:
+        h = nbd.connect(server.uri, [context])
+        try:
+            want = extents.dirty(extents.block_status(h, context))
+        finally:
+            h.shutdown()
+    return path, want
+
+
+@pytest.mark.benchmark(group="qcow2-metadata")
+def test_dirty_bitmap_1tib_sparse(benchmark: Any, bitmap_image: tuple[Path, np.ndarray]) -> None:
+    """Read a sparse persistent bitmap of a 1 TiB disk (16 Mi bits, 2 MiB of
+    bitmap data) into dirty extents, from the image file."""
+    path, want = bitmap_image
+
+    def run() -> np.ndarray:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            return qcow2bitmaps.dirty_extents(fd, qcow2.read_header(path, fd), "b")
+        finally:
+            os.close(fd)
+
+    got = run()
+    assert np.array_equal(got, want) and got.shape[0] > 300
     benchmark(run)

@@ -18,9 +18,9 @@ import imagefaults as faults
 import pytest
 from conftest import MiB
 from faultlib import cli as dirbackup
-from faultlib import mounts_under, servers_for
+from faultlib import mounts_under, servers_for, wait_for
 
-from dirbackup import qemu
+from dirbackup import procs, qemu
 
 
 def snapshot(img: Path, out: Path) -> Path:
@@ -201,15 +201,14 @@ def run_dirs() -> Path:
 
 
 def ours_left(mountpoint: Path) -> list[str]:
-    """Whatever of a `dirbackup mount` still stands: its mount, loop devices,
-    helpers, run directories."""
-    left = mounts_under(mountpoint)
-    for d in run_dirs().glob("dirbackup-mount-*"):
-        try:
-            if str(mountpoint) in (d / "state.json").read_text():
-                left += [str(d), *loops_over(d), *servers_for(str(d))]
-        except OSError:
-            continue
+    """Whatever of a `dirbackup mount` still stands: its mount, and anything
+    in or naming the test's own run-directory base (each test has one, see
+    fs_disk) -- run directories, mounts and loop devices in them, helpers
+    serving from them, recorded in a state file or not."""
+    base = run_dirs()
+    left = mounts_under(mountpoint) + mounts_under(base)
+    left += servers_for(str(base)) + loops_over(base)
+    left += [str(d) for d in base.glob("dirbackup-mount-*")]
     return left
 
 
@@ -450,19 +449,26 @@ def test_kill_9_of_map_leaves_no_server(chain: dict[str, Path], tmp_path: Path) 
     [(signal.SIGINT, 130, "interrupted"), (signal.SIGTERM, 143, "terminated (SIGTERM)")],
     ids=["SIGINT", "SIGTERM"],
 )
+@pytest.mark.parametrize("when", ["server started", "serving"])
 def test_ctrl_c_of_mount_half_way_leaves_nothing(
-    fs_disk: dict[str, Path], sig: int, status: int, said: str
+    fs_disk: dict[str, Path], sig: int, status: int, said: str, when: str
 ) -> None:
+    """Stopped as soon as its qemu-nbd runs (before the mount could record
+    it), or once both helpers are recorded: nothing of it stays."""
     store, mnt = fs_disk["store"], fs_disk["mnt"]
     volid = backup_of(store, fs_disk["disk"])
     argv = ["mount", "--store", str(store), volid, "drive-scsi0", str(mnt)]
+    started = {
+        "server started": lambda: bool(servers_for(str(run_dirs()))),
+        "serving": lambda: serving(mnt),
+    }[when]
     for _ in range(5):  # until the signal comes while its helpers run
         proc = subprocess.Popen(
             [sys.executable, "-m", "dirbackup", *argv],
             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
         )  # fmt: skip
-        while not serving(mnt) and proc.poll() is None:
-            time.sleep(0.001)
+        while not started() and proc.poll() is None:
+            time.sleep(0.0005)
         proc.send_signal(signal.SIGSTOP)
         proc.send_signal(sig)
         proc.send_signal(signal.SIGCONT)
@@ -530,3 +536,34 @@ def test_mount_of_vfat_and_xfs(
     finally:
         dirbackup("umount", str(mnt))
     assert ours_left(mnt) == []
+
+
+def test_a_helper_never_recorded_is_stopped_with_its_stale_run_directory(
+    fs_disk: dict[str, Path], tmp_path: Path
+) -> None:  # fs_disk: for its private run-directory base
+    """A `mount` killed between starting its qemu-nbd and recording it leaves a
+    server that only its command line ties to the run directory: the next
+    command's cleanup of stale run directories stops it too."""
+    base = run_dirs()
+    base.mkdir(parents=True, exist_ok=True)
+    rundir = base / "dirbackup-mount-stale"
+    rundir.mkdir()
+    dead = subprocess.Popen(["true"])
+    line = procs.owner_line(dead.pid)
+    dead.wait()
+    (rundir / qemu.OWNER).write_text(line)  # its owner is gone
+    image = tmp_path / "img.qcow2"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(image), "1M"], check=True)
+    server = subprocess.Popen(
+        ["qemu-nbd", "--read-only", "--persistent", f"--socket={rundir / 'nbd.sock'}", str(image)],
+        start_new_session=True,
+    )
+    try:
+        wait_for(lambda: (rundir / "nbd.sock").exists())
+        assert servers_for(str(rundir))
+        assert qemu.clean_stale_rundirs(str(base)) == [str(rundir)]  # what make_rundir runs
+        server.wait(timeout=30)  # stopped (TimeoutExpired if it still served)
+        assert servers_for(str(rundir)) == [] and not rundir.exists()
+    finally:
+        server.kill()
+        server.wait()

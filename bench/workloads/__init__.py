@@ -30,7 +30,8 @@ class Workload(Protocol):
 
 
 NAMES = (  # the modules of this package, in the order they run
-    "w1_full_file",  # keeps its image w1.raw for workload 2
+    "w1_full_file",  # keeps its image w1.raw for workloads 1q and 2
+    "w1q_full_qcow2",
     "w2_full_nbd",
     "w3_incremental",
     "w4_restore",

@@ -4,7 +4,9 @@ Compares `ours.py full-nbd` (connect_many, base:allocation) with
 `qemu-img convert -O qcow2` (defaults, and -W -m 16) and `nbdcopy` to a raw
 file, all reading one read-only export; the product path (`Host.backup_vm`,
 which starts its own qemu-nbd and writes manifest, digests and logs) is shown
-for information.
+for information.  The write floor is the image's data bytes written from one
+buffer.  This is the hypervisor's path (it hands the provider an NBD export):
+issue 13 asks for ≤ 0.7x nbdcopy.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from context import (
     emptier,
     product_backup,
     product_image,
+    write_floor,
 )
 from context import qemu_img_convert as convert
 from report import Target, human, ratio_of
@@ -26,6 +29,7 @@ from runner import Result, Role, Tool, remove
 
 KEY = "2"
 PRODUCT = "ours, product path (Host.backup_vm)"
+FLOOR = "write floor (data bytes from one buffer)"
 
 
 def run(ctx: Ctx) -> Result:
@@ -61,6 +65,8 @@ def run(ctx: Ctx) -> Result:
         setup=emptier(store),
     )
     tools.insert(1, product)  # the product path's row comes right after ours
+    floor = ctx.work / "w2-floor.raw"
+    tools.append(Tool(FLOOR, write_floor(sc.mixed // 2, floor), Role.IDEAL, [floor]))
     try:
         ctx.measure(tools)
     finally:
@@ -83,11 +89,12 @@ def run(ctx: Ctx) -> Result:
 def targets(res: Result, scale: Scale) -> list[Target]:
     nbdcopy = res.find("nbdcopy (raw out)")
     return [
-        Target("2: ours / nbdcopy", ratio_of(res.find("ours"), nbdcopy), 0.8),
+        Target("2: ours / nbdcopy", ratio_of(res.find("ours"), nbdcopy), 0.7),
         Target(
             "2: product path / nbdcopy",
             ratio_of(res.find(PRODUCT), nbdcopy),
-            0.8,
+            0.7,
             informational=True,
         ),
+        Target("2: ours / write floor", ratio_of(res.find("ours"), res.find(FLOOR)), None),
     ]

@@ -5,7 +5,10 @@ the previous backup) with the seed (`nbdinfo --map` + regex + a 4 MiB
 synchronous libnbd loop), a full `qemu-img convert`, and the ideal: dirty
 bytes over the export's read rate (`nbdcopy URI null:`).  The product path
 (`Host.backup_vm`, reading the bitmap generation issue 12 named) is shown for
-information; every timed round must move exactly the bitmap's dirty bytes.
+information; the CLI row is the command a user types (`dirbackup backup
+--mode incremental`, whole process), from the same store and bitmap state
+every round.  Every timed round must move exactly the bitmap's dirty bytes.
+The write floor is the dirty bytes written from one buffer.
 """
 
 from __future__ import annotations
@@ -14,16 +17,18 @@ import os
 from pathlib import Path
 
 import images
-from checks import output_tool, reported, same, sound_qcow2
+from checks import cli_backup_check, cli_read, output_tool, reported, same, sound_qcow2
 from context import (
     DEVICE,
     STORE_EPOCH,
     Ctx,
     Scale,
+    cli_backup,
     product_backup,
     product_image,
     seed_incremental,
     untimed_ours,
+    write_floor,
 )
 from context import qemu_img_convert as convert
 from images import CLUSTER
@@ -35,6 +40,8 @@ from dirbackup.storage import DirectoryStorage
 
 KEY = "3"
 PRODUCT = "ours, product path (Host.backup_vm)"
+CLI_ROW = "CLI: dirbackup backup --mode incremental"
+FLOOR = "write floor (dirty bytes from one buffer)"
 READ_RATE = "read rate: nbdcopy → null:"
 
 
@@ -113,10 +120,11 @@ def run(ctx: Ctx) -> Result:
             "bitmap", "--add", "--enable", "--merge", "saved", "-f", "qcow2", str(guest), bitmap
         )
 
+    kept = (full.parent.name, f"qemu-{STORE_EPOCH + 1}")
+
     def reset_store() -> None:
         """Undo the previous product run: the new backup goes, the old record
         comes back."""
-        kept = (full.parent.name, f"qemu-{STORE_EPOCH + 1}")
         for p in (store / vmid).iterdir():
             if p.name.startswith("qemu-") and p.name not in kept:
                 remove(p)
@@ -164,6 +172,16 @@ def run(ctx: Ctx) -> Result:
             setup=reset_store,
             teardown=restore_bitmap,
         ),
+        Tool(  # the same store and bitmap state as the product path's, every round
+            CLI_ROW,
+            cli_backup(store, storeid, vmid, guest, "incremental"),
+            Role.CLI,
+            [],  # its backup is removed by reset_store before the next run
+            cli_backup_check(store, vmid, DEVICE, guest, "qcow2", "incremental", kept),
+            setup=reset_store,
+            teardown=restore_bitmap,
+            every=cli_read(DEVICE, dirty_bytes),
+        ),
         incremental(
             "seed (nbdinfo --map + 4 MiB sync loop)",
             Role.PEER,
@@ -186,6 +204,7 @@ def run(ctx: Ctx) -> Result:
             setup=start_export,
             teardown=stop_export,
         ),
+        Tool(FLOOR, write_floor(dirty_bytes, w / "w3-floor.raw"), Role.IDEAL, [w / "w3-floor.raw"]),
     ]
     try:
         ctx.measure(tools)
@@ -246,4 +265,8 @@ def targets(res: Result, scale: Scale) -> list[Target]:
             1 / 20,
             informational=True,
         ),
+        Target("3: CLI / full qemu-img convert", ratio_of(res.find(CLI_ROW), full), 1 / 15),
+        Target("3: CLI / engine-only (ours)", ratio_of(res.find(CLI_ROW), ours), 1.15),
+        Target("3: ours / write floor", ratio_of(ours, res.find(FLOOR)), None),
+        Target("3: CLI / write floor", ratio_of(res.find(CLI_ROW), res.find(FLOOR)), None),
     ]

@@ -2,22 +2,36 @@
 
 Compares `ours.py restore` (validated chain, copy engine) with
 `qemu-img convert -O raw` of the top image (defaults, and -W -m 16); the
-product path (`Host.restore_vm`) is shown for information.  The chain is
-compared with the guest before anything is timed.
+product path (`Host.restore_vm`) is shown for information; the CLI row is the
+command a user types (`dirbackup restore VOLID --disk DEV=OUT`, whole
+process).  The chain is compared with the guest before anything is timed.
+The write floor is the guest's data bytes written from one buffer.
 """
 
 from __future__ import annotations
 
 import images
 from checks import output_tool, same
-from context import DEVICE, STORE_EPOCH, Ctx, Scale, product_backup, product_image, untimed_ours
+from context import (
+    DEVICE,
+    STORE_EPOCH,
+    Ctx,
+    Scale,
+    cli_restore,
+    product_backup,
+    product_image,
+    untimed_ours,
+    write_floor,
+)
 from context import qemu_img_convert as convert
 from images import CLUSTER
 from report import Target, fastest, human, ratio_of
-from runner import Result, Role, ToolFailed, remove, run_child
+from runner import Result, Role, Tool, ToolFailed, remove, run_child
 
 KEY = "4"
 PRODUCT = "ours, product path (Host.restore_vm)"
+CLI_ROW = "CLI: dirbackup restore"
+FLOOR = "write floor (data bytes from one buffer)"
 
 
 def run(ctx: Ctx) -> Result:
@@ -60,6 +74,8 @@ def run(ctx: Ctx) -> Result:
             "w4-prod.raw",
             ctx.ours("product-restore", str(store), storeid, volid, DEVICE),
         ),
+        # the output goes into --disk DEV=OUT, not last: see below
+        (CLI_ROW, Role.CLI, "w4-cli.raw", cli_restore(store, storeid, volid, w / "w4-cli.raw")),
         ("qemu-img convert -O raw", Role.PEER, "w4-qi.raw", convert("qcow2", "raw", top)),
         (
             "qemu-img convert -O raw -W -m 16",
@@ -69,9 +85,19 @@ def run(ctx: Ctx) -> Result:
         ),
     ]
     tools = [
-        output_tool(label, [*command, str(w / out)], role, w / out, top, "qcow2")
+        output_tool(
+            label,
+            command if role == Role.CLI else [*command, str(w / out)],
+            role,
+            w / out,
+            top,
+            "qcow2",
+        )
         for label, role, out, command in rows
     ]
+    floor = w / "w4-floor.raw"
+    data = images.data_bytes(top)
+    tools.append(Tool(FLOOR, write_floor(data, floor), Role.IDEAL, [floor]))
     try:
         ctx.measure(tools)
     finally:
@@ -96,4 +122,13 @@ def targets(res: Result, scale: Scale) -> list[Target]:
         Target(
             "4: product path / qemu-img", ratio_of(res.find(PRODUCT), qi), 0.7, informational=True
         ),
+        Target("4: CLI / engine-only (ours)", ratio_of(res.find(CLI_ROW), res.find("ours")), 1.15),
+        Target(
+            "4: CLI / faster qemu-img convert -O raw",
+            ratio_of(res.find(CLI_ROW), qi),
+            0.7,
+            informational=True,
+        ),
+        Target("4: ours / write floor", ratio_of(res.find("ours"), res.find(FLOOR)), None),
+        Target("4: CLI / write floor", ratio_of(res.find(CLI_ROW), res.find(FLOOR)), None),
     ]

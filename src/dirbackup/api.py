@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import os
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
@@ -46,6 +46,7 @@ __all__ = [
     "RestoreMechanism",
     "VmType",
     "VolumeInfo",
+    "check_incremental_answer",
 ]
 
 LogFunction = Callable[[str, str], None]
@@ -89,6 +90,36 @@ class IncrementalChoice(StrEnum):
 
     NEW = "new"
     USE = "use"
+
+
+INCREMENTAL_ANSWERS = ("new", "use", "none")
+"""What the hypervisor accepts per device from backup_vm_query_incremental:
+IncrementalChoice, or `none` (no bitmap, as a device left out)."""
+
+
+def check_incremental_answer(answer: Any, devices: Iterable[str]) -> dict[str, str]:
+    """The answer of backup_vm_query_incremental as the hypervisor checks it:
+    nothing (None or empty: no bitmaps), or a mapping of devices to `new`,
+    `use` or `none`.  Anything else is an error, never a silent `none`; a
+    device that is not one of `devices` is an error too (a provider that
+    names disks the host did not ask about has its wires crossed)."""
+    if answer is None:
+        return {}
+    if not isinstance(answer, Mapping):
+        raise ValueError(
+            f"backup_vm_query_incremental returned {type(answer).__name__}, not a hash"
+        )
+    known = set(devices)
+    out = {}
+    for device, mode in answer.items():
+        if device not in known:
+            raise ValueError(f"backup_vm_query_incremental answered for unknown device {device!r}")
+        if not isinstance(mode, str) or mode not in INCREMENTAL_ANSWERS:
+            raise ValueError(
+                f"invalid incremental mode {mode!r} for {device} returned by the backup provider"
+            )
+        out[str(device)] = str(mode)
+    return out
 
 
 class RestoreMechanism(StrEnum):

@@ -23,7 +23,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from dirbackup import __version__
+from dirbackup import __version__, timings
 from dirbackup.api import VmType
 from dirbackup.copy import CopyStats
 from dirbackup.errors import DirbackupError, Terminated
@@ -322,6 +322,23 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="DIR",
         help="where to build the demo (default: a new temporary directory)",
     )
+    ps = sub.add_parser(
+        "pve-serve",
+        help="serve the Proxmox VE Perl plugins (started by them, not by hand)",
+        description="The provider process behind PVE::BackupProvider::Plugin::DirBackup and "
+        "PVE::Storage::Custom::DirBackupPlugin: JSON requests, one a line, over a Unix "
+        "socket (see dirbackup.pveserve).",
+    )
+    ps.add_argument("--storeid", required=True, metavar="ID", help="the storage id")
+    ps.add_argument(
+        "--config",
+        required=True,
+        metavar="JSON",
+        help="the storage's section of storage.cfg as a JSON object (at least 'path')",
+    )
+    where = ps.add_mutually_exclusive_group(required=True)
+    where.add_argument("--fd", type=int, metavar="N", help="serve this connected socket")
+    where.add_argument("--socket", metavar="PATH", help="listen on this Unix socket")
     for command in sub.choices.values():  # global options go before or after the command
         _global_options(command.add_argument_group("global options"), suppress=True)
         command.set_defaults(command_parser=command)  # whose usage a UsageError prints
@@ -797,6 +814,22 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return run_demo(main, args.workdir)
 
 
+def cmd_pve_serve(args: argparse.Namespace) -> int:
+    from dirbackup import pveserve
+
+    try:
+        scfg = json.loads(args.config)
+    except ValueError as exc:
+        raise UsageError(f"--config is not JSON: {exc}") from None
+    if not isinstance(scfg, dict):
+        raise UsageError("--config must be a JSON object")
+    if args.fd is not None:
+        pveserve.serve_fd(args.storeid, scfg, args.fd)
+    else:
+        pveserve.serve_socket(args.storeid, scfg, args.socket)
+    return 0
+
+
 COMMANDS = {
     "backup": cmd_backup,
     "list": cmd_list,
@@ -810,6 +843,7 @@ COMMANDS = {
     "mount": cmd_mount,
     "umount": cmd_umount,
     "demo": cmd_demo,
+    "pve-serve": cmd_pve_serve,
 }
 
 
@@ -839,6 +873,7 @@ def _terminate_like_ctrl_c() -> Callable[[], None]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `dirbackup` program."""
+    timings.begin()
     parser = build_parser()
     args = parser.parse_args(argv)
     undo = _terminate_like_ctrl_c()
@@ -862,6 +897,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     finally:
         undo()
+        timings.report()
 
 
 def _one_line(exc: BaseException) -> str:

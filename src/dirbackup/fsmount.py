@@ -19,6 +19,8 @@ file system is mounted, then by nbdfuse: a `mount` killed half-way (or an
 nbdfuse killed later) leaves a run directory whose owner is dead, which the
 next command's run-directory cleanup takes down (issue 12): the file system
 mounted from its file, then its FUSE mount, after which both helpers exit.
+A helper started but not yet recorded when the signal came is found by its
+command line, which names the run directory (its socket, its mount point).
 """
 
 from __future__ import annotations
@@ -261,5 +263,6 @@ def _teardown(rundir: Path, state: dict[str, Any]) -> None:
     for helper in ("nbdfuse", "qemu-nbd"):  # each exits by itself once unmounted / unused
         if state.get(helper):
             qemu.stop_owner(state[helper], wait_first=10.0)
+    qemu.stop_helpers_of(real)  # started, but stopped before they were recorded
     if not mounts_below(real):
         shutil.rmtree(rundir, ignore_errors=True)

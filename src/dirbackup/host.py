@@ -35,7 +35,18 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
-from dirbackup import bitmaps, copy, dirtyregions, extents, qcow2, qemu, restore_target, watchdog
+from dirbackup import (
+    bitmaps,
+    copy,
+    dirtyregions,
+    extents,
+    qcow2,
+    qemu,
+    restore_target,
+    timings,
+    toolrun,
+    watchdog,
+)
 from dirbackup.api import (
     DIRECT_KEY,
     BackupProvider,
@@ -43,6 +54,7 @@ from dirbackup.api import (
     ChainAccess,
     LogFunction,
     VmType,
+    check_incremental_answer,
 )
 from dirbackup.errors import DirbackupError, HostError, Terminated
 from dirbackup.store import check_device_name
@@ -113,16 +125,20 @@ class _Log:
         self.forward = forward
         self.lines: list[str] = []
         self._lock = threading.Lock()
+        self.redirect: LogFunction | None = None  # in a forked child: to the parent
 
     def __call__(self, level: str, message: str) -> None:
+        if self.redirect is not None:
+            self.redirect(level, message)
+            return
         stamp = time.strftime("%Y-%m-%d %H:%M:%S")
         with self._lock:
             self.lines.append(f"{stamp} {level}: {message}")
         if self.forward is not None:
             self.forward(level, message)
 
-    def write(self, path: Path) -> None:
-        path.write_text("\n".join(self.lines) + "\n")
+    def write(self, path: Path, first_line: int = 0) -> None:
+        path.write_text("\n".join(self.lines[first_line:]) + "\n")
 
 
 class Host:
@@ -156,6 +172,23 @@ class Host:
             scfg = getattr(storage, "scfg", None)
             io_timeout = float(getattr(scfg, "io_timeout", watchdog.DEFAULT_IO_TIMEOUT))
         self.io_timeout = io_timeout
+        self._job = False
+
+    @contextlib.contextmanager
+    def job(self, start_time: int | None = None) -> Iterator[None]:
+        """One backup job of several guests, as the hypervisor runs one:
+        job_init once, then each backup_vm / backup_container made inside
+        the `with` block, then job_cleanup (also after a failure).  Outside
+        a job each backup is a job of its own."""
+        if self._job:
+            raise HostError("a backup job is already running on this host")
+        self.provider.job_init(int(time.time()) if start_time is None else start_time)
+        self._job = True
+        try:
+            yield
+        finally:
+            self._job = False
+            self.provider.job_cleanup()
 
     # ------------------------------------------------------------------ VM backup
 
@@ -206,23 +239,38 @@ class Host:
         the guest-type specific `body`, then -- still under the provider's
         guest lock -- what the guest needs once its data is stored (the VM's
         bitmaps advance), attributes, cleanup with success or with the error,
-        the task log, job cleanup."""
+        the task log, job cleanup.  A failing backup_init still gets the
+        cleanup with the error and the task log, as the hypervisor does."""
         start = int(time.time()) if start_time is None else start_time
         began = time.monotonic()
         p = self.provider
-        p.job_init(start)
+        own_job = not self._job
+        first_line = len(self.log.lines)
+        if own_job:
+            p.job_init(start)
         try:
-            archive = p.backup_init(vmid, vmtype, start)["archive-name"]
+            try:
+                with timings.phase("backup init (store lock, partial dir)"):
+                    archive = p.backup_init(vmid, vmtype, start)["archive-name"]
+            except BaseException as exc:  # as the hypervisor: cleanup and the log, even so
+                self.log("err", f"backup of guest {vmid} failed: {_describe(exc)}")
+                with contextlib.suppress(Exception):
+                    p.backup_cleanup(vmid, vmtype, False, {"error": _describe(exc)})
+                with contextlib.suppress(Exception):
+                    self._hand_over_log(p, vmid, first_line)
+                raise
             volid = f"{self.storeid}:backup/{archive}"
             report = BackupReport(volid, archive, 0.0)
             outcome = _Outcome()
             ok = stored = False
             try:
                 body(p, report, outcome)
-                outcome.stored()
+                with timings.phase("bitmaps advance"):
+                    outcome.stored()
                 stored = True
                 self._set_attributes(volid, notes, protected)
-                stats = p.backup_cleanup(vmid, vmtype, True, {})
+                with timings.phase("backup cleanup"):
+                    stats = p.backup_cleanup(vmid, vmtype, True, {})
                 report.archive_size = int((stats or {}).get("stats", {}).get("archive-size", 0))
                 ok = True
             except BaseException as exc:
@@ -234,11 +282,12 @@ class Host:
                 raise
             finally:
                 report.seconds = time.monotonic() - began
-                report.log_lines = list(self.log.lines)
-                self._hand_over_log(p, vmid)
+                report.log_lines = self.log.lines[first_line:]
+                self._hand_over_log(p, vmid, first_line)
             return report
         finally:
-            p.job_cleanup()
+            if own_job:
+                p.job_cleanup()
 
     def _backup_vm_body(
         self,
@@ -262,17 +311,25 @@ class Host:
             mechanism = mechanism_override or p.backup_get_mechanism(vmid, VmType.QEMU)
             if mechanism not in ("nbd", "file-handle"):
                 raise HostError(f"provider chose unknown VM mechanism {mechanism!r}")
-            sizes = {d.device: {"size": _disk_size(d.path)} for d in disks}
-            formats = {d.device: d.format for d in disks}
-            query = {
-                d.device: {**sizes[d.device], **marks.query_facts(d.path, formats[d.device])}
-                for d in disks
-            }
-            choices = p.backup_vm_query_incremental(vmid, query) or {}
-            modes = marks.prepare([(d.device, d.path, formats[d.device]) for d in disks], choices)
+            with timings.phase("disk sizes and bitmaps"):
+                sizes = {d.device: {"size": _disk_size(d.path)} for d in disks}
+                formats = {d.device: d.format for d in disks}
+                query = {
+                    d.device: {**sizes[d.device], **marks.query_facts(d.path, formats[d.device])}
+                    for d in disks
+                }
+                try:
+                    choices = check_incremental_answer(
+                        p.backup_vm_query_incremental(vmid, query), query
+                    )
+                except ValueError as exc:
+                    raise HostError(str(exc)) from None
+                disks_in = [(d.device, d.path, formats[d.device]) for d in disks]
+                modes = marks.prepare(disks_in, choices)
             report.bitmap_modes = {dev: str(m) for dev, m in modes.items()}
             rundir = Path(stack.enter_context(_private_dir()))
-            volumes = self._snapshot_access(stack, rundir, disks, marks, sizes, mechanism)
+            with timings.phase("snapshot access"):
+                volumes = self._snapshot_access(stack, rundir, disks, marks, sizes, mechanism)
             info: dict[str, Any] = {"bandwidth-limit": bwlimit}
             if firewall is not None:
                 info["firewall-config"] = firewall
@@ -288,11 +345,12 @@ class Host:
         if protected:
             self.storage.update_volume_attribute(volid, "protected", 1)
 
-    def _hand_over_log(self, p: BackupProvider, vmid: int) -> None:
+    def _hand_over_log(self, p: BackupProvider, vmid: int, first_line: int = 0) -> None:
+        """The guest's task log: the lines since its backup began."""
         with tempfile.NamedTemporaryFile("w", suffix=".log", delete=False) as f:
             name = f.name
         try:
-            self.log.write(Path(name))
+            self.log.write(Path(name), first_line)
             p.backup_handle_log_file(vmid, name)
         except (DirbackupError, OSError) as exc:  # the backup stands or falls without it
             if self.log.forward:
@@ -396,7 +454,12 @@ class Host:
             if firewall is not None:
                 info["firewall-config"] = firewall
             p.backup_container_prepare(vmid, info)
-            p.backup_container(vmid, config, list(exclude), info)
+
+            def child(log: LogFunction) -> None:  # in a forked child, as the hypervisor
+                self.log.redirect = log  # (the child's copy of the task log)
+                p.backup_container(vmid, config, list(exclude), info)
+
+            toolrun.run_forked(child, self.log)
 
         return self._run_backup(vmid, VmType.LXC, start_time, notes, protected, body)
 
@@ -477,7 +540,9 @@ class Host:
                 report(device, stats)
 
         if engine == RestoreEngine.OURS and isinstance(p, ChainAccess):
-            with p.open_chain(volname, device) as chain:
+            with timings.phase("open and validate chain"):
+                opened = p.open_chain(volname, device)
+            with opened as chain:
                 if chain.unchecked:
                     names = ", ".join(Path(chain.paths[i]).parent.name for i in chain.unchecked)
                     self.log(
@@ -485,13 +550,14 @@ class Host:
                         f"{device}: {names} recorded no digests (written without a manifest): "
                         "their data is restored unchecked",
                     )
-                return restore_target.write(
-                    target,
-                    size,
-                    target_format,
-                    lambda t: qcow2.restore(chain, t, progress=progress),
-                    chain.min_cluster_size,
-                )
+                with timings.phase("restore copy (incl. fsync, rename)"):
+                    return restore_target.write(
+                        target,
+                        size,
+                        target_format,
+                        lambda t: qcow2.restore(chain, t, progress=progress),
+                        chain.min_cluster_size,
+                    )
         path = p.restore_vm_volume_init(volname, device, {})["qemu-img-path"]
         try:
             if engine == RestoreEngine.QEMU_IMG:

@@ -10,6 +10,7 @@ counts it in /proc/<pid>/stat, and a process is alive only if both match.
 from __future__ import annotations
 
 import os
+from collections.abc import Collection
 
 
 def _process_alive(pid: int, start: str) -> bool:
@@ -40,3 +41,35 @@ def owner_alive(line: str) -> bool:
         return _process_alive(int(pid_s), start)
     except ValueError:
         return False
+
+
+def processes_naming(path: str, programs: Collection[str]) -> list[str]:
+    """Owner lines of this user's processes running one of `programs` (by
+    the base name of argv[0]) with an argument at or below `path` (a real
+    path), oldest first.
+
+    A run directory's helpers (qemu-nbd on a socket in it, nbdfuse mounting a
+    directory in it) are recorded in its state file only once started: a
+    process interrupted between starting one and recording it leaves a helper
+    that only its command line ties to the directory."""
+    prefix = path.rstrip("/") + "/"
+    uid = os.getuid()
+    found: list[tuple[int, str]] = []
+    me = os.getpid()
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit() or int(entry.name) == me:
+            continue
+        try:
+            if entry.stat().st_uid != uid:
+                continue
+            with open(f"/proc/{entry.name}/cmdline", "rb") as f:
+                argv = f.read().decode("utf-8", "surrogateescape").split("\0")
+            if os.path.basename(argv[0]) not in programs:
+                continue
+            if not any(a == path or prefix in a for a in argv):
+                continue
+            start = _start_time(int(entry.name))
+        except (OSError, IndexError):
+            continue
+        found.append((int(start), f"{entry.name} {start}\n"))
+    return [line for _, line in sorted(found)]

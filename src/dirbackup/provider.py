@@ -54,7 +54,7 @@ from typing import Any
 
 import numpy as np
 
-from dirbackup import copy, directread, extents, nbd, qcow2, watchdog
+from dirbackup import copy, directread, extents, nbd, qcow2, timings, watchdog
 from dirbackup.api import (
     BACKING_KEY,
     BITMAPS_KEY,
@@ -364,7 +364,8 @@ class DirectoryBackupProvider(RestoringProvider):
             g.disks[device] = self._backup_volume(
                 g, device, VolumeInfo.coerce(volumes[device]), binfo.bandwidth_limit
             )
-        self._publish(g, "incremental" if any(d.parent for d in g.disks.values()) else "full")
+        with timings.phase("publish (fsync, rename)"):
+            self._publish(g, "incremental" if any(d.parent for d in g.disks.values()) else "full")
         g.returned = True
 
     def _backup_volume(
@@ -429,28 +430,30 @@ class DirectoryBackupProvider(RestoringProvider):
                 io_timeout=self.io_timeout,
             )
             with qcow2.Writer(image, size, cluster, backing=backing) as writer:
-                if read is not None:
-                    stats = read.copy(
-                        writer,
-                        options,
-                        progress=self._progress_logger(device),
-                        size=size,
-                        digest_zero=writer.records_zero,
-                        name=f"{device} ({read.name})",
-                    )
-                    self._check_witness(device, vol, handles, image)
-                else:
-                    assert source is not None
-                    stats = copy.copy_regions(
-                        source,
-                        writer,
-                        regions,
-                        options,
-                        progress=self._progress_logger(device),
-                        digest_size=size,
-                        digest_zero=writer.records_zero,
-                    )
-                writer.finish()
+                with timings.phase("copy"):
+                    if read is not None:
+                        stats = read.copy(
+                            writer,
+                            options,
+                            progress=self._progress_logger(device),
+                            size=size,
+                            digest_zero=writer.records_zero,
+                            name=f"{device} ({read.name})",
+                        )
+                        self._check_witness(device, vol, handles, image)
+                    else:
+                        assert source is not None
+                        stats = copy.copy_regions(
+                            source,
+                            writer,
+                            regions,
+                            options,
+                            progress=self._progress_logger(device),
+                            digest_size=size,
+                            digest_zero=writer.records_zero,
+                        )
+                with timings.phase("qcow2 finish"):
+                    writer.finish()
         finally:
             nbd.close_all(handles)
             if direct is not None:
@@ -781,18 +784,28 @@ class DirectoryBackupProvider(RestoringProvider):
             self.store.write_previous(g.bid.vmid, prev)
             self.log("warn", "the next backup of the removed backup's disks will be full")
 
-    def backup_handle_log_file(self, vmid: int, filename: str) -> None:
-        vmid = int(vmid)
-        done = self._finished.get(vmid)
-        g = self._guests.get(vmid)
-        if done is None and g is None:
-            raise StoreError(f"no backup of guest {vmid} to attach a log to")
-        bid, ok = done if done is not None else (g.bid, False)  # type: ignore[union-attr]
-        data = Path(filename).read_bytes()
-        if ok and self.store.exists(bid):
-            self.store.backup(bid).keep_log(data)
-        else:
-            self.store.keep_failed_log(bid, data)
+    def backup_handle_log_file(self, vmid: Any, filename: str) -> None:
+        """Keep the task log with the backup (or with the failed one's leftovers).
+
+        Never raises: the hypervisor calls this also when backup_init never
+        ran (a failure before it) and outside any error handling, so a
+        problem here is a warning in the task log, not a second failure."""
+        try:
+            vmid = int(vmid)
+            done = self._finished.get(vmid)
+            g = self._guests.get(vmid)
+            if done is None and g is None:
+                # (a failure before backup_init: the error is in the hypervisor's log)
+                self.log("info", f"no backup of guest {vmid} in this job; its task log is not kept")
+                return
+            bid, ok = done if done is not None else (g.bid, False)  # type: ignore[union-attr]
+            data = Path(filename).read_bytes()
+            if ok and self.store.exists(bid):
+                self.store.backup(bid).keep_log(data)
+            else:
+                self.store.keep_failed_log(bid, data)
+        except Exception as exc:  # see the docstring
+            self.log("warn", f"could not keep the task log {filename}: {exc}")
 
 
 def _canonical(value: Any) -> str:

@@ -57,6 +57,7 @@ EXT_FEATURE_TABLE = 0x6803F857
 EXT_BITMAPS = 0x23852875
 EXT_ENCRYPTION = 0x0537BE77
 EXT_DATA_FILE = 0x44415441
+AUTOCLEAR_BITMAPS = 1 << 0  # the bitmaps extension is consistent
 
 
 def virtual_size_for(size: int) -> int:
@@ -65,6 +66,19 @@ def virtual_size_for(size: int) -> int:
     exported with a zero tail up to the next sector, and a qcow2 header's size
     is read rounded.  The manifest keeps the exact size; restores cut the tail."""
     return (size + 511) & ~511
+
+
+@dataclass(frozen=True)
+class BitmapsExtension:
+    """The bitmaps header extension as stored, unchecked (qcow2bitmaps checks
+    it when a bitmap is read): `length` is the extension's data length (24 in
+    a valid image), missing bytes read as zero."""
+
+    length: int
+    nb_bitmaps: int
+    reserved: int
+    directory_size: int
+    directory_offset: int
 
 
 @dataclass(frozen=True)
@@ -82,6 +96,8 @@ class Header:
     incompatible: int
     backing_name: str | None
     backing_format: str | None
+    autoclear: int = 0
+    bitmaps: BitmapsExtension | None = None
 
     @property
     def cluster_size(self) -> int:
@@ -138,12 +154,12 @@ def _parse_header(name: str, file_size: int, head: bytes, fd: int) -> Header:
     if not 9 <= bits <= 21:
         raise _bad(name, f"invalid cluster_bits {bits}")
     cs = 1 << bits
-    incompatible = 0
+    incompatible = autoclear = 0
     header_length = 72
     if version == 3:
         if len(head) < 104:
             raise _bad(name, "truncated header")
-        incompatible, _compat, _autoclear, refcount_order, header_length = struct.unpack_from(
+        incompatible, _compat, autoclear, refcount_order, header_length = struct.unpack_from(
             ">QQQII", head, 72
         )
         if header_length < 104 or header_length % 8 or header_length > min(cs, len(head)):
@@ -178,6 +194,7 @@ def _parse_header(name: str, file_size: int, head: bytes, fd: int) -> Header:
         raise _bad(name, f"invalid refcount table offset {rt_offset}")
     del nb_snapshots  # internal snapshots do not change what the active L1 maps
     backing_format = None
+    bitmaps = None
     offset = header_length
     if version == 3:
         while True:
@@ -191,6 +208,11 @@ def _parse_header(name: str, file_size: int, head: bytes, fd: int) -> Header:
                 raise _bad(name, "header extension runs past the first cluster")
             if ext_type == EXT_BACKING_FORMAT:
                 backing_format = data.decode("ascii", "replace")
+            elif ext_type == EXT_BITMAPS:
+                if bitmaps is not None:
+                    raise _bad(name, "two bitmaps extensions in the header")
+                fields = struct.unpack(">IIQQ", data[:24].ljust(24, b"\0"))
+                bitmaps = BitmapsExtension(ext_len, *fields)
             elif ext_type == EXT_DATA_FILE:
                 raise _bad(name, "the image names an external data file; refused")
             elif ext_type == EXT_ENCRYPTION:
@@ -221,6 +243,8 @@ def _parse_header(name: str, file_size: int, head: bytes, fd: int) -> Header:
         incompatible=incompatible,
         backing_name=backing_name,
         backing_format=backing_format,
+        autoclear=autoclear,
+        bitmaps=bitmaps,
     )
 
 

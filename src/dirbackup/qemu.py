@@ -25,8 +25,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from dirbackup import timings
 from dirbackup.errors import DirbackupError
-from dirbackup.procs import owner_alive, owner_line
+from dirbackup.procs import owner_alive, owner_line, processes_naming
 
 
 class ToolError(DirbackupError):
@@ -36,9 +37,10 @@ class ToolError(DirbackupError):
 def run(cmd: Sequence[str], *, input: bytes | None = None, timeout: float | None = 600) -> str:
     """Run a tool, return its stdout; raise ToolError with its stderr on failure."""
     try:
-        proc = subprocess.run(
-            list(cmd), input=input, capture_output=True, timeout=timeout, check=False
-        )
+        with timings.phase(" ".join(os.path.basename(c) for c in cmd[:2])):
+            proc = subprocess.run(
+                list(cmd), input=input, capture_output=True, timeout=timeout, check=False
+            )
     except FileNotFoundError:
         raise ToolError(f"{cmd[0]} is not installed (make setup installs it)") from None
     except subprocess.TimeoutExpired:
@@ -278,6 +280,7 @@ def clean_stale_rundirs(base: str | None = None) -> list[str]:
                         break
             if mounts_below(real):
                 continue  # never delete through a mount: the next run tries again
+            stop_helpers_of(real)
             if _remove_rundir(Path(entry.path)):
                 removed.append(entry.path)
     return removed
@@ -329,6 +332,10 @@ class NbdServer:
 
     def stop(self, timeout: float = 10.0) -> None:
         """Terminate the server and wait until it is gone."""
+        with timings.phase("qemu-nbd stop"):
+            self._stop(timeout)
+
+    def _stop(self, timeout: float) -> None:
         self.kill(signal.SIGTERM)
         self.kill(signal.SIGCONT)  # a stopped server acts on the SIGTERM
         deadline = time.monotonic() + timeout
@@ -368,6 +375,18 @@ def stop_owner(line: str, timeout: float = 10.0, *, wait_first: float = 0.0) -> 
         deadline = time.monotonic() + timeout
         while owner_alive(line) and time.monotonic() < deadline:
             time.sleep(0.01)
+
+
+_HELPERS = ("qemu-nbd", "nbdfuse")
+
+
+def stop_helpers_of(rundir: str, wait_first: float = 1.0) -> None:
+    """Stop what still names a run directory (a real path) on its command
+    line: helpers started for it but never recorded (their starter was killed
+    in between), given `wait_first` seconds to exit by themselves -- nbdfuse
+    exits once unmounted, qemu-nbd once its client has gone."""
+    for line in reversed(processes_naming(rundir, _HELPERS)):  # the client before its server
+        stop_owner(line, wait_first=wait_first)
 
 
 def _alive(pid: int) -> bool:

@@ -199,6 +199,16 @@ def _date(epoch: int) -> str:
     return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(epoch))
 
 
+def _statvfs_probe(path: str) -> tuple[int, int, int] | None:
+    """(total, free, used) bytes of the file system holding `path`, or None
+    if `path` is not a directory."""
+    if not os.path.isdir(path):
+        return None
+    st = os.statvfs(path)
+    total = st.f_blocks * st.f_frsize
+    return total, st.f_bavail * st.f_frsize, total - st.f_bfree * st.f_frsize
+
+
 def _activate_probe(path: str) -> bool:
     return os.path.isdir(path)
 
@@ -340,6 +350,20 @@ class DirectoryStorage:
 
     def deactivate_storage(self) -> bool:
         return True
+
+    def status(self, timeout: float = 2.0) -> tuple[int, int, int, bool]:
+        """(total, free, used, active) in bytes, as the hypervisor's storage
+        status: the file system holding the store.  A store directory that is
+        missing, or does not answer within `timeout` seconds, is inactive
+        (0, 0, 0, False) rather than an error, as the hypervisor lists it."""
+        try:
+            found = call_in_child(_statvfs_probe, (self.scfg.path,), timeout)
+        except (TimeoutError, OSError):
+            found = None
+        if found is None:
+            return 0, 0, 0, False
+        total, free, used = found
+        return total, free, used, True
 
     def activate_volume(self, volname: str, snapname: str | None = None) -> bool:
         self.path(volname, snapname)

@@ -21,6 +21,7 @@ file names that are not valid text come out escaped instead of mangled.
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import multiprocessing
 import os
@@ -32,7 +33,7 @@ from dataclasses import dataclass
 from typing import IO, Any, TypeVar
 
 from dirbackup.api import LogFunction
-from dirbackup.errors import ContainerError
+from dirbackup.errors import ContainerError, HostError
 
 #: Decides what a tool's message line is: "info", "warn", or None to drop it.
 Classifier = Callable[[str], "str | None"]
@@ -237,13 +238,19 @@ def capture(argv: Sequence[str], *, timeout: float) -> bytes | None:
     return proc.stdout + proc.stderr
 
 
+def _default_sigterm() -> None:
+    """In call_in_child's worker: SIGTERM ends it quietly (the pool ends its
+    worker so), not through a handler of ours inherited from the parent."""
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
 def call_in_child(function: Callable[..., _T], args: tuple[Any, ...], timeout: float) -> _T:
     """`function(*args)` run in a forked child process, for a call that may hang
     in the kernel (a dead network mount): TimeoutError if it does not answer
     within `timeout` seconds; the child is then killed and the caller goes on.
     `function` must be a module-level function (it is named to the child)."""
     ctx = multiprocessing.get_context("fork")
-    with ctx.Pool(1) as pool:
+    with ctx.Pool(1, initializer=_default_sigterm) as pool:
         result = pool.apply_async(function, args)
         try:
             value: _T = result.get(timeout)
@@ -251,3 +258,53 @@ def call_in_child(function: Callable[..., _T], args: tuple[Any, ...], timeout: f
             pool.terminate()
             raise TimeoutError(f"no answer within {timeout:g} s") from None
     return value
+
+
+def run_forked(function: Callable[[LogFunction], None], relay: LogFunction) -> None:
+    """`function(log)` run in a forked child process, as the hypervisor runs a
+    container's backup_container: what it changes in memory stays in the
+    child.  The lines it gives `log` reach `relay` here as they come; its
+    failure is raised here as a HostError with its one-line message (an
+    interruption here stops the child first)."""
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: never returns
+        status = 1
+        try:
+            os.close(r)
+            lock = threading.Lock()
+
+            def send(obj: dict[str, Any]) -> None:
+                data = json.dumps(obj).encode() + b"\n"
+                with lock:
+                    view = memoryview(data)
+                    while view:
+                        view = view[os.write(w, view) :]
+
+            try:
+                function(lambda level, message: send({"log": [str(level), str(message)]}))
+                status = 0
+            except BaseException as exc:
+                send({"error": " ".join(str(exc).split()) or type(exc).__name__})
+        finally:
+            os._exit(status)
+    os.close(w)
+    error = None
+    try:
+        with os.fdopen(r, "rb") as lines:
+            for line in lines:
+                msg = json.loads(line)
+                if "log" in msg:
+                    relay(msg["log"][0], msg["log"][1])
+                elif "error" in msg:
+                    error = str(msg["error"])
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.kill(pid, signal.SIGTERM)
+        os.waitpid(pid, 0)
+        raise
+    _, status = os.waitpid(pid, 0)
+    if error is not None:
+        raise HostError(error)
+    if status != 0:
+        raise HostError(f"the child process ended with status {os.waitstatus_to_exitcode(status)}")
