@@ -134,10 +134,12 @@ def product_backup(store: Path, storeid: str, vmid: str, disk: Path, epoch: int)
 
 def cli_backup(store: Path, storeid: str, vmid: str, disk: Path, mode: str) -> list[str]:
     """The `dirbackup backup` command a user types for one disk (`mode` full or
-    incremental); --json makes it print one line the runner reads."""
+    incremental); --json makes it print one line the runner reads.  Uncompressed
+    (`--compress none`): workloads 1-4 compare with qemu-img's uncompressed
+    images; workload 7 measures compression."""
     return [
         *[CLI, "backup", "--store", str(store), "--storeid", storeid, "--vmid", vmid],
-        *["--mode", mode, "--disk", f"{DEVICE}={disk}", "--json"],
+        *["--mode", mode, "--compress", "none", "--disk", f"{DEVICE}={disk}", "--json"],
     ]
 
 

@@ -58,14 +58,15 @@ def _stats(stats: copy.CopyStats) -> dict[str, Any]:
     }
 
 
-def full_file(src: str, out: str, workers: int) -> dict[str, Any]:
+def full_file(src: str, out: str, workers: int, compress: str = "none") -> dict[str, Any]:
     """Full backup of a raw file: only its data extents are read (SEEK_DATA),
-    zero clusters are detected and left out of the qcow2."""
+    zero clusters are detected and left out of the qcow2 (`compress`: how data
+    clusters are stored, workload 7)."""
     fd = os.open(src, os.O_RDONLY)
     try:
         size = copy.fd_size(fd)
         regions = extents.align(extents.data(extents.file_extents(fd, 0, size)), CLUSTER, size)
-        with qcow2.Writer(out, size, CLUSTER) as writer:
+        with qcow2.Writer(out, size, CLUSTER, compress=compress) as writer:
             stats = copy.copy_regions(copy.FileSource(fd, src), writer, regions, _options(workers))
             writer.finish()
     finally:
@@ -198,7 +199,8 @@ def product_backup(
     from dirbackup.host import Disk, Host
     from dirbackup.storage import DirectoryStorage
 
-    storage = DirectoryStorage(storeid, {"path": store})
+    # workloads 1-6 compare uncompressed images with qemu-img's: compress=none
+    storage = DirectoryStorage(storeid, {"path": store, "compress": "none"})
     report = Host(storage, storeid).backup_vm(vmid, [Disk(device, Path(disk))], start_time=epoch)
     return {
         "volid": report.volid,
@@ -221,6 +223,7 @@ def product_restore(store: str, storeid: str, volid: str, device: str, out: str)
 def main(argv: list[str]) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--workers", type=int, default=0)
+    ap.add_argument("--compress", default="none", help="full-file: none, zstd or zstd:LEVEL")
     sub = ap.add_subparsers(dest="cmd", required=True)
     for name, args in (
         ("full-file", ["src", "out"]),
@@ -241,7 +244,7 @@ def main(argv: list[str]) -> int:
     w = a.workers
     start = time.perf_counter()
     if a.cmd == "full-file":
-        result = full_file(a.src, a.out, w)
+        result = full_file(a.src, a.out, w, a.compress)
     elif a.cmd == "full-qcow2":
         result = full_qcow2(a.src, a.out, w)
     elif a.cmd == "write-floor":

@@ -38,7 +38,7 @@ from cpython.ref cimport Py_INCREF
 from libc.errno cimport (EBADF, EINTR, EINVAL, EIO, ENOSPC, ENOSYS, ENOTCONN, ENOTTY, EOPNOTSUPP,
                          EXDEV, errno)
 from libc.stdint cimport int64_t, uint64_t
-from libc.stdlib cimport calloc, free
+from libc.stdlib cimport calloc, free, malloc
 from libc.string cimport memcmp, memset, strncpy
 from posix.ioctl cimport ioctl
 from posix.stdlib cimport posix_memalign
@@ -52,8 +52,13 @@ from _hash cimport data_unit_digest, zero_unit_digest
 from libnbd cimport (NBD_NULL_COMPLETION, nbd_aio_command_completed, nbd_aio_in_flight,
                      nbd_aio_is_dead, nbd_aio_pread, nbd_can_trim, nbd_can_zero, nbd_get_errno,
                      nbd_get_error, nbd_handle, nbd_poll, nbd_pwrite, nbd_trim, nbd_zero)
-from rows cimport ROW_COPY, ROW_DATA, ROW_HASH, ROW_KIND_MASK, ROW_NOWRITE, ROW_ZERO
+from rows cimport (ROW_COMPRESSED, ROW_COPY, ROW_DATA, ROW_HASH, ROW_KIND_MASK, ROW_NOWRITE,
+                   ROW_UNALLOCATED, ROW_ZERO)
 from sink cimport sink_ops
+from unpack cimport (ZLIB_WINDOW_BITS, decompress_cluster, inflateEnd, inflateInit2,
+                     z_stream)
+from zstd cimport (ZSTD_CCtx, ZSTD_compressCCtx, ZSTD_createCCtx, ZSTD_createDCtx, ZSTD_DCtx,
+                   ZSTD_freeCCtx, ZSTD_freeDCtx, ZSTD_isError)
 from sysdeps cimport (BLKDISCARD, BLKZEROOUT, FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE,
                       FALLOC_FL_ZERO_RANGE, IOV_MAX, __ATOMIC_RELAXED, __ATOMIC_SEQ_CST,
                       atomic_add_u64, atomic_load_int, atomic_load_u64, atomic_store_int,
@@ -63,7 +68,7 @@ from sysdeps cimport (BLKDISCARD, BLKZEROOUT, FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUN
 
 import numpy as np
 
-from dirbackup.errors import Cancelled
+from dirbackup.errors import Cancelled, ImageError
 
 cdef extern from "<pthread.h>" nogil:
     int pthread_timedjoin_np(pthread_t thread, void **retval, const timespec *abstime)
@@ -81,6 +86,7 @@ cdef extern from "Python.h":
 REQ_COPY = ROW_COPY
 REQ_DATA = ROW_DATA
 REQ_ZERO = ROW_ZERO
+REQ_COMPRESSED = ROW_COMPRESSED
 REQ_KIND_MASK = ROW_KIND_MASK
 REQ_HASH = ROW_HASH
 REQ_NOWRITE = ROW_NOWRITE
@@ -97,6 +103,7 @@ cdef enum:
     OP_ALLOC = 4
     OP_EOF = 5
     OP_READ_LAYER = 6
+    OP_DECOMPRESS = 7
     MAX_DEPTH = 64
     IN_FLIGHT = 4 << 20
     ALIGN = 4096
@@ -106,7 +113,7 @@ cdef enum:
 
 OPERATIONS = {OP_READ: "reading", OP_WRITE: "writing", OP_ZERO: "zeroing",
               OP_ALLOC: "allocating clusters in", OP_EOF: "reading",
-              OP_READ_LAYER: "reading"}
+              OP_READ_LAYER: "reading", OP_DECOMPRESS: "decompressing"}
 
 
 cdef struct Worker
@@ -147,6 +154,9 @@ cdef struct Job:
     int src_nbd
     int *layer_fds
     int n_layers
+    # per layer: cluster bits and compression type (REQ_COMPRESSED rows)
+    int *layer_bits
+    int *layer_ctype
     # target: its operations, set once per job
     TargetOps tgt
     int tgt_fd
@@ -193,6 +203,8 @@ cdef struct Job:
     int err
     int err_op
     uint64_t err_offset
+    uint64_t err_layer
+    uint64_t err_host
     char err_msg[512]
 
 
@@ -205,6 +217,19 @@ cdef struct Worker:
     iovec *iov
     uint64_t *clusters
     uint64_t max_units
+    # compressing sinks: this worker's zstd context, the buffer its streams
+    # are packed into, and per stream its guest cluster, offset and length
+    ZSTD_CCtx *cctx
+    # REQ_COMPRESSED rows: decompression contexts, the compressed bytes read
+    # and the cluster they make
+    ZSTD_DCtx *dctx
+    z_stream *zs
+    char *zbuf
+    char *dbuf
+    char *cbuf
+    uint64_t *cclusters
+    uint64_t *coffsets
+    uint64_t *clengths
     int leak                # buffers may still be in use by libnbd: never free
     pthread_t tid
     int started
@@ -345,17 +370,47 @@ cdef void hash_layer_units(Job *j, uint64_t layer, const char *buf, uint64_t off
         pos = ue
 
 
+cdef inline bint compress_cluster(Worker *w, const char *p, uint64_t cluster,
+                                  uint64_t *packed) noexcept nogil:
+    """Compress one whole cluster onto the worker's packed streams; False
+    when it does not shrink by at least one 512-byte sector (stored as is)."""
+    cdef sink_ops *s = w.job.sink
+    cdef uint64_t cs = s.cluster_size, k = w.cclusters[0]
+    cdef size_t r = ZSTD_compressCCtx(w.cctx, w.cbuf + packed[0], cs - 512, p, cs,
+                                      s.compress_level)
+    cdef uint64_t room
+    if ZSTD_isError(r) or r == 0 or r > cs - 512:
+        return False
+    # streams take at least cs/65535 bytes, so that no host cluster is touched
+    # by more compressed clusters than a 16-bit refcount counts
+    room = cs // 65535 + 1
+    if r < room:
+        memset(w.cbuf + packed[0] + r, 0, room - r)
+    k = w.cclusters[0] + 1
+    w.cclusters[k] = cluster
+    w.coffsets[k] = packed[0]
+    w.clengths[k] = r
+    w.cclusters[0] = k
+    packed[0] += r if r >= room else room
+    return True
+
+
 cdef int process_sink(Worker *w, const char *buf, uint64_t offset,
                       uint64_t length, bint detect_zero) noexcept nogil:
     """Hand one cluster-aligned request to a sink: data clusters go to newly
-    allocated host clusters with one pwritev, zero clusters are recorded."""
+    allocated host clusters with one pwritev, zero clusters are recorded.
+    A compressing sink gets each whole data cluster that shrinks as a zstd
+    stream instead, all of the request's streams packed into one write."""
     cdef Job *j = w.job
     cdef sink_ops *s = j.sink
     cdef uint64_t cs = s.cluster_size
-    cdef uint64_t pos = offset, end = offset + length, ue, n = 0
+    cdef uint64_t pos = offset, end = offset + length, ue, n = 0, packed = 0
     cdef uint64_t zstart = 0, zend = 0
     cdef int64_t host
     cdef const char *p
+    cdef bint compress = w.cctx != NULL
+    if compress:
+        w.cclusters[0] = 0      # count of streams; entries from 1 on
     while pos < end:
         ue = pos - pos % cs + cs
         if ue > end:
@@ -372,13 +427,22 @@ cdef int process_sink(Worker *w, const char *buf, uint64_t offset,
         else:
             if j.digests != NULL:
                 add_digest(j, pos, data_unit_digest(p, pos, ue - pos))
-            w.clusters[n] = pos // cs
-            w.iov[n].iov_base = <void *>p
-            w.iov[n].iov_len = ue - pos
-            n += 1
+            if not (compress and ue - pos == cs and compress_cluster(w, p, pos // cs, &packed)):
+                w.clusters[n] = pos // cs
+                w.iov[n].iov_base = <void *>p
+                w.iov[n].iov_len = ue - pos
+                n += 1
         pos = ue
     if zend > zstart and target_zero(w, zstart, zend - zstart) < 0:
         return -1
+    if compress and w.cclusters[0]:
+        host = s.alloc_compressed(s.ctx, w.cclusters + 1, w.coffsets + 1, w.clengths + 1,
+                                  w.cclusters[0], packed)
+        if host < 0:
+            fail(j, errno, OP_ALLOC, offset, NULL)
+            return -1
+        if write_fd(j, s.fd, w.cbuf, packed, <uint64_t>host) < 0:
+            return -1
     if n:
         host = s.alloc(s.ctx, w.clusters, n)
         if host < 0:
@@ -446,6 +510,52 @@ cdef void discard_source(Worker *w, uint64_t offset, uint64_t length) noexcept n
 # ----------------------------------------------------------------------------
 # Workers
 
+cdef int compressed_request(Worker *w, uint64_t *row, uint64_t flags) noexcept nogil:
+    """Read one compressed cluster of a layer (the chain reader checked the
+    descriptor: its bytes lie inside the file), decompress it, then hash and
+    write the part of it the row covers.  The bandwidth limit counts the
+    compressed bytes: those are what is read."""
+    cdef Job *j = w.job
+    cdef uint64_t off = row[0], length = row[1], entry = row[4], layer = row[3]
+    cdef int bits
+    cdef uint64_t cs, x, start, end, skip
+    if <int>layer >= j.n_layers or j.layer_bits == NULL:
+        fail(j, EINVAL, OP_READ_LAYER, off, b"compressed request without its layer's format")
+        return -1
+    bits = j.layer_bits[layer]
+    cs = <uint64_t>1 << bits
+    x = 62 - (bits - 8)
+    start = entry & ((<uint64_t>1 << x) - 1)
+    end = ((start & ~(<uint64_t>511))
+           + (((entry >> x) & ((<uint64_t>1 << (bits - 8)) - 1)) + 1) * 512)
+    skip = off & (cs - 1)
+    if skip + length > cs:
+        fail(j, EINVAL, OP_READ_LAYER, off, b"compressed request crosses its cluster")
+        return -1
+    throttle(j, end - start)
+    # QEMU reads the missing tail of the file's last sector as zeros
+    if read_fd(j, j.layer_fds[layer], w.zbuf, end - start, start, False, True,
+               OP_READ_LAYER) < 0:
+        return -1
+    if cancelled(j):
+        return -1
+    if decompress_cluster(j.layer_ctype[layer], w.zbuf, end - start, w.dbuf, cs,
+                          w.dctx, w.zs) < 0:
+        pthread_mutex_lock(&j.err_lock)
+        if not j.err_set:
+            j.err_layer = layer
+            j.err_host = start
+        pthread_mutex_unlock(&j.err_lock)
+        fail(j, EIO, OP_DECOMPRESS, off - skip,
+             b"the stream does not decompress to exactly one cluster (corrupt)")
+        return -1
+    if flags & ROW_HASH:
+        hash_layer_units(j, layer, w.dbuf + skip, off, length)
+    if not (flags & ROW_NOWRITE):
+        return j.tgt.process(w, w.dbuf + skip, off, length, True)
+    return 0
+
+
 cdef int one_request(Worker *w, uint64_t *row) noexcept nogil:
     """Do one request synchronously (file sources and chain layers)."""
     cdef Job *j = w.job
@@ -456,6 +566,8 @@ cdef int one_request(Worker *w, uint64_t *row) noexcept nogil:
         if j.digests != NULL and j.digest_zero:
             add_zero_digests(j, off, length)
         return target_zero(w, off, length)
+    if kind == ROW_COMPRESSED:
+        return compressed_request(w, row, flags)
     throttle(j, length)
     if kind == ROW_DATA:
         if <int>row[3] >= j.n_layers:
@@ -616,6 +728,10 @@ cdef class CopyJob:
     cdef object _digests
     cdef object _lsums
     cdef object _lmeta
+    cdef object _layer_formats
+    cdef object _layer_bits
+    cdef object _layer_ctype
+    cdef tuple _layer_names
     cdef char *_zeros
     cdef readonly str source_name
     cdef readonly str target_name
@@ -637,6 +753,7 @@ cdef class CopyJob:
                  bint discard=False, uint64_t bandwidth_limit=0, uint64_t digest_chunk=0,
                  bint serialize_writes=False,
                  uint64_t digest_size=0, bint digest_zero=False, layer_checks=(),
+                 layer_formats=(), layer_names=(),
                  str source_name="source", str target_name="target"):
         cdef uint64_t[:, ::1] rows
         cdef int i, k
@@ -665,7 +782,8 @@ cdef class CopyJob:
         for i in range(rows.shape[0]):
             if rows[i, 1] > request_size:
                 raise ValueError(f"request {i} is longer than request_size")
-            if (rows[i, 2] & ROW_KIND_MASK) > ROW_ZERO or (
+            if ((rows[i, 2] & ROW_KIND_MASK) > ROW_COMPRESSED
+                    or (rows[i, 2] & ROW_KIND_MASK) == ROW_UNALLOCATED) or (
                     rows[i, 2] & ~(<uint64_t>(ROW_KIND_MASK | ROW_HASH | ROW_NOWRITE))):
                 raise ValueError(f"request {i} has unknown kind {rows[i, 2]}")
         j.src_fd = src_fd
@@ -675,6 +793,30 @@ cdef class CopyJob:
         cdef int[::1] lview = self._layer_array
         j.layer_fds = &lview[0] if lview.shape[0] else NULL
         j.n_layers = lview.shape[0]
+        self._layer_names = tuple(layer_names)
+        cdef uint64_t max_layer_cs = 0
+        cdef bint compressed_rows = False
+        for i in range(rows.shape[0]):
+            if (rows[i, 2] & ROW_KIND_MASK) == ROW_COMPRESSED:
+                compressed_rows = True
+                if rows[i, 3] >= <uint64_t>j.n_layers:
+                    raise ValueError(f"request {i} names a layer that does not exist")
+        if compressed_rows and len(layer_formats) != j.n_layers:
+            raise ValueError("compressed requests need layer_formats, one per layer file")
+        if len(layer_formats):
+            self._layer_formats = np.ascontiguousarray(layer_formats, dtype=np.intc).reshape(-1, 2)
+            if self._layer_formats.shape[0] != j.n_layers:
+                raise ValueError("layer_formats needs one entry per layer file")
+            for bits, ctype in layer_formats:
+                if not 9 <= bits <= 21 or ctype not in (0, 1):
+                    raise ValueError(f"invalid layer format {(bits, ctype)}")
+                max_layer_cs = max(max_layer_cs, <uint64_t>1 << bits)
+            self._layer_bits = np.ascontiguousarray(self._layer_formats[:, 0])
+            self._layer_ctype = np.ascontiguousarray(self._layer_formats[:, 1])
+            lview = self._layer_bits
+            j.layer_bits = &lview[0]
+            lview = self._layer_ctype
+            j.layer_ctype = &lview[0]
         j.tgt_fd = tgt_fd
         j.tgt_blockdev = tgt_blockdev
         j.cfr_ok = 1
@@ -760,6 +902,26 @@ cdef class CopyJob:
             w.clusters = <uint64_t *>calloc(max_units, sizeof(uint64_t))
             if w.iov == NULL or w.clusters == NULL:
                 raise MemoryError()
+            if compressed_rows:
+                w.dctx = ZSTD_createDCtx()
+                w.zs = <z_stream *>calloc(1, sizeof(z_stream))
+                w.zbuf = <char *>malloc(2 * max_layer_cs)
+                w.dbuf = <char *>malloc(max_layer_cs)
+                if w.dctx == NULL or w.zs == NULL or w.zbuf == NULL or w.dbuf == NULL:
+                    raise MemoryError()
+                if inflateInit2(w.zs, ZLIB_WINDOW_BITS) != 0:
+                    free(w.zs)
+                    w.zs = NULL
+                    raise MemoryError()
+            if target_kind == TGT_SINK and j.sink.compress_level and cluster_size > 512:
+                w.cctx = ZSTD_createCCtx()
+                w.cbuf = <char *>malloc(max_units * cluster_size)
+                w.cclusters = <uint64_t *>calloc(max_units + 1, sizeof(uint64_t))
+                w.coffsets = <uint64_t *>calloc(max_units + 1, sizeof(uint64_t))
+                w.clengths = <uint64_t *>calloc(max_units + 1, sizeof(uint64_t))
+                if (w.cctx == NULL or w.cbuf == NULL or w.cclusters == NULL
+                        or w.coffsets == NULL or w.clengths == NULL):
+                    raise MemoryError()
             if j.src_nbd:
                 w.src_h = handle_of(src_handles[i])
             if target_kind == TGT_NBD:
@@ -845,7 +1007,8 @@ cdef class CopyJob:
                 continue
             layer = rows[i, 3]
             end = rows[i, 0] + rows[i, 1]
-            if ((rows[i, 2] & ROW_KIND_MASK) != ROW_DATA or not rows[i, 2] & ROW_HASH
+            if (((rows[i, 2] & ROW_KIND_MASK) != ROW_DATA
+                 and (rows[i, 2] & ROW_KIND_MASK) != ROW_COMPRESSED) or not rows[i, 2] & ROW_HASH
                     or layer >= <uint64_t>j.n_layers or meta[2, layer] == 0):
                 raise ValueError(f"request {i}: only data rows of a checked layer are hashed")
             if rows[i, 0] % meta[2, layer] or (end % meta[2, layer] and end != size):
@@ -879,6 +1042,19 @@ cdef class CopyJob:
                 free(self.workers[i].buf)
                 free(self.workers[i].iov)
                 free(self.workers[i].clusters)
+                if self.workers[i].cctx != NULL:
+                    ZSTD_freeCCtx(self.workers[i].cctx)
+                free(self.workers[i].cbuf)
+                free(self.workers[i].cclusters)
+                free(self.workers[i].coffsets)
+                free(self.workers[i].clengths)
+                if self.workers[i].dctx != NULL:
+                    ZSTD_freeDCtx(self.workers[i].dctx)
+                if self.workers[i].zs != NULL:
+                    inflateEnd(self.workers[i].zs)
+                    free(self.workers[i].zs)
+                free(self.workers[i].zbuf)
+                free(self.workers[i].dbuf)
             free(self.workers)
         free(self._zeros)
         pthread_mutex_destroy(&self.job.err_lock)
@@ -1018,6 +1194,12 @@ cdef class CopyJob:
         target_side = j.err_op in (OP_WRITE, OP_ZERO, OP_ALLOC)
         name = self.target_name if target_side else self.source_name
         err = j.err if j.err else EIO
+        if j.err_op == OP_DECOMPRESS:
+            layer = (self._layer_names[j.err_layer] if j.err_layer < len(self._layer_names)
+                     else f"layer {j.err_layer}")
+            return ImageError(f"{layer}: compressed cluster for guest offset {j.err_offset} at "
+                              f"host offset {j.err_host}: "
+                              f"{j.err_msg.decode('utf-8', 'replace')}")
         detail = j.err_msg.decode("utf-8", "replace") if j.err_msg[0] else None
         if detail is None:
             import os

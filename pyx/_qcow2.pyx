@@ -17,11 +17,17 @@ leaves a file that no tool accepts as qcow2); data clusters are appended from
 cluster 1 on by an atomic counter; finish() appends the L2 tables, the L1
 table, the refcount blocks and the refcount table, syncs, then writes the
 header and syncs again.  Every host cluster in the file is referenced exactly
-once, so refcounts are all 1.
+once, so refcounts are all 1 -- except with compression (a zstd level given):
+the copy loop's workers then compress each data cluster and hand the streams
+to alloc_compressed(), which packs them back to back (a stream may cross a
+host cluster boundary, as QEMU allows); a host cluster holding compressed
+data is referenced once by every compressed cluster touching it.  Both
+allocators then take one lock, and whole clusters start at the next host
+cluster boundary.
 """
 from cpython.pycapsule cimport PyCapsule_New
 from libc.errno cimport EEXIST, EINTR, EINVAL, EIO, ENOMEM, errno
-from libc.stdint cimport int64_t, uint16_t, uint64_t
+from libc.stdint cimport int64_t, uint16_t, uint32_t, uint64_t
 from libc.stdlib cimport calloc, free, malloc
 from libc.string cimport memcmp, memset
 from posix.fcntl cimport O_CREAT, O_EXCL, O_RDWR, open as c_open
@@ -29,16 +35,22 @@ from posix.unistd cimport close, fdatasync, ftruncate, pread, pwrite
 
 from _errors cimport os_error
 from _hash cimport data_unit_digest, zero_unit_digest
-from rows cimport ROW_DATA, ROW_HASH, ROW_KIND_MASK, ROW_NOWRITE, ROW_UNALLOCATED, ROW_ZERO
+from rows cimport (ROW_COMPRESSED, ROW_DATA, ROW_HASH, ROW_KIND_MASK, ROW_NOWRITE, ROW_UNALLOCATED,
+                   ROW_ZERO)
 from sink cimport sink_ops
+from unpack cimport ZLIB_WINDOW_BITS, decompress_cluster, inflateEnd, inflateInit2, z_stream
+from zstd cimport ZSTD_createDCtx, ZSTD_DCtx, ZSTD_freeDCtx
 from sysdeps cimport (__ATOMIC_ACQUIRE, __ATOMIC_RELAXED, __ATOMIC_SEQ_CST, atomic_add_u64,
-                      atomic_cas_ptr, atomic_load_ptr, atomic_load_u64, be64toh, htobe64)
+                      atomic_cas_ptr, atomic_load_ptr, atomic_load_u64, be64toh, htobe64,
+                      pthread_mutex_destroy, pthread_mutex_init, pthread_mutex_lock,
+                      pthread_mutex_t, pthread_mutex_unlock)
 
 import os
 
 import numpy as np
 
-from dirbackup.errors import ImageError, UnsupportedImage
+from dirbackup.compression import compress_level
+from dirbackup.errors import ImageError
 
 cdef extern from *:
     """
@@ -69,12 +81,17 @@ cdef extern from *:
 MAP_DATA = ROW_DATA
 MAP_ZERO = ROW_ZERO
 MAP_UNALLOCATED = ROW_UNALLOCATED
+MAP_COMPRESSED = ROW_COMPRESSED
 # Flags of check_plan() rows (rows.pxd)
 PLAN_HASH = ROW_HASH
 PLAN_NOWRITE = ROW_NOWRITE
 
 cdef enum:
     REFCOUNT_ORDER = 4
+    SECTOR = 512
+    # header field compression_type: QEMU's value for zstd
+    COMPRESSION_ZSTD = 1
+    INCOMPAT_COMPRESSION = 8
 
 # QEMU's own limit on an L1 table (QCOW_MAX_L1_SIZE): it refuses larger ones
 MAX_L1_BYTES = 32 << 20
@@ -97,9 +114,14 @@ cdef struct WriterState:
     uint64_t virtual_size
     uint64_t l1_size
     uint64_t **tables           # L2 tables by L1 index, native endian, made on first use
-    uint64_t next_host          # next free host offset (atomic)
+    uint64_t next_host          # next free host byte (atomic; under `lock` when compressing)
     uint64_t zero_clusters      # (atomic)
+    uint64_t data_clusters      # uncompressed data clusters (atomic)
+    uint64_t compressed_clusters    # (atomic)
+    uint64_t compressed_bytes   # bytes of compressed streams, padding included (atomic)
     int records_zero
+    int compressing
+    pthread_mutex_t lock
     sink_ops ops
 
 
@@ -120,25 +142,76 @@ cdef uint64_t *table_for(WriterState *w, uint64_t l1_index) noexcept nogil:
     return <uint64_t *>expected
 
 
+cdef uint64_t *entry_for(WriterState *w, uint64_t g) noexcept nogil:
+    """The free L2 entry of guest cluster `g`, or NULL with errno set."""
+    cdef uint64_t *table
+    if g >= w.l1_size * w.l2_entries or (g << w.bits) >= w.virtual_size:
+        set_errno(EINVAL)
+        return NULL
+    table = table_for(w, g // w.l2_entries)
+    if table == NULL:
+        set_errno(ENOMEM)
+        return NULL
+    if table[g % w.l2_entries] != 0:
+        set_errno(EEXIST)      # a guest cluster written twice would leak a host cluster
+        return NULL
+    return &table[g % w.l2_entries]
+
+
 cdef int64_t writer_alloc(void *ctx, const uint64_t *clusters, size_t n) noexcept nogil:
     cdef WriterState *w = <WriterState *>ctx
-    cdef uint64_t host = atomic_add_u64(&w.next_host, n * w.cs, __ATOMIC_RELAXED)
+    cdef uint64_t host
     cdef size_t k
-    cdef uint64_t g
-    cdef uint64_t *table
+    cdef uint64_t *entry
+    if w.compressing:
+        # whole clusters start at the next host cluster boundary after the
+        # packed compressed streams
+        pthread_mutex_lock(&w.lock)
+        host = (w.next_host + w.cs - 1) & ~(w.cs - 1)
+        w.next_host = host + n * w.cs
+        pthread_mutex_unlock(&w.lock)
+    else:
+        host = atomic_add_u64(&w.next_host, n * w.cs, __ATOMIC_RELAXED)
     for k in range(n):
-        g = clusters[k]
-        if g >= w.l1_size * w.l2_entries or (g << w.bits) >= w.virtual_size:
+        entry = entry_for(w, clusters[k])
+        if entry == NULL:
+            return -1
+        entry[0] = (host + k * w.cs) | OFLAG_COPIED
+    atomic_add_u64(&w.data_clusters, n, __ATOMIC_RELAXED)
+    return <int64_t>host
+
+
+cdef int64_t writer_alloc_compressed(void *ctx, const uint64_t *clusters,
+                                     const uint64_t *offsets, const uint64_t *lengths,
+                                     size_t n, uint64_t total) noexcept nogil:
+    """Append `total` bytes of packed streams; point each cluster's L2 entry at
+    its stream with QEMU's compressed cluster descriptor: bits 0 .. x-1 the
+    host byte offset, bits x .. 61 the number of 512-byte sectors after the
+    one holding the first byte, x = 62 - (cluster_bits - 8)."""
+    cdef WriterState *w = <WriterState *>ctx
+    cdef uint64_t host, start, last, x = 62 - (w.bits - 8)
+    cdef size_t k
+    cdef uint64_t *entry
+    if not w.compressing or total == 0:
+        set_errno(EINVAL)
+        return -1
+    for k in range(n):
+        if lengths[k] == 0 or lengths[k] > w.cs - SECTOR or offsets[k] + lengths[k] > total:
             set_errno(EINVAL)
             return -1
-        table = table_for(w, g // w.l2_entries)
-        if table == NULL:
-            set_errno(ENOMEM)
+    pthread_mutex_lock(&w.lock)
+    host = w.next_host
+    w.next_host = host + total
+    pthread_mutex_unlock(&w.lock)
+    for k in range(n):
+        entry = entry_for(w, clusters[k])
+        if entry == NULL:
             return -1
-        if table[g % w.l2_entries] != 0:
-            set_errno(EEXIST)      # a guest cluster written twice would leak a host cluster
-            return -1
-        table[g % w.l2_entries] = (host + k * w.cs) | OFLAG_COPIED
+        start = host + offsets[k]
+        last = start + lengths[k] - 1
+        entry[0] = OFLAG_COMPRESSED | (((last >> 9) - (start >> 9)) << x) | start
+    atomic_add_u64(&w.compressed_clusters, n, __ATOMIC_RELAXED)
+    atomic_add_u64(&w.compressed_bytes, total, __ATOMIC_RELAXED)
     return <int64_t>host
 
 
@@ -193,8 +266,11 @@ cdef class Qcow2Writer:
     backing file name stored in the image, relative to the image's directory;
     with a backing file, clusters that read as zero are recorded as zero
     clusters (so a restore never resurrects the old data); without one they
-    are simply left out.  Use as a context manager: leaving it with an
-    exception removes the file; finish() completes it.
+    are simply left out.  `compress` is "none" (the default) or "zstd" /
+    "zstd:LEVEL": data clusters are then stored as zstd-compressed clusters
+    (header compression_type zstd, incompatible bit 3), compressed by the copy
+    loop's workers.  Use as a context manager: leaving it with an exception
+    removes the file; finish() completes it.
     """
 
     cdef WriterState w
@@ -202,15 +278,18 @@ cdef class Qcow2Writer:
     cdef readonly object backing
     cdef readonly str backing_format
     cdef readonly bint finished
+    cdef readonly str compress
     cdef bint _open
 
     def __cinit__(self):
         memset(&self.w, 0, sizeof(WriterState))
         self.w.fd = -1
+        pthread_mutex_init(&self.w.lock, NULL)
 
     def __init__(self, path, uint64_t virtual_size, uint64_t cluster_size=65536, backing=None,
-                 str backing_format="qcow2", records_zero=None):
+                 str backing_format="qcow2", records_zero=None, compress="none"):
         cdef int bits = 0
+        cdef int level = compress_level(compress)
         if cluster_size < 512 or cluster_size > (2 << 20) or cluster_size & (cluster_size - 1):
             raise ValueError("cluster size must be a power of two from 512 bytes to 2 MiB")
         if virtual_size == 0:
@@ -226,7 +305,8 @@ cdef class Qcow2Writer:
             name = self.backing.encode()
             if len(name) > 1023 or len(name) == 0:
                 raise ValueError("backing file name must have 1 to 1023 bytes")
-            if 104 + 8 + ((len(backing_format) + 7) // 8) * 8 + 8 + len(name) > cluster_size:
+            if (self._header_length(level) + 8 + ((len(backing_format) + 7) // 8) * 8 + 8
+                    + len(name) > cluster_size):
                 raise ValueError("backing file name does not fit in the header cluster")
         self.w.cs = cluster_size
         self.w.bits = bits
@@ -238,6 +318,8 @@ cdef class Qcow2Writer:
             raise ValueError(f"a virtual size of {virtual_size} bytes needs an L1 table larger "
                              f"than {MAX_L1_BYTES >> 20} MiB with {cluster_size}-byte clusters")
         self.w.records_zero = (self.backing is not None) if records_zero is None else records_zero
+        self.w.compressing = level != 0
+        self.compress = "none" if level == 0 else f"zstd:{level}"
         self.w.next_host = cluster_size
         self.w.tables = <uint64_t **>calloc(self.w.l1_size, sizeof(uint64_t *))
         if self.w.tables == NULL:
@@ -268,6 +350,13 @@ cdef class Qcow2Writer:
         self.w.ops.records_zero = self.w.records_zero
         self.w.ops.alloc = writer_alloc
         self.w.ops.zero = writer_zero
+        self.w.ops.compress_level = level
+        self.w.ops.alloc_compressed = writer_alloc_compressed
+
+    @staticmethod
+    def _header_length(int level):
+        """104 bytes; 112 with the compression_type field (and its padding)."""
+        return 112 if level else 104
 
     def __dealloc__(self):
         cdef uint64_t i
@@ -277,6 +366,7 @@ cdef class Qcow2Writer:
             free(self.w.tables)
         if self.w.fd >= 0:
             close(self.w.fd)
+        pthread_mutex_destroy(&self.w.lock)
 
     @property
     def name(self):
@@ -296,7 +386,18 @@ cdef class Qcow2Writer:
 
     @property
     def data_clusters(self):
-        return (atomic_load_u64(&self.w.next_host, __ATOMIC_RELAXED) - self.w.cs) // self.w.cs
+        """Guest clusters stored with data (compressed or not)."""
+        return (atomic_load_u64(&self.w.data_clusters, __ATOMIC_RELAXED)
+                + atomic_load_u64(&self.w.compressed_clusters, __ATOMIC_RELAXED))
+
+    @property
+    def compressed_clusters(self):
+        return atomic_load_u64(&self.w.compressed_clusters, __ATOMIC_RELAXED)
+
+    @property
+    def compressed_bytes(self):
+        """Bytes the compressed streams take in the file."""
+        return atomic_load_u64(&self.w.compressed_bytes, __ATOMIC_RELAXED)
 
     @property
     def zero_clusters(self):
@@ -351,13 +452,19 @@ cdef class Qcow2Writer:
         cdef uint16_t one
         cdef uint16_t *blocks = NULL
         cdef uint64_t *rtable = NULL
+        cdef uint32_t *shared = NULL
+        cdef uint64_t data_end
         cdef int err = 0, rc = 0
         try:
             l1 = <uint64_t *>calloc(w.l1_size if w.l1_size else 1, sizeof(uint64_t))
             be = <uint64_t *>malloc(cs)
             if l1 == NULL or be == NULL:
                 raise MemoryError()
-            pos = w.next_host
+            # metadata starts at the host cluster after the last data byte
+            pos = (w.next_host + cs - 1) & ~(cs - 1)
+            data_end = pos // cs
+            if w.compressing:
+                shared = compressed_refcounts(w, data_end)
             with nogil:
                 for i in range(w.l1_size):
                     if w.tables[i] == NULL:
@@ -404,6 +511,10 @@ cdef class Qcow2Writer:
             one = htobe16_(1)
             for k in range(total):
                 blocks[k] = one
+            if shared != NULL:
+                for k in range(data_end):
+                    if shared[k]:
+                        blocks[k] = htobe16_(<uint16_t>shared[k])
             for k in range(rb):
                 rtable[k] = htobe64(pos + k * cs)
             rt_offset = pos + rb * cs
@@ -438,6 +549,7 @@ cdef class Qcow2Writer:
             free(be)
             free(blocks)
             free(rtable)
+            free(shared)
         self.finished = True
         close(w.fd)
         w.fd = -1
@@ -452,14 +564,58 @@ cdef class Qcow2Writer:
             ext += struct.pack(">II", 0xE2792ACA, len(fmt)) + fmt + bytes((8 - len(fmt) % 8) % 8)
         ext += struct.pack(">II", 0, 0)
         name = b"" if self.backing is None else os.fsencode(self.backing)
-        backing_offset = 104 + len(ext) if name else 0
+        hlen = 112 if self.w.compressing else 104
+        backing_offset = hlen + len(ext) if name else 0
         header = struct.pack(
             ">4sIQIIQIIQQIIQQQQII",
             b"QFI\xfb", 3, backing_offset, len(name), self.w.bits, self.w.virtual_size,
             0, self.w.l1_size, l1_offset, rt_offset, rt_clusters, 0, 0,
-            0, 0, 0, REFCOUNT_ORDER, 104)
-        assert len(header) == 104
+            INCOMPAT_COMPRESSION if self.w.compressing else 0, 0, 0, REFCOUNT_ORDER, hlen)
+        if self.w.compressing:
+            # byte 104: compression_type, then padding to a multiple of 8
+            header += bytes((COMPRESSION_ZSTD, 0, 0, 0, 0, 0, 0, 0))
+        assert len(header) == hlen
         return header + ext + name
+
+
+cdef uint32_t *compressed_refcounts(WriterState *w, uint64_t data_end) except NULL:
+    """Per host cluster below `data_end`: how many compressed clusters touch
+    it (0 for the others), counting each stream's bytes up to the end of its
+    last 512-byte sector, as QEMU's check does."""
+    cdef uint32_t *counts = <uint32_t *>calloc(data_end if data_end else 1, sizeof(uint32_t))
+    cdef uint64_t i, k, e, start, end, c, x = 62 - (w.bits - 8)
+    cdef uint64_t sectors_mask = (<uint64_t>1 << (w.bits - 8)) - 1
+    if counts == NULL:
+        raise MemoryError()
+    for i in range(w.l1_size):
+        if w.tables[i] == NULL:
+            continue
+        for k in range(w.l2_entries):
+            e = w.tables[i][k]
+            if not e & OFLAG_COMPRESSED:
+                continue
+            start = e & ((<uint64_t>1 << x) - 1)
+            end = (start & ~(<uint64_t>SECTOR - 1)) + (((e >> x) & sectors_mask) + 1) * SECTOR
+            for c in range(start >> w.bits, ((end - 1) >> w.bits) + 1):
+                if c >= data_end:
+                    free(counts)
+                    raise AssertionError("compressed stream beyond the data area")
+                counts[c] += 1
+                if counts[c] > 0xFFFF:
+                    free(counts)
+                    raise OverflowError("more than 65535 compressed clusters in one host "
+                                        "cluster (16-bit refcounts)")
+    return counts
+
+
+cdef inline void compressed_range(uint64_t entry, int bits, uint64_t *start,
+                                  uint64_t *end) noexcept nogil:
+    """The host bytes [start, end) a compressed cluster descriptor names: from
+    its offset to the end of its last 512-byte sector."""
+    cdef uint64_t x = 62 - (bits - 8)
+    start[0] = entry & ((<uint64_t>1 << x) - 1)
+    end[0] = ((start[0] & ~(<uint64_t>SECTOR - 1))
+              + (((entry >> x) & ((<uint64_t>1 << (bits - 8)) - 1)) + 1) * SECTOR)
 
 
 cdef inline uint16_t htobe16_(uint16_t x) noexcept nogil:
@@ -481,6 +637,9 @@ cdef struct Layer:
     uint64_t *l1                # native endian
     uint64_t *l2                # one cached L2 table
     int64_t l2_index
+    uint64_t l1_offset
+    int ctype                   # compression type: 0 zlib (raw deflate), 1 zstd
+    int compressed_checked      # compressed ranges checked against the rest
 
 
 cdef struct RowBuf:
@@ -496,7 +655,8 @@ cdef int rows_push(RowBuf *b, uint64_t off, uint64_t length, uint64_t kind, uint
     cdef uint64_t *last
     cdef uint64_t *grown
     cdef bint data = (kind & ROW_KIND_MASK) == ROW_DATA
-    if b.n:
+    cdef bint compressed = (kind & ROW_KIND_MASK) == ROW_COMPRESSED
+    if b.n and not compressed:
         last = b.rows + 5 * (b.n - 1)
         if (last[2] == kind and last[0] + last[1] == off and
                 (not data or (last[3] == layer and last[4] + last[1] == host))):
@@ -512,8 +672,8 @@ cdef int rows_push(RowBuf *b, uint64_t off, uint64_t length, uint64_t kind, uint
     last[0] = off
     last[1] = length
     last[2] = kind
-    last[3] = layer if data else 0
-    last[4] = host if data else 0
+    last[3] = layer if data or compressed else 0
+    last[4] = host if data or compressed else 0
     b.n += 1
     return 0
 
@@ -573,7 +733,7 @@ cdef class ChainMap:
 
     def __init__(self, layers):
         """`layers`: sequence of (fd, name, version, cluster_bits, virtual_size,
-        l1_offset, l1_size, file_size), top image first."""
+        l1_offset, l1_size, file_size[, compression type]), top image first."""
         cdef Layer *L
         cdef uint64_t i, need
         cdef ssize_t r
@@ -582,7 +742,7 @@ cdef class ChainMap:
         if self.layers == NULL:
             raise MemoryError()
         for spec in layers:
-            fd, name, version, bits, vsize, l1_offset, l1_size, file_size = spec
+            fd, name, version, bits, vsize, l1_offset, l1_size, file_size = spec[:8]
             L = &self.layers[self.n]
             self.n += 1
             self.names.append(name)
@@ -595,6 +755,8 @@ cdef class ChainMap:
             L.file_size = file_size
             L.l1_size = l1_size
             L.l2_index = -1
+            L.l1_offset = l1_offset
+            L.ctype = spec[8] if len(spec) > 8 else 0
             need = l1_entries_for(vsize, bits)
             if l1_size < need:
                 raise ImageError(f"{name}: L1 table has {l1_size} entries, "
@@ -681,9 +843,13 @@ cdef class ChainMap:
                 self.load_l2(li, l1i)
                 entry = L.l2[cluster % L.l2_entries]
             if entry & OFLAG_COMPRESSED:
-                raise UnsupportedImage(
-                    f"{self.names[li]}: compressed clusters are not supported "
-                    f"(guest offset {cluster << L.bits}); convert the image with qemu-img")
+                self.check_compressed(li, cluster, entry)
+                if run_kind == ROW_UNALLOCATED:
+                    self.resolve(li + 1, depth, run_start, pos, out)
+                run_kind = ROW_COMPRESSED
+                rows_push(out, pos, cend - pos, ROW_COMPRESSED, li, entry)
+                pos = cend
+                continue
             if entry & L2E_RESERVED or (L.version < 3 and entry & OFLAG_ZERO):
                 raise ImageError(f"{self.names[li]}: L2 entry for guest offset "
                                  f"{cluster << L.bits} has reserved bits set (corrupt)")
@@ -709,6 +875,69 @@ cdef class ChainMap:
         if run_kind == ROW_UNALLOCATED:
             self.resolve(li + 1, depth, run_start, end, out)
         return 0
+
+    cdef int check_compressed(self, int li, uint64_t cluster, uint64_t entry) except -1:
+        """Refuse a compressed cluster whose bytes run past the end of the
+        file or into the header; the first one seen in a layer also checks
+        the whole layer (check_compressed_layer)."""
+        cdef Layer *L = &self.layers[li]
+        cdef uint64_t start, end
+        compressed_range(entry, L.bits, &start, &end)
+        # QEMU writes the last stream up to the end of the file, not of its sector
+        if start < L.cs or end > ((L.file_size + SECTOR - 1) & ~(<uint64_t>SECTOR - 1)):
+            raise ImageError(f"{self.names[li]}: compressed cluster for guest offset "
+                             f"{cluster << L.bits} at host offset {start}: its {end - start} "
+                             f"bytes lie outside the file's data (corrupt)")
+        if not L.compressed_checked:
+            self.check_compressed_layer(li)
+            L.compressed_checked = 1
+        return 0
+
+    def check_compressed_layer(self, int li):
+        """Refuse a layer whose compressed clusters share host clusters with its
+        header, L1 or L2 tables or normal data clusters: QEMU never writes that,
+        and a write through one would corrupt the other."""
+        cdef Layer *L = &self.layers[li]
+        name = self.names[li]
+        bits = L.bits
+        normal = [np.array([0], dtype=np.uint64),
+                  np.arange(L.l1_offset >> bits,
+                            ((L.l1_offset + max(L.l1_size * 8, 1) - 1) >> bits) + 1,
+                            dtype=np.uint64)]
+        starts = []
+        ends = []
+        x = 62 - (bits - 8)
+        for i in range(L.l1_size):
+            off = L.l1[i] & L1E_OFFSET_MASK
+            if not off:
+                continue
+            normal.append(np.array([off >> bits], dtype=np.uint64))
+            raw = os.pread(L.fd, L.cs, off)
+            if len(raw) != L.cs:
+                raise ImageError(f"{name}: truncated L2 table at offset {off}")
+            e = np.frombuffer(raw, dtype=">u8").astype(np.uint64)
+            comp = (e >> np.uint64(62)) & np.uint64(1) == 1
+            plain = e[~comp] & np.uint64(L2E_OFFSET_MASK)
+            normal.append(plain[plain != 0] >> np.uint64(bits))
+            c = e[comp]
+            s = c & np.uint64((1 << x) - 1)
+            n = ((c >> np.uint64(x)) & np.uint64((1 << (bits - 8)) - 1)) + np.uint64(1)
+            starts.append(s)
+            ends.append((s & ~np.uint64(SECTOR - 1)) + n * np.uint64(SECTOR))
+        if not starts:
+            return
+        s = np.concatenate(starts)
+        e = np.concatenate(ends)
+        used = np.unique(np.concatenate(normal))
+        first = s >> np.uint64(bits)
+        last = (e - np.uint64(1)) >> np.uint64(bits)
+        for touched in (first, last, np.minimum(first + np.uint64(1), last)):
+            hit = np.isin(touched, used)
+            if hit.any():
+                k = int(np.argmax(hit))
+                raise ImageError(f"{name}: compressed data at host offset {int(s[k])} overlaps "
+                                 f"the normal cluster at host offset "
+                                 f"{int(touched[k]) << bits} (corrupt)")
 
     def map(self, uint64_t offset=0, length=None, int depth=-1):
         """Rows (guest offset, length, kind, layer, host offset) covering the range,
@@ -799,6 +1028,15 @@ cdef class ChainMap:
             vis = self.map(0, None, depth)
             for i in range(vis.shape[0]):
                 off, length, kind, li, host = vis[i, 0], vis[i, 1], vis[i, 2], vis[i, 3], vis[i, 4]
+                if kind == ROW_COMPRESSED and chunk[li]:
+                    # one cluster: hashed as it is copied when seen whole
+                    u = self.layers[li].cs
+                    if off % u == 0 and (length == u or off + length == vsize):
+                        rows_push(&out, off, length, ROW_COMPRESSED | ROW_HASH, li, host)
+                        rows_push(&covered[li], off, length, ROW_ZERO, 0, 0)
+                    else:
+                        rows_push(&out, off, length, ROW_COMPRESSED, li, host)
+                    continue
                 if kind != ROW_DATA or chunk[li] == 0:
                     rows_push(&out, off, length, kind, li, host)
                     continue
@@ -856,6 +1094,13 @@ cdef class ChainMap:
                         ue = e
                     sums[pos // chunk] += zero_unit_digest(pos, ue - pos)
                     pos = ue
+                continue
+            if row[2] == ROW_COMPRESSED:
+                # a whole cluster: covered whole or not at all
+                while k < covered.n and covered.rows[5 * k] + covered.rows[5 * k + 1] <= s:
+                    k += 1
+                if not (k < covered.n and covered.rows[5 * k] <= s):
+                    rows_push(out, s, e - s, ROW_COMPRESSED | ROW_HASH | ROW_NOWRITE, li, row[4])
                 continue
             if row[2] != ROW_DATA:
                 continue
@@ -921,8 +1166,60 @@ cdef inline uint64_t view_unit_digest(const char *p, uint64_t pos, uint64_t n,
     return data_unit_digest(p, pos, n)
 
 
+cdef class Unpacker:
+    """Decompression of single compressed clusters outside the copy loop."""
+
+    cdef ZSTD_DCtx *dctx
+    cdef z_stream zs
+    cdef bint zs_ready
+    cdef char *src
+    cdef uint64_t cs
+
+    def __cinit__(self, uint64_t cs):
+        self.cs = cs
+        self.dctx = ZSTD_createDCtx()
+        self.src = <char *>malloc(2 * cs)
+        memset(&self.zs, 0, sizeof(z_stream))
+        if self.dctx == NULL or self.src == NULL or inflateInit2(&self.zs, ZLIB_WINDOW_BITS) != 0:
+            raise MemoryError()
+        self.zs_ready = True
+
+    def __dealloc__(self):
+        if self.dctx != NULL:
+            ZSTD_freeDCtx(self.dctx)
+        if self.zs_ready:
+            inflateEnd(&self.zs)
+        free(self.src)
+
+    cdef int unpack(self, Layer *L, object name, uint64_t entry, uint64_t guest,
+                    char *dst) except -1:
+        """Decompress the cluster `entry` describes into `dst` (L.cs bytes)."""
+        cdef uint64_t start, end
+        cdef ssize_t r
+        cdef int rc
+        compressed_range(entry, L.bits, &start, &end)
+        with nogil:
+            r = pread(L.fd, self.src, end - start, start)
+        if r < 0:
+            raise os_error(errno, "reading", name)
+        if <uint64_t>r < end - start:
+            memset(self.src + r, 0, end - start - r)
+        with nogil:
+            rc = decompress_cluster(L.ctype, self.src, end - start, dst, L.cs, self.dctx,
+                                    &self.zs)
+        if rc < 0:
+            raise ImageError(f"{name}: compressed cluster for guest offset {guest} at host "
+                             f"offset {start}: the stream does not decompress to exactly one "
+                             f"cluster (corrupt)")
+        return 0
+
+
+#: How often layer_views reports progress: every 32 MiB of data read.
+cdef uint64_t PROGRESS_STEP = 32 << 20
+
+
 def layer_views(ChainMap chain, uint64_t chunk, uint64_t n_chunks, uint64_t unit=0,
-                bint bottom=False, shadow=None):
+                bint bottom=False, shadow=None, progress=None):
     """Read the top image's own clusters once; return (own, view).
 
     `own` is layer_digests().  `view` (None without `unit`) sums, per chunk,
@@ -932,8 +1229,11 @@ def layer_views(ChainMap chain, uint64_t chunk, uint64_t n_chunks, uint64_t unit
     the same), any other piece as its data's digest; pieces inside the sorted
     (offset, length) ranges of `shadow` (hidden by images above) count
     nothing.  Two layers whose views add up to the view of one image read,
-    together, exactly as that image does: a merge is checked that way."""
+    together, exactly as that image does: a merge is checked that way.
+    `progress(n)`, if given, is told every PROGRESS_STEP bytes read (and the
+    rest at the end): n more bytes of the image's data were read."""
     cdef Layer *L = &chain.layers[0]
+    cdef uint64_t since = 0
     cdef uint64_t cs = L.cs, pos, end, step, idx, sub, slen
     cdef uint64_t[:, ::1] rows
     cdef uint64_t[:, ::1] hidden
@@ -956,6 +1256,7 @@ def layer_views(ChainMap chain, uint64_t chunk, uint64_t n_chunks, uint64_t unit
     buf = <char *>malloc(cs)
     if buf == NULL:
         raise MemoryError()
+    cdef Unpacker unpacker = None
     try:
         for i in range(rows.shape[0]):
             if rows[i, 2] == ROW_UNALLOCATED:
@@ -970,6 +1271,11 @@ def layer_views(ChainMap chain, uint64_t chunk, uint64_t n_chunks, uint64_t unit
                     raise ImageError(f"{chain.names[0]}: cluster beyond the digested size")
                 if zero:
                     d[idx] += zero_unit_digest(pos, step)
+                elif rows[i, 2] == ROW_COMPRESSED:
+                    if unpacker is None:
+                        unpacker = Unpacker(cs)
+                    unpacker.unpack(L, chain.names[0], rows[i, 4], pos - pos % cs, buf)
+                    d[idx] += data_unit_digest(buf, pos, step)
                 else:
                     with nogil:
                         r = pread(L.fd, buf, step, rows[i, 4] + (pos - rows[i, 0]))
@@ -988,6 +1294,13 @@ def layer_views(ChainMap chain, uint64_t chunk, uint64_t n_chunks, uint64_t unit
                             NULL if zero else buf + (sub - pos), sub, slen, bottom)
                     sub += slen
                 pos += step
+                if not zero:
+                    since += step
+                    if since >= PROGRESS_STEP and progress is not None:
+                        progress(since)
+                        since = 0
     finally:
         free(buf)
+    if since and progress is not None:
+        progress(since)
     return out, view

@@ -10,6 +10,10 @@
 # ROW_ZERO: the range reads as zero.
 # ROW_UNALLOCATED: no layer of the map's depth holds the range (map rows
 #   only; the copy loop refuses it).
+# ROW_COMPRESSED: the range lies in one compressed cluster of layer `layer`;
+#   the host column holds the cluster's L2 descriptor (host byte offset and
+#   sector count, qcow2.txt), decoded with the layer's cluster bits.  Such
+#   rows never merge and never cross a cluster boundary.
 #
 # Flags of ROW_DATA rows:
 # ROW_HASH: a data row of a checked layer, starting at one of the layer's
@@ -23,6 +27,7 @@ cdef enum:
     ROW_DATA = 1
     ROW_ZERO = 2
     ROW_UNALLOCATED = 3
+    ROW_COMPRESSED = 4
     ROW_KIND_MASK = 0x0F
     ROW_HASH = 0x10
     ROW_NOWRITE = 0x20

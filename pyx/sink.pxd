@@ -22,3 +22,14 @@ cdef struct sink_ops:
     # Record guest bytes [offset, offset + length), cluster aligned, as zero.
     # Return 0, or -1 with errno set.
     int (*zero)(void *ctx, uint64_t offset, uint64_t length) noexcept nogil
+    # zstd level the copy loop compresses whole data clusters with (0: none).
+    # A cluster whose stream, in 512-byte sectors, would not be smaller than
+    # the cluster is given to alloc() uncompressed.
+    int compress_level
+    # Place `n` compressed streams that the caller has packed into one buffer
+    # of `total` bytes (stream k at byte `offsets[k]`, `lengths[k]` bytes, for
+    # guest cluster `clusters[k]`); return the host offset to write the buffer
+    # to, or -1 with errno set.  Called by several threads at once.
+    int64_t (*alloc_compressed)(void *ctx, const uint64_t *clusters, const uint64_t *offsets,
+                                const uint64_t *lengths, size_t n,
+                                uint64_t total) noexcept nogil

@@ -8,7 +8,9 @@ ones included) with the guest offset it maps and the file offset it lies at;
 damages by guest offset that keep the image well-formed (a flipped byte in a
 data cluster, a cleared L2 entry, a zero flag on a data entry).  Only the standard
 layout dirbackup and QEMU write is understood (64-bit L2 entries, no
-compression, no extended L2), which is all the tests need.
+compression, no extended L2), which is all the tests need: stores whose
+images these tests damage are made with `LAYOUT` (uncompressed images; the
+damage of compressed clusters is tested in test_compress.py).
 """
 
 from __future__ import annotations
@@ -21,6 +23,8 @@ from pathlib import Path
 from dirbackup import qcow2
 
 OFFSET_MASK = 0x00FFFFFFFFFFFE00
+# the storage options of the layout understood here: data clusters as they are
+LAYOUT = {"compress": "none"}
 ZERO_FLAG = 1
 COPIED = 1 << 63
 

@@ -67,6 +67,7 @@ def test_full_incremental_restore_cycle(vm: dict[str, Path]) -> None:
         "notes",
         "protected",
         "check-failed",
+        "compress",
     }
     assert listing[0]["notes"] == "first" and listing[0]["protected"] is False
     assert listing[0]["check-failed"] is None

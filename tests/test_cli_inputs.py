@@ -60,11 +60,14 @@ def test_config_that_is_not_utf8_is_stored_byte_for_byte(vm: dict[str, Path]) ->
     volid = out.split(": ")[0]
     storage = DirectoryStorage("dirbackup", {"path": str(vm["store"])})
     files = list(storage.store.backup_dir(storage.backup_id(volid)).iterdir())
-    assert [f for f in files if f.read_bytes() == NOT_UTF8]
+    drive_map = b"#qmdump#map:scsi0:drive-scsi0::qcow2:\n"  # the host's (test_host_pve)
+    assert [f for f in files if f.read_bytes() == NOT_UTF8 + drive_map]
     assert [f for f in files if f.read_bytes() == fw.read_bytes()]
     provider = storage.new_backup_provider()
     volname = volid.split(":", 1)[1]
-    assert provider.archive_get_guest_config(volname) == NOT_UTF8.decode("utf-8", "replace")
+    assert provider.archive_get_guest_config(volname) == (NOT_UTF8 + drive_map).decode(
+        "utf-8", "replace"
+    )
     assert provider.archive_get_firewall_config(volname) == "[OPTIONS]\nenable: \ufffd\n"
     assert dirbackup("verify", *s, volid).stdout.startswith(f"{volid}: ok")
     target = vm["tmp"] / "r.raw"

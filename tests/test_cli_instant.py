@@ -232,8 +232,10 @@ def fs_disk(tmp_path: Path, sock_dir: Path, monkeypatch: pytest.MonkeyPatch) -> 
     return {"disk": disk, "store": store, "mnt": mountpoint, "tree": tree}
 
 
-def backup_of(store: Path, disk: Path) -> str:
-    dirbackup("backup", "--store", str(store), "--vmid", "300", "--disk", f"drive-scsi0={disk}")
+def backup_of(store: Path, disk: Path, *extra: str) -> str:
+    dirbackup(
+        "backup", "--store", str(store), "--vmid", "300", "--disk", f"drive-scsi0={disk}", *extra
+    )
     return volids(store)[-1]
 
 
@@ -414,7 +416,8 @@ def test_mount_and_map_errors(fs_disk: dict[str, Path], tmp_path: Path) -> None:
 
 def test_mount_refuses_a_damaged_backup(fs_disk: dict[str, Path]) -> None:
     store, mnt = fs_disk["store"], fs_disk["mnt"]
-    volid = backup_of(store, fs_disk["disk"])
+    # the damage is placed in the uncompressed layout (see imagefaults.LAYOUT)
+    volid = backup_of(store, fs_disk["disk"], "--compress", "none")
     (image,) = (store / "300" / volid.split("/")[-1]).glob("*.qcow2")
     guest = next(e.guest for e in faults.data_entries(image))
     faults.flip_data_byte(image, guest)

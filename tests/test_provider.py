@@ -69,7 +69,10 @@ def test_full_and_incremental_chain(tmp_path: Path, mechanism: str) -> None:
     for volid, state in zip(volids, guest.states, strict=True):
         restore_and_compare(storage, volid, state, tmp_path)
     provider = storage.new_backup_provider()
-    assert provider.archive_get_guest_config(volids[1].split(":")[1]) == "# config 1\n"
+    assert provider.archive_get_guest_config(volids[1].split(":")[1]) == (
+        "# config 1\n"  # and the host's drive map (PVE's #qmdump#map: lines)
+        "#qmdump#map:scsi0:drive-scsi0::qcow2:\n#qmdump#map:virtio1:drive-virtio1::qcow2:\n"
+    )
     assert provider.archive_get_firewall_config(volids[1].split(":")[1]) == (
         "[OPTIONS]\nenable: 1\n"
     )
@@ -231,8 +234,10 @@ def test_v3_adapter_round_trip(tmp_path: Path) -> None:
 # ------------------------------------------------------------------ pruning and removal
 
 
-def chain_of_backups(tmp_path: Path, n: int) -> tuple[DirectoryStorage, Guest, list[str]]:
-    storage = make_storage(tmp_path)
+def chain_of_backups(
+    tmp_path: Path, n: int, **opts: object
+) -> tuple[DirectoryStorage, Guest, list[str]]:
+    storage = make_storage(tmp_path, **opts)
     guest = Guest(tmp_path, {"drive-scsi0": 16 * MiB})
     host = Host(storage, STOREID)
     volids = []
@@ -401,7 +406,8 @@ def test_hostile_chain_is_never_served(tmp_path: Path) -> None:
 
 
 def test_verify_detects_corruption(tmp_path: Path) -> None:
-    storage, _guest, volids = chain_of_backups(tmp_path, 2)
+    # a byte flipped at a fixed offset of the data clusters: uncompressed images
+    storage, _guest, volids = chain_of_backups(tmp_path, 2, compress="none")
     img = storage.store.backup_dir(storage.backup_id(volids[0])) / "drive-scsi0.qcow2"
     with open(img, "r+b") as f:
         f.seek(64 * KiB + 1000)

@@ -26,7 +26,7 @@ import numpy as np
 import pytest
 from faultlib import MiB, cli, leftovers, provider_backup, servers_for, volids
 from guests import STOREID, Guest, make_storage, restore_and_compare
-from imagefaults import FAULTS, flip_data_byte, set_zero_flag
+from imagefaults import FAULTS, LAYOUT, flip_data_byte, set_zero_flag
 
 from dirbackup import qcow2, qemu
 from dirbackup.errors import IntegrityError
@@ -47,7 +47,7 @@ class ChainScene:
 
     def __init__(self, tmp: Path) -> None:
         self.tmp = tmp
-        self.storage = DirectoryStorage(STOREID, {"path": str(tmp / "store")})
+        self.storage = DirectoryStorage(STOREID, {"path": str(tmp / "store"), **LAYOUT})
         self.root = Path(self.storage.scfg.path)
         self.guest = Guest.existing(tmp / "g100", [DEV])
         self.volids = [f"{STOREID}:backup/100/qemu-{t}" for t in TIMES]
@@ -56,7 +56,7 @@ class ChainScene:
 
     @classmethod
     def build(cls, tmp: Path) -> ChainScene:
-        storage = make_storage(tmp)
+        storage = make_storage(tmp, **LAYOUT)
         host = Host(storage, STOREID)
         (tmp / "g100").mkdir()
         guest = Guest(tmp / "g100", {DEV: SIZE})

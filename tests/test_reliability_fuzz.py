@@ -1,11 +1,12 @@
 """Reliability: fuzzing the parsers of untrusted bytes with hypothesis.
 
 * the qcow2 header, L1 and L2 reader (qcow2.Chain, ChainMap, image_digests,
-  restore): real images -- ours, QEMU's, a chain, 512-byte and 2 MiB
-  clusters -- with header fields, table entries and bytes overwritten, and
-  truncated.  Each ends in a clean dirbackup error (DirbackupError/OSError),
-  or in a map that covers exactly the virtual size with data read from inside
-  the files; never a crash, a hang, a MemoryError or a read outside.
+  restore): real images -- ours (plain and zstd-compressed), QEMU's (plain and
+  zlib-compressed), a chain, 512-byte and 2 MiB clusters -- with header
+  fields, table entries and bytes overwritten, and truncated.  Each ends in
+  a clean dirbackup error (DirbackupError/OSError), or in a map that covers
+  exactly the virtual size with data (or compressed streams) read from
+  inside the files; never a crash, a hang, a MemoryError or a read outside.
 * `nbdinfo --map` text and JSON from a real export, mutated: a clean
   MapFormatError, or extents that are sorted, contiguous and cover the size.
 * crafted images that used to hang or exhaust memory.
@@ -94,6 +95,26 @@ def samples(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Sample]:
     top = _qemu_image(d / "top.qcow2", 4 * MiB, 65536, backing="base.qcow2")
     qemu.io(top, "write -P 3 64k 64k", "write -z 2M 128k", "write -P 4 3M 1")
     out["chain"] = Sample("chain", top.read_bytes(), (base,))
+    # compressed clusters: ours (zstd) and QEMU's (zlib), from compressible data
+    text = d / "text.raw"
+    with open(text, "wb") as f:
+        f.truncate(4 * MiB)
+        f.write(b"".join(b"fuzz line %06d\n" % i for i in range(20000)))
+        f.seek(2 * MiB)
+        f.write(os.urandom(64 * KiB))
+    zstd = d / "ours-zstd.qcow2"
+    fd = os.open(text, os.O_RDONLY)
+    try:
+        regions = extents.align(extents.data(extents.file_extents(fd, 0, 4 * MiB)), 65536, 4 * MiB)
+        with qcow2.Writer(zstd, 4 * MiB, 65536, compress="zstd") as w:
+            copy.copy_regions(copy.FileSource(fd, str(text)), w, regions)
+            w.finish()
+    finally:
+        os.close(fd)
+    out["ours-zstd"] = Sample("ours-zstd", zstd.read_bytes(), ())
+    zlib = d / "qemu-zlib.qcow2"
+    qemu.run(["qemu-img", "convert", "-c", "-f", "raw", "-O", "qcow2", str(text), str(zlib)])
+    out["qemu-zlib"] = Sample("qemu-zlib", zlib.read_bytes(), ())
     return out
 
 
@@ -198,11 +219,16 @@ def check_image(path: Path, allowed: Path) -> str:
             assert (rows[:, 1] > 0).all()
             assert (rows[1:, 0] == ends[:-1]).all(), "rows not contiguous"
             assert int(ends[-1]) == vsize, "rows do not cover the virtual size"
-            assert set(np.unique(rows[:, 2]).tolist()) <= {1, 2, 3}
+            assert set(np.unique(rows[:, 2]).tolist()) <= {1, 2, 3, 4}
             data = rows[rows[:, 2] == qcow2.MAP_DATA]
             sizes = [h.file_size for h in chain.headers]
             for layer, host in zip(data[:, 3].tolist(), data[:, 4].tolist(), strict=True):
                 assert layer < chain.depth and host < sizes[layer], "data outside its file"
+            packed = rows[rows[:, 2] == qcow2.MAP_COMPRESSED]
+            for layer, entry in zip(packed[:, 3].tolist(), packed[:, 4].tolist(), strict=True):
+                x = 62 - (chain.headers[layer].cluster_bits - 8)
+                start = entry & ((1 << x) - 1)
+                assert layer < chain.depth and start < sizes[layer], "stream outside its file"
             chain.map(depth=1)
             if vsize <= 64 * MiB:
                 out = path.with_suffix(".out")
@@ -236,7 +262,7 @@ def _fuzz_images(samples: dict[str, Sample], tmp_path: Path, name: str, ops: lis
     check_image(img, work)
 
 
-SAMPLE_NAMES = st.sampled_from(["ours", "qemu-512", "qemu-2M", "chain"])
+SAMPLE_NAMES = st.sampled_from(["ours", "qemu-512", "qemu-2M", "chain", "ours-zstd", "qemu-zlib"])
 
 
 @FAST

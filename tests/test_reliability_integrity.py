@@ -60,7 +60,7 @@ class Scene:
 
     def __init__(self, root: Path) -> None:
         self.root = root
-        self.storage = make_storage(root)
+        self.storage = make_storage(root, **faults.LAYOUT)
         self.volids = [f"{STOREID}:backup/100/qemu-{t}" for t in TIMES]
         self.states = [root / f"state-{t}.raw" for t in TIMES]
 

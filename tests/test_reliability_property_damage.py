@@ -132,7 +132,7 @@ def run_scenario(rounds: list[list[str]], damages: list[Damage]) -> list[str]:
     """Outcomes of our engine's restores, oldest restore point first."""
     with tempfile.TemporaryDirectory(prefix="dbcorrupt-", dir="/var/tmp") as tmp_name:
         tmp = Path(tmp_name)
-        storage = make_storage(tmp)
+        storage = make_storage(tmp, **imagefaults.LAYOUT)
         guest = Guest(tmp, {DEVICE: SIZE})
         host = Host(storage, STOREID)
         expected: dict[str, Path] = {}

@@ -46,7 +46,8 @@ class FullStore:
         self.tmp = tmp_path
         self.sock_dir = sock_dir
         self.root = store
-        self.storage = DirectoryStorage(STOREID, {"path": str(store)})
+        # uncompressed images: the store fills up at the sizes these tests set
+        self.storage = DirectoryStorage(STOREID, {"path": str(store), "compress": "none"})
         self.guest = Guest(tmp_path, {DEV: 16 * MiB})
         self.image = self.guest.disks[0].path
         self.host = Host(self.storage, STOREID)
@@ -74,7 +75,10 @@ class FullStore:
         return None
 
     def cli_backup(self, check: int | None = None) -> subprocess.CompletedProcess[str]:
-        return cli(*backup_args(self.root, 100, self.image, device=DEV), check=check)
+        return cli(
+            *backup_args(self.root, 100, self.image, "--compress", "none", device=DEV),
+            check=check,
+        )
 
     def next_incremental_is_exact(self) -> None:
         report = self.host.backup_vm(100, self.guest.disks, start_time=3000)

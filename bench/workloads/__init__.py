@@ -38,6 +38,7 @@ NAMES = (  # the modules of this package, in the order they run
     "w5_parse",
     "w6_scaling",
     "w6b_memory",
+    "w7_compress",
 )
 MODULES = tuple(cast(Workload, importlib.import_module(f"{__name__}.{n}")) for n in NAMES)
 WORKLOADS: dict[str, Workload] = {w.KEY: w for w in MODULES}

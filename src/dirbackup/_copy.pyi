@@ -9,6 +9,7 @@ import numpy.typing as npt
 REQ_COPY: int
 REQ_DATA: int
 REQ_ZERO: int
+REQ_COMPRESSED: int
 REQ_KIND_MASK: int
 REQ_HASH: int
 REQ_NOWRITE: int
@@ -47,6 +48,8 @@ class CopyJob:
         digest_size: int = ...,
         digest_zero: bool = ...,
         layer_checks: Sequence[tuple[int, int, int] | None] = ...,
+        layer_formats: Sequence[tuple[int, int]] = ...,
+        layer_names: Sequence[str] = ...,
         serialize_writes: bool = ...,
         source_name: str = ...,
         target_name: str = ...,

@@ -1,6 +1,6 @@
 # Type stubs of the Cython module pyx/_qcow2.pyx.
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -10,6 +10,7 @@ MAP_DATA: int
 MAX_L1_BYTES: int
 MAP_ZERO: int
 MAP_UNALLOCATED: int
+MAP_COMPRESSED: int
 PLAN_HASH: int
 PLAN_NOWRITE: int
 
@@ -28,6 +29,7 @@ class Qcow2Writer:
         backing: str | os.PathLike[str] | None = ...,
         backing_format: str = ...,
         records_zero: bool | None = ...,
+        compress: str = ...,
     ) -> None: ...
     @property
     def name(self) -> str: ...
@@ -40,6 +42,12 @@ class Qcow2Writer:
     @property
     def data_clusters(self) -> int: ...
     @property
+    def compressed_clusters(self) -> int: ...
+    @property
+    def compressed_bytes(self) -> int: ...
+    @property
+    def compress(self) -> str: ...
+    @property
     def zero_clusters(self) -> int: ...
     def sink_capsule(self) -> Any: ...
     def zero(self, offset: int, length: int) -> None: ...
@@ -49,7 +57,12 @@ class Qcow2Writer:
     def finish(self, sync: bool = ...) -> int: ...
 
 class ChainMap:
-    def __init__(self, layers: list[tuple[int, str, int, int, int, int, int, int]]) -> None: ...
+    def __init__(
+        self,
+        layers: list[tuple[int, str, int, int, int, int, int, int]]
+        | list[tuple[int, str, int, int, int, int, int, int, int]],
+    ) -> None: ...
+    def check_compressed_layer(self, li: int) -> None: ...
     def map(
         self, offset: int = ..., length: int | None = ..., depth: int = ...
     ) -> npt.NDArray[np.uint64]: ...
@@ -66,4 +79,5 @@ def layer_views(
     unit: int = ...,
     bottom: bool = ...,
     shadow: npt.NDArray[np.uint64] | None = ...,
+    progress: Callable[[int], object] | None = ...,
 ) -> tuple[npt.NDArray[np.uint64], npt.NDArray[np.uint64] | None]: ...

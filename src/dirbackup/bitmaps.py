@@ -185,6 +185,17 @@ class Bitmaps:
         """The bitmap the backup of `device` reads, if it is incremental."""
         return self.disks[device].read
 
+    def passed_name(self, device: str) -> str:
+        """The `bitmap-name` the provider gets with the nbd mechanism whenever
+        the disk has a bitmap, as the hypervisor passes it also for mode
+        `new`: the bitmap read (reuse), or the one that starts with this
+        backup (new).  Only a `reuse` bitmap is on the export (as the NBD
+        meta context `qemu:dirty-bitmap:NAME`); in mode `new` the provider
+        reads everything, and a provider that asks the export for the new
+        bitmap's map gets an error, never an empty map."""
+        disk = self.disks[device]
+        return disk.read if disk.read is not None else self.next
+
     def advance(self) -> None:
         """The backup is stored: the `.next` bitmap becomes the generation that
         starts with it (or, without generations, the store's one bitmap)."""

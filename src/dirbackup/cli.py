@@ -23,7 +23,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from dirbackup import __version__, timings
+from dirbackup import __version__, compression, timings
 from dirbackup.api import VmType
 from dirbackup.copy import CopyStats
 from dirbackup.errors import DirbackupError, Terminated
@@ -74,6 +74,13 @@ def _seconds(text: str) -> float:
         return parse_seconds(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"invalid number of seconds {text!r}") from None
+
+
+def _compress(text: str) -> str:
+    try:
+        return compression.normalize(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _vmid(text: str) -> int:
@@ -191,6 +198,15 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="SECONDS",
         help="fail when a disk makes no progress for this long (a server that stopped "
         f"answering; 0: wait for ever; default: {DEFAULT_IO_TIMEOUT:.0f})",
+    )
+    b.add_argument(
+        "--compress",
+        type=_compress,
+        default=None,
+        metavar="none|zstd|zstd:LEVEL",
+        help="how disk images store data clusters: zstd-compressed (LEVEL 1 to 19) or as "
+        "they are (default: the storage's compress option, "
+        f"{compression.DEFAULT_COMPRESS})",
     )
     b.add_argument("--notes", metavar="TEXT", help="notes to attach to the backup")
     b.add_argument("--protected", action="store_true", help="protect the backup from removal")
@@ -371,6 +387,8 @@ def _storage(args: argparse.Namespace, **opts: str) -> DirectoryStorage:
         options["lock-timeout"] = args.lock_timeout
     if getattr(args, "io_timeout", None) is not None:
         options["io-timeout"] = args.io_timeout
+    if getattr(args, "compress", None) is not None:
+        options["compress"] = args.compress
     return DirectoryStorage(args.storeid, options)
 
 
@@ -540,6 +558,7 @@ def cmd_list(args: argparse.Namespace) -> int:
             "notes",
             "protected",
             "check-failed",
+            "compress",
         )
         print(json.dumps([{k: row[k] for k in keys} for row in rows], indent=1))
         return 0
@@ -661,30 +680,24 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
 def _verify_entries(storage: DirectoryStorage, entries: list[BackupEntry]) -> list[VerifyResult]:
     """Verify backups in turn (a base shared by many is read once), with one
-    bar on a terminal: the bytes of the backups checked so far, rate, ETA."""
+    bar per disk on a terminal ("VMID/DEVICE": bytes read of its chain, rate,
+    ETA; a layer already checked for another backup is not read again, so a
+    bar can jump to its end), and one for each backup's files."""
     bar = ProgressBar()
-    total = max(sum(_backup_size(e) for e in entries), 1) if bar.enabled else 1
-    done, start = 0, time.monotonic()
+    started: dict[str, float] = {}
 
-    def checked(n: int) -> None:
-        nonlocal done
-        done = min(done + n, total)
-        bar.update("verify", CopyStats(total, done, done, 0, 0, 0, time.monotonic() - start, 1))
+    def checked(item: str, done: int, total: int) -> None:
+        start = started.setdefault(item, time.monotonic())
+        stats = CopyStats(total, done, done, 0, 0, 0, time.monotonic() - start, 1)
+        bar.update(item, stats)
 
     verifier = storage.verifier(checked)
-    if entries:
-        checked(0)
-    results = [verifier.verify(entry) for entry in entries]
-    if entries:
-        checked(total)
+    results = []
+    for entry in entries:
+        started.clear()  # the next backup's disks are new bars
+        results.append(verifier.verify(entry))
+    bar.finish()
     return results
-
-
-def _backup_size(entry: BackupEntry) -> int:
-    try:
-        return entry.usage()[0]
-    except OSError:  # a damaged backup: its verify says why
-        return 0
 
 
 def cmd_prune(args: argparse.Namespace) -> int:

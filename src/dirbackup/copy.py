@@ -50,6 +50,7 @@ SMALL_REGIONS = 256 * 1024
 DIRECT_ALIGNMENT = 4096
 
 REQ_COPY, REQ_DATA, REQ_ZERO = _copy.REQ_COPY, _copy.REQ_DATA, _copy.REQ_ZERO
+REQ_COMPRESSED = _copy.REQ_COMPRESSED
 REQ_HASH, REQ_NOWRITE = _copy.REQ_HASH, _copy.REQ_NOWRITE
 REQ_KIND_MASK = _copy.REQ_KIND_MASK
 
@@ -402,6 +403,8 @@ def copy_mapped(
     cancel_event: threading.Event | None = None,
     layer_sums: Sequence[LayerSums | None] = (),
     size: int = 0,
+    layer_formats: Sequence[tuple[int, int]] = (),
+    layer_names: Sequence[str] = (),
     digest_zero: bool = False,
     source_name: str = "backup chain",
 ) -> CopyStats:
@@ -423,9 +426,17 @@ def copy_mapped(
     them (REQ_ZERO rows count as zero clusters only with `digest_zero`): a
     backup read from a mapped image records the digests of one read through
     a source.  `source_name` names the layers in error messages.
+
+    REQ_COMPRESSED rows (one compressed cluster, or part of one; the host
+    column holds its L2 descriptor) need `layer_formats`: per layer its
+    (cluster_bits, compression type); the workers read and decompress them.
+    A stream that does not decompress to exactly one cluster is an ImageError
+    naming the layer (from `layer_names`) and the offsets.
     """
     args = _target_args(target, options)
     args.update(layer_fds=tuple(layers), source_name=source_name)
+    if layer_formats:
+        args.update(layer_formats=tuple(layer_formats), layer_names=tuple(layer_names))
     if options.digest_chunk:
         args.update(digest_chunk=options.digest_chunk, digest_size=size, digest_zero=digest_zero)
     request_size = options.request_size

@@ -175,13 +175,24 @@ def _open_qcow2(path: str, size: int, cluster: int, dirty: extents.Extents | Non
         try:
             if dirty is None:
                 rows = chain.map()
-                rows = rows[rows[:, 2] == qcow2.MAP_DATA]  # a full backup stores no zeros
             else:
                 pieces = [chain.map(int(o), int(n)) for o, n in extents.coalesce(dirty)[:, :2]]
                 rows = np.concatenate(pieces) if pieces else np.zeros((0, 5), np.uint64)
-                rows[rows[:, 2] == qcow2.MAP_UNALLOCATED, 2] = qcow2.MAP_ZERO
-        except DirbackupError as exc:  # compressed clusters are found while mapping
+        except DirbackupError as exc:
             raise DirectUnusable(str(exc)) from None
+        if bool((rows[:, 2] == qcow2.MAP_COMPRESSED).any()):
+            # the chain reader decompresses for restores, but this plan does
+            # not carry the layers' formats: read through the export instead
+            raise DirectUnusable(
+                f"{path}: compressed clusters are not supported by the direct read"
+            )
+        known = [qcow2.MAP_DATA, qcow2.MAP_ZERO, qcow2.MAP_UNALLOCATED]
+        if not bool(np.isin(rows[:, 2], known).all()):  # never drop what is not understood
+            raise DirectUnusable(f"{path}: the map holds clusters the direct read cannot copy")
+        if dirty is None:
+            rows = rows[rows[:, 2] == qcow2.MAP_DATA]  # a full backup stores no zeros
+        else:
+            rows[rows[:, 2] == qcow2.MAP_UNALLOCATED, 2] = qcow2.MAP_ZERO
         rows = np.ascontiguousarray(rows, dtype=np.uint64)
         _check_aligned(path, rows, cluster, vsize)
         return DirectRead(path, list(chain.fds), rows, _chain=chain)

@@ -41,7 +41,7 @@ class IntegrityError(ImageError):
 
 
 class UnsupportedImage(ImageError):
-    """A valid qcow2 feature that dirbackup does not read (compression, encryption)."""
+    """A valid qcow2 feature that dirbackup does not read (encryption, extended L2)."""
 
 
 class VolumeNameError(DirbackupError, ValueError):

@@ -13,6 +13,13 @@ manages the bitmaps (per store and backup generation with our provider, see
 with its abort paths, and stops and unmounts everything it started on every
 exit path, Ctrl-C included.
 
+Where a provider can tell, it does what Proxmox VE does: `bitmap-name` comes
+whenever a disk has a bitmap (also in mode `new`); the guest config carries
+the `#qmdump#map:` drive map (drivemap.py) that a restore checks; a guest
+whose disk check fails after job_init still gets backup_cleanup and its task
+log.  With `check_reads`, a read outside an incremental's dirty areas fails
+the backup (readcheck.py).
+
 It drives any `api.BackupProvider` (and a provider with the seed's POC v3
 method names through `compat.from_v3`).  With our own provider it restores a
 VM disk straight from the validated qcow2 chain; with any other, from the
@@ -39,9 +46,12 @@ from dirbackup import (
     bitmaps,
     copy,
     dirtyregions,
+    drivemap,
     extents,
     qcow2,
+    qcow2bitmaps,
     qemu,
+    readcheck,
     restore_target,
     timings,
     toolrun,
@@ -160,9 +170,16 @@ class Host:
         new_provider: Callable[[LogFunction], BackupProvider] | None = None,
         progress: Callable[[str, copy.CopyStats], None] | None = None,
         io_timeout: float | None = None,
+        check_reads: bool = False,
     ) -> None:
         """`io_timeout` (default: the storage's `io-timeout`, 60 s) bounds the
-        host's own wait for a disk's dirty map (the file-handle mechanism)."""
+        host's own wait for a disk's dirty map (the file-handle mechanism).
+        `check_reads` (for tests of a provider): a backup whose provider read
+        an incremental disk outside its bitmap's dirty areas fails, as the
+        hypervisor refuses such reads -- found after the fact from the
+        exports' request traces (readcheck.py)."""
+        self.check_reads = check_reads
+        self._traces: Path | None = None
         self.storage = storage
         self.storeid = storeid
         self.log = _Log(log)
@@ -213,8 +230,11 @@ class Host:
         twice = duplicate_disks(disks)
         if twice is not None:
             raise HostError(twice)
-        for d in disks:
-            _check_disk(d.path)
+
+        def prepare() -> None:  # after job_init, as the hypervisor's prepare step
+            for d in disks:
+                _check_disk(d.path)
+
         return self._run_backup(
             vmid,
             VmType.QEMU,
@@ -224,6 +244,7 @@ class Host:
             lambda p, report, outcome: self._backup_vm_body(
                 p, vmid, disks, config, firewall, bandwidth_limit, mechanism, report, outcome
             ),
+            prepare,
         )
 
     def _run_backup(
@@ -234,6 +255,7 @@ class Host:
         notes: str | None,
         protected: bool,
         body: Callable[[BackupProvider, BackupReport, _Outcome], None],
+        prepare: Callable[[], None] = lambda: None,
     ) -> BackupReport:
         """The hypervisor's frame around one guest's backup: job and backup init,
         the guest-type specific `body`, then -- still under the provider's
@@ -246,10 +268,11 @@ class Host:
         p = self.provider
         own_job = not self._job
         first_line = len(self.log.lines)
-        if own_job:
-            p.job_init(start)
         try:
+            if own_job:
+                p.job_init(start)  # failed, it is still followed by job_cleanup (vzdump)
             try:
+                prepare()  # the guest's checks: failed, the provider hears of it too
                 with timings.phase("backup init (store lock, partial dir)"):
                     archive = p.backup_init(vmid, vmtype, start)["archive-name"]
             except BaseException as exc:  # as the hypervisor: cleanup and the log, even so
@@ -307,6 +330,29 @@ class Host:
         # advanced); before that, a failure drops the bitmaps made for this one
         outcome.stored = lambda: self._advance_bitmaps(marks)
         outcome.failed = marks.drop
+        with contextlib.ExitStack() as outer:
+            self._traces = Path(outer.enter_context(_private_dir())) if self.check_reads else None
+            sizes = self._backup_vm_exports(
+                p, vmid, disks, config, firewall, bwlimit, mechanism_override, report, marks
+            )
+            if self._traces is not None:  # the servers are stopped: their traces are complete
+                self._check_reads(self._traces, disks, marks)
+        _check_sizes(disks, sizes)
+
+    def _backup_vm_exports(
+        self,
+        p: BackupProvider,
+        vmid: int,
+        disks: Sequence[Disk],
+        config: str,
+        firewall: str | None,
+        bwlimit: int,
+        mechanism_override: str | None,
+        report: BackupReport,
+        marks: bitmaps.Bitmaps,
+    ) -> dict[str, dict[str, int]]:
+        """Bitmap modes, the snapshot access, backup_vm; every export stopped
+        on return.  The disks' sizes as the provider was told them."""
         with contextlib.ExitStack() as stack:
             mechanism = mechanism_override or p.backup_get_mechanism(vmid, VmType.QEMU)
             if mechanism not in ("nbd", "file-handle"):
@@ -333,8 +379,38 @@ class Host:
             info: dict[str, Any] = {"bandwidth-limit": bwlimit}
             if firewall is not None:
                 info["firewall-config"] = firewall
+            config = drivemap.with_map(
+                config, drivemap.mappings([(d.device, formats[d.device]) for d in disks])
+            )
             p.backup_vm(vmid, config, volumes, info)
-        _check_sizes(disks, sizes)
+        return sizes
+
+    def _trace_args(self, index: int) -> list[str]:
+        """qemu-nbd options for disk `index`'s request trace, with check_reads."""
+        if self._traces is None:
+            return []
+        return readcheck.trace_args(self._traces / f"disk{index}.trace")
+
+    def _check_reads(self, traces: Path, disks: Sequence[Disk], marks: bitmaps.Bitmaps) -> None:
+        """With check_reads: no read of a disk read through its bitmap lies
+        outside the bitmap's dirty extents (readcheck.py), else the backup
+        is void."""
+        for i, d in enumerate(disks):
+            name = marks.reading(d.device)
+            if name is None:
+                continue  # no bitmap reused: the whole disk may be read
+            fd = os.open(d.path, os.O_RDONLY)
+            try:
+                dirty = qcow2bitmaps.dirty_extents(fd, qcow2.read_header(d.path, fd), name)
+            finally:
+                os.close(fd)
+            bad = readcheck.first_outside(readcheck.reads(traces / f"disk{i}.trace"), dirty)
+            if bad is not None:
+                raise HostError(
+                    f"{d.device}: the provider read {bad[1]} bytes at offset {bad[0]}, outside "
+                    f"the dirty areas of bitmap {name}; the hypervisor refuses such reads "
+                    "(the backup is void)"
+                )
 
     def _set_attributes(self, volid: str, notes: str | None, protected: bool) -> None:
         if notes:
@@ -388,13 +464,14 @@ class Host:
                 fmt=d.format,
                 readonly=True,
                 bitmap=name if mode == BitmapMode.REUSE else None,
+                extra=self._trace_args(i),  # check_reads (readcheck.py)
             )
             stack.callback(server.stop)
             vol: dict[str, Any] = {"size": sizes[d.device]["size"], "bitmap-mode": str(mode)}
             if mechanism == "nbd":
                 vol["nbd-path"] = str(sock)
-                if mode == BitmapMode.REUSE:
-                    vol["bitmap-name"] = name
+                if mode != BitmapMode.NONE:  # also for `new`, as PVE (see Bitmaps.passed_name)
+                    vol["bitmap-name"] = marks.passed_name(d.device)
                 # the provider may read the image itself (api.DIRECT_KEY); the
                 # read-only export above still holds QEMU's lock and is the
                 # fallback.  (file-handle is the hypervisor's other path, kept
@@ -402,7 +479,7 @@ class Host:
                 vol[DIRECT_KEY] = {
                     "path": os.path.abspath(d.path),
                     "format": d.format,
-                    "bitmap": name if mode == BitmapMode.REUSE else None,
+                    "bitmap": vol.get("bitmap-name") if mode == BitmapMode.REUSE else None,
                 }
             else:
                 mount = rundir / f"fuse{i}"
@@ -438,8 +515,10 @@ class Host:
     ) -> BackupReport:
         """Back up a directory holding a container's root file system."""
         rootfs = Path(rootfs)
-        if not rootfs.is_dir():
-            raise HostError(f"container root {rootfs} does not exist or is not a directory")
+
+        def prepare() -> None:
+            if not rootfs.is_dir():
+                raise HostError(f"container root {rootfs} does not exist or is not a directory")
 
         def body(p: BackupProvider, report: BackupReport, outcome: _Outcome) -> None:
             mechanism = p.backup_get_mechanism(vmid, VmType.LXC)
@@ -461,7 +540,7 @@ class Host:
 
             toolrun.run_forked(child, self.log)
 
-        return self._run_backup(vmid, VmType.LXC, start_time, notes, protected, body)
+        return self._run_backup(vmid, VmType.LXC, start_time, notes, protected, body, prepare)
 
     # ------------------------------------------------------------------ restore
 
@@ -487,6 +566,7 @@ class Host:
         sizes = p.restore_vm_init(volname)
         report = RestoreReport(volid, 0.0)
         try:
+            targets = _by_device(targets, self._drive_map(p, volname, volid, sizes))
             unknown = sorted(set(targets) - set(sizes))
             if unknown:
                 raise HostError(
@@ -514,6 +594,32 @@ class Host:
             p.restore_vm_cleanup(volname)
         report.seconds = time.monotonic() - began
         return report
+
+    def _drive_map(
+        self, p: BackupProvider, volname: str, volid: str, sizes: Mapping[str, Any]
+    ) -> dict[str, str]:
+        """{drive key: device} from the guest config's `#qmdump#map:` lines,
+        each checked against the disks the backup holds (as the hypervisor's
+        restore refuses a map line without data).  A backup without a guest
+        config (or one that cannot be read: logged), or with no map lines,
+        maps nothing."""
+        try:
+            config = p.archive_get_guest_config(volname)
+        except DirbackupError:  # none kept (or refused by the store): the disks stand alone
+            return {}
+        except OSError as exc:
+            self.log("warn", f"{volid}: guest config not readable ({exc}); no drive map")
+            return {}
+        mapping = {}
+        for m in drivemap.parse(config):
+            if m.device not in sizes:
+                raise HostError(
+                    f"backup {volid}: its guest config maps {m.virtdev} to {m.device}, "
+                    f"but the backup holds no disk {m.device} "
+                    f"(it has: {', '.join(sorted(sizes)) or 'none'})"
+                )
+            mapping[m.virtdev] = m.device
+        return mapping
 
     def _store_root(self) -> Path | None:
         """The store's directory, when the storage has one (ours has)."""
@@ -617,6 +723,18 @@ def _describe(exc: BaseException) -> str:
     if isinstance(exc, KeyboardInterrupt):
         return "interrupted"
     return str(exc) or type(exc).__name__
+
+
+def _by_device(targets: Mapping[str, Path], mapping: Mapping[str, str]) -> dict[str, Path]:
+    """Restore targets keyed by device, where the caller may name a disk by
+    its device (`drive-scsi0`) or by its drive key from the map (`scsi0`)."""
+    out: dict[str, Path] = {}
+    for key, target in targets.items():
+        device = key if key not in mapping or key in mapping.values() else mapping[key]
+        if device in out:
+            raise HostError(f"disk {device} is given twice (as {key} and by its other name)")
+        out[device] = target
+    return out
 
 
 def duplicate_disks(disks: Sequence[Disk]) -> str | None:

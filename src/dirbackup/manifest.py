@@ -36,6 +36,7 @@ class DiskRecord:
     digests: dict[str, str]  # chunk index -> hex XXH64 sum, non-zero sums only
     dirty_bytes: int = 0
     written_bytes: int = 0
+    compress: str = "none"  # how data clusters are stored: none or zstd:LEVEL
 
 
 @dataclass

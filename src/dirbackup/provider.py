@@ -54,7 +54,7 @@ from typing import Any
 
 import numpy as np
 
-from dirbackup import copy, directread, extents, nbd, qcow2, timings, watchdog
+from dirbackup import compression, copy, directread, extents, nbd, qcow2, timings, watchdog
 from dirbackup.api import (
     BACKING_KEY,
     BITMAPS_KEY,
@@ -135,6 +135,7 @@ class DirectoryBackupProvider(RestoringProvider):
         copy_options: copy.CopyOptions | None = None,
         progress: DeviceProgress | None = None,
         io_timeout: float | None = None,
+        compress: str | None = None,
     ) -> None:
         """`progress(device, stats)` is called a few times a second while a disk
         is copied (for progress bars); the log gets a line every 10 s.
@@ -142,7 +143,9 @@ class DirectoryBackupProvider(RestoringProvider):
         long backup_init waits for another backup or prune of the guest;
         `io_timeout` (default: the storage's `io-timeout`, 60 s) how long a
         backup waits for a source that makes no progress -- connecting,
-        querying its map or copying -- before it fails (0: for ever)."""
+        querying its map or copying -- before it fails (0: for ever).
+        `compress` (default: the storage's `compress`) is how disk images
+        store data clusters: `none`, `zstd` or `zstd:LEVEL`."""
         super().__init__(storage_plugin, scfg, storeid, log)
         self.progress = progress
         if lock_timeout is None:
@@ -150,6 +153,9 @@ class DirectoryBackupProvider(RestoringProvider):
         if io_timeout is None:
             io_timeout = float(getattr(scfg, "io_timeout", DEFAULT_IO_TIMEOUT))
         self.io_timeout = io_timeout
+        if compress is None:
+            compress = str(getattr(scfg, "compress", compression.DEFAULT_COMPRESS))
+        self.compress = compression.normalize(compress)
         self.store = Store(scfg.path, lock_timeout)
         self.copy_options = copy_options or copy.CopyOptions()
         self._guests: dict[int, _GuestBackup] = {}
@@ -429,7 +435,9 @@ class DirectoryBackupProvider(RestoringProvider):
                 progress_interval=0.25 if self.progress else PROGRESS_INTERVAL,
                 io_timeout=self.io_timeout,
             )
-            with qcow2.Writer(image, size, cluster, backing=backing) as writer:
+            with qcow2.Writer(
+                image, size, cluster, backing=backing, compress=self.compress
+            ) as writer:
                 with timings.phase("copy"):
                     if read is not None:
                         stats = read.copy(
@@ -466,6 +474,13 @@ class DirectoryBackupProvider(RestoringProvider):
             f"{human(stats.written_bytes)} ({human(stats.zero_bytes)} zero) in "
             f"{stats.seconds:.1f} s, {human(stats.rate)}/s",
         )
+        if writer.compress != "none":
+            self.log(
+                "info",
+                f"{device}: {writer.compressed_clusters} of {writer.data_clusters} data "
+                f"clusters compressed ({writer.compress}) into "
+                f"{human(writer.compressed_bytes)}",
+            )
         return DiskRecord(
             file=image.name,
             size=size,
@@ -476,6 +491,7 @@ class DirectoryBackupProvider(RestoringProvider):
             digests=digest_map(stats.digests if stats.digests is not None else []),
             dirty_bytes=dirty,
             written_bytes=stats.written_bytes,
+            compress=writer.compress,
         )
 
     def _direct_read(

@@ -42,6 +42,7 @@ from dirbackup.units import human
 
 Writer = _qcow2.Qcow2Writer
 MAP_DATA, MAP_ZERO, MAP_UNALLOCATED = _qcow2.MAP_DATA, _qcow2.MAP_ZERO, _qcow2.MAP_UNALLOCATED
+MAP_COMPRESSED = _qcow2.MAP_COMPRESSED
 
 MAGIC = b"QFI\xfb"
 MAX_DEPTH = 64
@@ -51,6 +52,8 @@ INCOMPAT_CORRUPT = 1 << 1
 INCOMPAT_DATA_FILE = 1 << 2
 INCOMPAT_COMPRESSION = 1 << 3
 INCOMPAT_EXTL2 = 1 << 4
+COMPRESSION_ZLIB = 0  # header field compression_type: raw deflate, QEMU's default
+COMPRESSION_ZSTD = 1
 EXT_END = 0
 EXT_BACKING_FORMAT = 0xE2792ACA
 EXT_FEATURE_TABLE = 0x6803F857
@@ -98,6 +101,7 @@ class Header:
     backing_format: str | None
     autoclear: int = 0
     bitmaps: BitmapsExtension | None = None
+    compression_type: int = COMPRESSION_ZLIB
 
     @property
     def cluster_size(self) -> int:
@@ -166,6 +170,15 @@ def _parse_header(name: str, file_size: int, head: bytes, fd: int) -> Header:
             raise _bad(name, f"invalid header length {header_length}")
         if refcount_order > 6:
             raise _bad(name, f"invalid refcount order {refcount_order}")
+    compression_type = COMPRESSION_ZLIB
+    if header_length > 104:
+        compression_type = head[104]
+        if compression_type not in (COMPRESSION_ZLIB, COMPRESSION_ZSTD):
+            raise UnsupportedImage(f"{name}: unknown compression type {compression_type}")
+        if (compression_type != COMPRESSION_ZLIB) != bool(incompatible & INCOMPAT_COMPRESSION):
+            raise _bad(name, "compression type and incompatible bit 3 disagree")
+    elif incompatible & INCOMPAT_COMPRESSION:
+        raise _bad(name, "incompatible bit 3 is set without a compression type field")
     if crypt != 0:
         raise UnsupportedImage(f"{name}: encrypted images are not supported")
     if incompatible & INCOMPAT_CORRUPT:
@@ -245,6 +258,7 @@ def _parse_header(name: str, file_size: int, head: bytes, fd: int) -> Header:
         backing_format=backing_format,
         autoclear=autoclear,
         bitmaps=bitmaps,
+        compression_type=compression_type,
     )
 
 
@@ -258,7 +272,7 @@ def smallest_cluster_size(virtual_size: int) -> int:
     raise ImageError(f"a disk of {virtual_size} bytes is too large for a qcow2 image")
 
 
-def _layer(fd: int, h: Header) -> tuple[int, str, int, int, int, int, int, int]:
+def _layer(fd: int, h: Header) -> tuple[int, str, int, int, int, int, int, int, int]:
     """What the Cython ChainMap needs of one validated layer."""
     return (
         fd,
@@ -269,6 +283,7 @@ def _layer(fd: int, h: Header) -> tuple[int, str, int, int, int, int, int, int]:
         h.l1_offset,
         h.l1_size,
         h.file_size,
+        h.compression_type,
     )
 
 
@@ -404,8 +419,9 @@ class Chain:
         self, offset: int = 0, length: int | None = None, depth: int = -1
     ) -> npt.NDArray[np.uint64]:
         """Rows (guest offset, length, kind, layer, host offset); kind is
-        MAP_DATA, MAP_ZERO or MAP_UNALLOCATED (only past the first `depth`
-        layers)."""
+        MAP_DATA, MAP_ZERO, MAP_COMPRESSED (one compressed cluster or part of
+        one; the host column then holds its L2 descriptor) or MAP_UNALLOCATED
+        (only past the first `depth` layers)."""
         return self._map.map(offset, length, depth)
 
     def plan(self) -> npt.NDArray[np.uint64]:
@@ -512,6 +528,8 @@ def copy_chain(
         if any(checks)
         else (),
         size=chain.virtual_size,
+        layer_formats=[(h.cluster_bits, h.compression_type) for h in chain.headers],
+        layer_names=chain.paths,
     )
     if any(checks):
         _compare_sums(checks, stats.layer_sums or [], zero_sums)
@@ -569,18 +587,22 @@ def layer_views(
     *,
     bottom: bool = False,
     shadow: npt.NDArray[np.uint64] | None = None,
+    progress: Callable[[int], object] | None = None,
 ) -> tuple[npt.NDArray[np.uint64], npt.NDArray[np.uint64] | None]:
     """One read of layer `layer` of a chain (its own clusters, through the
     chain's open file): its digests as image_digests() gives them, and with
     `unit` its view digests (see _qcow2.layer_views), leaving out the
-    (offset, length) ranges of `shadow`, which must be `unit`-aligned."""
+    (offset, length) ranges of `shadow`, which must be `unit`-aligned.
+    `progress(n)`: n more bytes of the layer's data were read."""
     if unit and shadow is not None and shadow.size:
         u = np.uint64(unit)
         ends = shadow[:, 0] + shadow[:, 1]
         if bool((shadow[:, 0] % u).any() or ((ends % u != 0) & (ends != np.uint64(size))).any()):
             raise ValueError("shadow ranges must be aligned to the view unit")
     cmap = _qcow2.ChainMap([_layer(chain.fds[layer], chain.headers[layer])])
-    return _qcow2.layer_views(cmap, chunk, (size + chunk - 1) // chunk, unit, bottom, shadow)
+    return _qcow2.layer_views(
+        cmap, chunk, (size + chunk - 1) // chunk, unit, bottom, shadow, progress
+    )
 
 
 def allocated(chain: Chain, layer: int = 0) -> npt.NDArray[np.uint64]:
@@ -629,7 +651,17 @@ def merge_layers(
     top_dir = os.path.dirname(chain.paths[0])
     backing = os.path.relpath(chain.paths[2], top_dir) if chain.depth > 2 else None
     cluster = min(h.cluster_size for h in chain.headers[:2])
-    writer = Writer(Path(output), chain.virtual_size, cluster, backing=backing)
+    # a merge of compressed layers stays compressed: the clusters are
+    # decompressed by the copy workers and compressed again (zstd, the default
+    # level; an image does not record the level it was written with)
+    compressed = any(h.incompatible & INCOMPAT_COMPRESSION for h in chain.headers[:2])
+    writer = Writer(
+        Path(output),
+        chain.virtual_size,
+        cluster,
+        backing=backing,
+        compress="zstd" if compressed else "none",
+    )
     with writer:
         copy_chain(chain, writer, options, depth=2)
         writer.finish()

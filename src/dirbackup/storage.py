@@ -21,12 +21,12 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from enum import StrEnum
 from typing import Any
 
-from dirbackup import removal
+from dirbackup import compression, removal
 from dirbackup.api import VM_MECHANISMS, LogFunction, Mechanism, VmType
 from dirbackup.errors import DirbackupError, StoreError
 from dirbackup.manifest import Manifest
@@ -43,7 +43,7 @@ from dirbackup.store import (
 )
 from dirbackup.toolrun import call_in_child
 from dirbackup.units import parse_seconds
-from dirbackup.verify import Verifier, VerifyResult
+from dirbackup.verify import Verifier, VerifyProgress, VerifyResult
 from dirbackup.watchdog import DEFAULT_IO_TIMEOUT
 
 PLUGIN_TYPE = "dirbackup"
@@ -90,6 +90,7 @@ class StorageConfig:
     nodes: tuple[str, ...] = ()
     lock_timeout: float = DEFAULT_LOCK_TIMEOUT
     io_timeout: float = DEFAULT_IO_TIMEOUT
+    compress: str = compression.DEFAULT_COMPRESS
 
     @classmethod
     def from_mapping(cls, scfg: Mapping[str, Any]) -> StorageConfig:
@@ -104,6 +105,7 @@ class StorageConfig:
             "max-protected-backups",
             "lock-timeout",
             "io-timeout",
+            "compress",
             "disable",
             "nodes",
             "type",
@@ -139,6 +141,9 @@ class StorageConfig:
                     raise ValueError(
                         f"{key} must be a number of seconds >= 0, not {timeout!r}"
                     ) from None
+            compress = compression.normalize(
+                str(scfg.get("compress", compression.DEFAULT_COMPRESS))
+            )
             return cls(
                 path=str(scfg["path"]),
                 vm_backup_mode=VmBackupMode(scfg.get("vm-backup-mode", VmBackupMode.INCREMENTAL)),
@@ -150,9 +155,17 @@ class StorageConfig:
                 nodes=tuple(nodes),
                 lock_timeout=timeouts["lock-timeout"],
                 io_timeout=timeouts["io-timeout"],
+                compress=compress,
             )
         except ValueError as exc:
             raise StoreError(f"invalid storage configuration: {exc}") from None
+
+
+def _compress_of(m: Manifest | None) -> str:
+    """How a backup's disks were stored (`none` for containers and backups
+    older than the option; the values joined by commas if disks differ)."""
+    values = sorted({d.compress for d in m.disks.values()}) if m else []
+    return ",".join(values) if values else "none"
 
 
 @dataclass(frozen=True)
@@ -281,6 +294,13 @@ class DirectoryStorage:
                 "minimum": 0,
                 "default": DEFAULT_IO_TIMEOUT,
             },
+            "compress": {
+                "description": "How VM backups store data clusters: zstd-compressed qcow2 "
+                "clusters (zstd, or zstd:LEVEL with LEVEL 1 to 19) or as they are (none).",
+                "type": "string",
+                "pattern": r"none|zstd(:\d+)?",
+                "default": compression.DEFAULT_COMPRESS,
+            },
         }
 
     @staticmethod
@@ -294,6 +314,7 @@ class DirectoryStorage:
             "max-protected-backups": {"optional": 1},
             "lock-timeout": {"optional": 1},
             "io-timeout": {"optional": 1},
+            "compress": {"optional": 1},
             "disable": {"optional": 1},
             "nodes": {"optional": 1},
         }
@@ -419,6 +440,7 @@ class DirectoryStorage:
                     "notes": m.notes if m else "",
                     "protected": bool(m.protected) if m else False,
                     "parent": parent.volid(self.storeid) if parent else None,
+                    "compress": _compress_of(m),
                 }
             )
         return out
@@ -690,9 +712,10 @@ class DirectoryStorage:
         results = [verifier.verify(e) for e in entries]
         return results + [VerifyResult(str(p.path), False, (p.message,)) for p in problems]
 
-    def verifier(self, progress: Callable[[int], None] | None = None) -> Verifier:
+    def verifier(self, progress: VerifyProgress | None = None) -> Verifier:
         """A verify run over this store: each image is read once, however many
-        backups build on it; `progress(n)` as each n bytes are checked."""
+        backups build on it; `progress(item, done, total)` per disk and per
+        backup's files as they are checked (see Verifier)."""
         return Verifier(self.store, self.storeid, progress)
 
     # ---------------------------------------------------------------- not possible here

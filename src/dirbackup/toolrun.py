@@ -21,6 +21,7 @@ file names that are not valid text come out escaped instead of mangled.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import json
 import logging
 import multiprocessing
@@ -260,6 +261,9 @@ def call_in_child(function: Callable[..., _T], args: tuple[Any, ...], timeout: f
     return value
 
 
+_PR_SET_PDEATHSIG = 1
+
+
 def run_forked(function: Callable[[LogFunction], None], relay: LogFunction) -> None:
     """`function(log)` run in a forked child process, as the hypervisor runs a
     container's backup_container: what it changes in memory stays in the
@@ -267,11 +271,17 @@ def run_forked(function: Callable[[LogFunction], None], relay: LogFunction) -> N
     failure is raised here as a HostError with its one-line message (an
     interruption here stops the child first)."""
     r, w = os.pipe()
+    parent = os.getpid()
     pid = os.fork()
     if pid == 0:  # the child: never returns
         status = 1
         try:
             os.close(r)
+            # killed with its parent (even by SIGKILL): no orphan keeps writing
+            # into the guest's partial backup and holding the guest's lock
+            ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+            if os.getppid() != parent:
+                return
             lock = threading.Lock()
 
             def send(obj: dict[str, Any]) -> None:

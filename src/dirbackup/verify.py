@@ -44,6 +44,10 @@ from dirbackup.store import (
 Digests = npt.NDArray[np.uint64]
 
 
+#: Verifier's progress callback: (item, bytes done, bytes in all) of one item.
+VerifyProgress = Callable[[str, int, int], object]
+
+
 @dataclass(frozen=True)
 class VerifyResult:
     """The outcome of verifying one backup."""
@@ -142,14 +146,23 @@ class Checker:
         return None
 
     def data(
-        self, chain: qcow2.Chain, i: int, device: str, bid: BackupId, rec: DiskRecord
+        self,
+        chain: qcow2.Chain,
+        i: int,
+        device: str,
+        bid: BackupId,
+        rec: DiskRecord,
+        progress: Callable[[int], object] | None = None,
     ) -> str | None:
         """Whether layer i's own clusters match its record's digests (read
-        through the chain's open file, once per Checker)."""
+        through the chain's open file, once per Checker; `progress(n)`: n more
+        bytes read)."""
         st = os.fstat(chain.fds[i])
         key = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, bid, device)
         if key not in self._digests:
-            own, _view = qcow2.layer_views(chain, i, rec.digest_chunk, rec.size)
+            own, _view = qcow2.layer_views(
+                chain, i, rec.digest_chunk, rec.size, progress=progress
+            )
             self._digests[key] = digest_problem(own, rec)
         return self._digests[key]
 
@@ -159,9 +172,11 @@ class Checker:
         device: str,
         top: BackupId,
         record: DiskRecord | None,
+        progress: Callable[[int], object] | None = None,
     ) -> list[LayerProblem]:
         """The problems of every layer of the chain of disk `device` of backup
-        `top` (`record`: its manifest's record, None without a manifest).  A
+        `top` (`record`: its manifest's record, None without a manifest;
+        `progress(n)`: n more bytes of the layers' data read).  A
         layer whose link to the next one is wrong ends the walk: what lies
         beneath is not the chain the manifests describe."""
         problems: list[LayerProblem] = []
@@ -181,7 +196,7 @@ class Checker:
                 assert bid is not None
                 text = self.structure(chain, i, device, bid, rec)
                 if text is None and rec is not None:
-                    problem = self.data(chain, i, device, bid, rec)
+                    problem = self.data(chain, i, device, bid, rec, progress)
                     if problem is not None:
                         problems.append(LayerProblem(i, bid, problem))
                     continue
@@ -228,13 +243,14 @@ class Verifier:
     so one never stops the verify of the others."""
 
     def __init__(
-        self, store: Store, storeid: str, progress: Callable[[int], None] | None = None
+        self, store: Store, storeid: str, progress: VerifyProgress | None = None
     ) -> None:
-        """`progress(n)`: n more bytes of the store were checked (a disk's
-        image, a file), for a progress bar."""
+        """`progress(item, done, total)`: of what a bar calls `item` (a disk of
+        a backup, "VMID/DEVICE", or its files, "VMID/files"), `done` of
+        `total` bytes are checked; done == total once the item is."""
         self.checker = Checker(store)
         self.storeid = storeid
-        self.progress = progress or (lambda n: None)
+        self.progress: VerifyProgress = progress or (lambda item, done, total: None)
 
     def verify(self, entry: BackupEntry) -> VerifyResult:
         """Re-read one backup and check every digest, archive and chain; record
@@ -273,13 +289,24 @@ class Verifier:
                 problems.append(f"{device}: the manifest names {disk.file!r}, not a file here")
                 continue
             image = entry.image_path(device, disk)
+            item = f"{entry.id.vmid}/{device}"
             try:
                 with qcow2.Chain(image, gdir) as chain:
                     chain.map()
-                    found = self.checker.chain(chain, device, entry.id, disk)
+                    # at most every layer is read (a layer checked before is not)
+                    total = sum(os.fstat(fd).st_size for fd in chain.fds)
+                    done = 0
+
+                    def read(n: int, item: str = item, total: int = total) -> None:
+                        nonlocal done
+                        done = min(done + n, total - 1)
+                        self.progress(item, done, total)
+
+                    self.progress(item, 0, total)
+                    found = self.checker.chain(chain, device, entry.id, disk, read)
+                    self.progress(item, total, total)
                 if disk is not None:
                     checked += image.stat().st_size
-                    self.progress(image.stat().st_size)
             except (DirbackupError, OSError) as exc:
                 problems.append(str(exc) if disk is None else f"{device}: {exc}")
                 continue
@@ -292,6 +319,7 @@ class Verifier:
                 problems.append("no disk images")
             problems += [f"{name} is missing" for name in entry.missing_seed_files()]
             return problems, 0
+        files_total, files_done = max(sum(r.size for r in m.files.values()), 1), 0
         for name, rec in m.files.items():
             path = entry.file(name)
             if Path(name).name != name or name in ("", ".", ".."):
@@ -318,7 +346,8 @@ class Verifier:
                 except DirbackupError as exc:
                     problems.append(str(exc))
             checked += st.st_size
-            self.progress(st.st_size)
+            files_done += st.st_size
+            self.progress(f"{entry.id.vmid}/files", files_done, files_total)
         return problems, checked
 
 
