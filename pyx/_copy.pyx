@@ -340,6 +340,20 @@ cdef inline void add_digest(Job *j, uint64_t offset, uint64_t value) noexcept no
     atomic_add_u64(&j.digests[offset // j.digest_chunk], value, __ATOMIC_RELAXED)
 
 
+cdef void add_zero_digests(Job *j, uint64_t offset, uint64_t length) noexcept nogil:
+    """A mapped REQ_ZERO row with `digest_zero`: each cluster counts as a
+    cluster read as zero would in process_sink, so a backup copied from a
+    mapped plan sums the same digests as one read through a source."""
+    cdef uint64_t cs = j.cluster
+    cdef uint64_t pos = offset, end = offset + length, ue
+    while pos < end:
+        ue = pos - pos % cs + cs
+        if ue > end:
+            ue = end
+        add_digest(j, pos, zero_unit_digest(pos, ue - pos))
+        pos = ue
+
+
 cdef void hash_layer_units(Job *j, uint64_t layer, const char *buf, uint64_t offset,
                            uint64_t length) noexcept nogil:
     """Add the digest of each of the layer's clusters in `buf` (read from guest
@@ -549,6 +563,8 @@ cdef int one_request(Worker *w, uint64_t *row) noexcept nogil:
     cdef uint64_t kind = row[2] & ROW_KIND_MASK, flags = row[2] & ~(<uint64_t>ROW_KIND_MASK)
     cdef int fd, rc
     if kind == ROW_ZERO:
+        if j.digests != NULL and j.digest_zero:
+            add_zero_digests(j, off, length)
         return target_zero(w, off, length)
     if kind == ROW_COMPRESSED:
         return compressed_request(w, row, flags)
@@ -706,6 +722,7 @@ cdef class CopyJob:
     cdef Worker *workers
     cdef int n_workers
     cdef object _requests
+    cdef uint64_t _total         # bytes the requests cover (read by every progress snapshot)
     cdef object _keep            # Python objects whose C resources the job uses
     cdef object _layer_array
     cdef object _digests
@@ -747,6 +764,7 @@ cdef class CopyJob:
         if self._requests.ndim != 2 or self._requests.shape[1] != 5:
             raise ValueError("requests must have shape (N, 5)")
         rows = self._requests
+        self._total = int(self._requests[:, 1].sum()) if self._requests.shape[0] else 0
         if cluster_size == 0 or cluster_size & (cluster_size - 1):
             raise ValueError("cluster_size must be a power of two")
         if request_size < cluster_size or request_size % ALIGN:
@@ -1051,7 +1069,7 @@ cdef class CopyJob:
     @property
     def total_bytes(self):
         """Bytes the requests cover."""
-        return int(self._requests[:, 1].sum()) if self._requests.shape[0] else 0
+        return self._total
 
     @property
     def done_bytes(self):

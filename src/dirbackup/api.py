@@ -31,6 +31,7 @@ if TYPE_CHECKING:
 __all__ = [
     "BACKING_KEY",
     "BITMAPS_KEY",
+    "DIRECT_KEY",
     "VM_MECHANISMS",
     "BackupInfo",
     "BackupProvider",
@@ -38,6 +39,7 @@ __all__ = [
     "BitmapMode",
     "ChainAccess",
     "ContainerInfo",
+    "DirectSource",
     "IncrementalChoice",
     "LogFunction",
     "Mechanism",
@@ -129,6 +131,38 @@ class RestoreMechanism(StrEnum):
 DirtyRegions = Callable[[], "tuple[int, int] | None"]
 
 
+DIRECT_KEY = "dirbackup-direct"
+"""Volume key of backup_vm (an extension: dirbackup's own host sets it for
+local image files and block devices, the hypervisor never does): the disk as
+a local file the provider may read itself, {'path': path of the image or
+device, 'format': 'raw' or 'qcow2', 'bitmap': the name of the persistent
+dirty bitmap in the qcow2 image that `nbd-path` exports for a 'reuse', or
+None}.  The host passes `nbd-path` (or `file-handle`) exactly as without it
+and keeps the read-only export running while backup_vm runs: the export
+holds QEMU's image lock (a disk in use is refused before backup_vm), and it
+is what a provider reads when it ignores this key or cannot read the image.
+A provider that reads the file must only read it (never discard)."""
+
+
+@dataclass(frozen=True)
+class DirectSource:
+    """The DIRECT_KEY of a volume: a local image the provider may read itself."""
+
+    path: str
+    format: str
+    bitmap: str | None = None
+
+    @classmethod
+    def coerce(cls, value: DirectSource | Mapping[str, Any] | None) -> DirectSource | None:
+        if value is None or isinstance(value, DirectSource):
+            return value
+        return cls(
+            path=os.fspath(value["path"]),
+            format=str(value.get("format") or "raw"),
+            bitmap=value.get("bitmap"),
+        )
+
+
 @dataclass
 class VolumeInfo:
     """One disk handed to backup_vm.
@@ -138,7 +172,7 @@ class VolumeInfo:
     context `qemu:dirty-bitmap:NAME`).  For `file-handle`: `file_handle` (a
     file descriptor or file object, possibly O_DIRECT) and `next_dirty_region`
     (returns (offset, length) per call, then None; (0, size) once without a
-    bitmap)."""
+    bitmap).  `direct`: dirbackup's extension DIRECT_KEY, when the host sets it."""
 
     size: int
     bitmap_mode: BitmapMode = BitmapMode.NONE
@@ -146,6 +180,7 @@ class VolumeInfo:
     bitmap_name: str | None = None
     file_handle: Any = None
     next_dirty_region: DirtyRegions | None = None
+    direct: DirectSource | None = None
 
     @classmethod
     def coerce(cls, value: VolumeInfo | Mapping[str, Any]) -> VolumeInfo:
@@ -159,6 +194,7 @@ class VolumeInfo:
             bitmap_name=value.get("bitmap-name"),
             file_handle=value.get("file-handle"),
             next_dirty_region=value.get("next-dirty-region"),
+            direct=DirectSource.coerce(value.get(DIRECT_KEY)),
         )
 
     def fileno(self) -> int:

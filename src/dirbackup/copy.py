@@ -405,6 +405,8 @@ def copy_mapped(
     size: int = 0,
     layer_formats: Sequence[tuple[int, int]] = (),
     layer_names: Sequence[str] = (),
+    digest_zero: bool = False,
+    source_name: str = "backup chain",
 ) -> CopyStats:
     """Copy a mapped image (a qcow2 chain) into `target`.
 
@@ -419,6 +421,12 @@ def copy_mapped(
     hashed; the per-chunk sums come back in the stats' `layer_sums`.  `size` is
     the virtual size (the last cluster may end there).
 
+    With `options.digest_chunk`, per-chunk digest sums over [0, size) of what
+    is written come back in the stats' `digests`, exactly as copy_regions sums
+    them (REQ_ZERO rows count as zero clusters only with `digest_zero`): a
+    backup read from a mapped image records the digests of one read through
+    a source.  `source_name` names the layers in error messages.
+
     REQ_COMPRESSED rows (one compressed cluster, or part of one; the host
     column holds its L2 descriptor) need `layer_formats`: per layer its
     (cluster_bits, compression type); the workers read and decompress them.
@@ -426,9 +434,11 @@ def copy_mapped(
     naming the layer (from `layer_names`) and the offsets.
     """
     args = _target_args(target, options)
-    args.update(layer_fds=tuple(layers), source_name="backup chain")
+    args.update(layer_fds=tuple(layers), source_name=source_name)
     if layer_formats:
         args.update(layer_formats=tuple(layer_formats), layer_names=tuple(layer_names))
+    if options.digest_chunk:
+        args.update(digest_chunk=options.digest_chunk, digest_size=size, digest_zero=digest_zero)
     request_size = options.request_size
     if any(s is not None for s in layer_sums):
         # every piece of a hashed row must hold whole clusters of its layer

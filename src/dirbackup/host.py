@@ -4,7 +4,9 @@ Integrators call a provider from their own hypervisor; everyone else needs a
 program that plays the hypervisor's part.  `Host` sets up the "snapshot
 access" each mechanism needs -- a read-only qemu-nbd export per disk on a
 private Unix socket (export name = device name) with the disk's persistent
-dirty bitmap, and for `file-handle` an nbdfuse file opened with O_DIRECT --
+dirty bitmap (for `nbd` also the image itself as api.DIRECT_KEY, which our
+provider reads directly while the export holds QEMU's lock and serves as the
+fallback), and for `file-handle` an nbdfuse file opened with O_DIRECT --
 manages the bitmaps (per store and backup generation with our provider, see
 `dirbackup.bitmaps`; one per store, like the hypervisor's
 `snapshot-access:<storeid>`, with any other), calls the provider in the hypervisor's order
@@ -56,6 +58,7 @@ from dirbackup import (
     watchdog,
 )
 from dirbackup.api import (
+    DIRECT_KEY,
     BackupProvider,
     BitmapMode,
     ChainAccess,
@@ -469,6 +472,15 @@ class Host:
                 vol["nbd-path"] = str(sock)
                 if mode != BitmapMode.NONE:  # also for `new`, as PVE (see Bitmaps.passed_name)
                     vol["bitmap-name"] = marks.passed_name(d.device)
+                # the provider may read the image itself (api.DIRECT_KEY); the
+                # read-only export above still holds QEMU's lock and is the
+                # fallback.  (file-handle is the hypervisor's other path, kept
+                # as it is for those who choose it.)
+                vol[DIRECT_KEY] = {
+                    "path": os.path.abspath(d.path),
+                    "format": d.format,
+                    "bitmap": vol.get("bitmap-name") if mode == BitmapMode.REUSE else None,
+                }
             else:
                 mount = rundir / f"fuse{i}"
                 mount.mkdir()

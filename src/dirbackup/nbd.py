@@ -125,6 +125,14 @@ def shut_down(fds: Iterable[int]) -> None:
                 sock.close()
 
 
+def pread(h: Any, length: int, offset: int, what: str) -> bytes:
+    """h.pread(), a failure raised as OSError starting with `what`."""
+    try:
+        return bytes(h.pread(length, offset))
+    except nbd.Error as exc:
+        raise _os_error(exc, what) from None
+
+
 def _close(h: Any) -> None:
     close = getattr(h, "close", None)  # python-libnbd >= 1.16; older ones close on GC
     if close is not None:

@@ -6,6 +6,10 @@ The seed's `DirectoryExample`, done properly:
   target side); an incremental image is backed by the previous backup of the
   same disk and holds exactly what the dirty bitmap says changed, with
   clusters that now read as zero stored as zero clusters.
+* A local disk the host passes as api.DIRECT_KEY is read by the core from its
+  image file (directread: raw files, block devices, qcow2 chains), with the
+  same images and digests as through the export; what the core cannot read
+  goes through the export, with one log line saying why.
 * Only the dirty parts of a source with a bitmap are read or queried; each
   copied range is discarded on the source afterwards where the source allows
   it; the bandwidth limit is honoured; digests are summed while copying.
@@ -50,7 +54,7 @@ from typing import Any
 
 import numpy as np
 
-from dirbackup import compression, copy, extents, nbd, qcow2, timings, watchdog
+from dirbackup import compression, copy, directread, extents, nbd, qcow2, timings, watchdog
 from dirbackup.api import (
     BACKING_KEY,
     BITMAPS_KEY,
@@ -63,7 +67,7 @@ from dirbackup.api import (
     VmType,
     VolumeInfo,
 )
-from dirbackup.errors import DirbackupError, StoreError
+from dirbackup.errors import DirbackupError, IOTimeout, StoreError
 from dirbackup.manifest import (
     DiskRecord,
     FileRecord,
@@ -392,24 +396,35 @@ class DirectoryBackupProvider(RestoringProvider):
         if vol.bitmap_mode == BitmapMode.NONE:
             g.generations.pop(device, None)  # the host keeps no bitmap of this disk
         handles: list[Any] = []
-        source: copy.Source
+        source: copy.Source | None = None
+        vsize = qcow2.virtual_size_for(size)  # the image reads a sector's zero tail
+        direct = None
         try:
-            if vol.nbd_path:
-                source, regions, handles = self._nbd_source(device, vol, base is not None)
+            if vol.direct is not None and vol.nbd_path:
+                direct = self._direct_read(device, vol, base is not None, vsize)
+            if direct is not None:
+                read, cluster, dirty = direct
+                handles = self._export_witness(device, vol)
             else:
-                source = copy.FileSource(vol.fileno(), f"{device} (file handle)")
-                regions = self._regions_from_iterator(device, vol)
-            dirty = extents.total(regions)
-            vsize = qcow2.virtual_size_for(size)  # the image reads a sector's zero tail
-            if base:
-                cluster = _cluster_size_for(device, regions, vsize)
-            else:
-                cluster = max(DEFAULT_CLUSTER, qcow2.smallest_cluster_size(vsize))
-            regions = extents.align(regions, cluster, vsize)
+                read = None
+                if vol.nbd_path:
+                    source, regions, handles = self._nbd_source(device, vol, base is not None)
+                else:
+                    source = copy.FileSource(vol.fileno(), f"{device} (file handle)")
+                    regions = self._regions_from_iterator(device, vol)
+                dirty = extents.total(regions)
+                if base:
+                    cluster = _cluster_size_for(device, regions, vsize)
+                else:
+                    cluster = max(DEFAULT_CLUSTER, qcow2.smallest_cluster_size(vsize))
+                regions = extents.align(regions, cluster, vsize)
             image = self.store.partial(g.bid).image_path(device)
             backing = os.path.relpath(base[1], image.parent) if base else None
             mode = "incremental" if base else "full"
-            self.log("info", f"{device}: {mode} backup of {human(size)}, {human(dirty)} to read")
+            via = " directly" if read is not None else ""  # from the image (api.DIRECT_KEY)
+            self.log(
+                "info", f"{device}: {mode} backup of {human(size)}, {human(dirty)} to read{via}"
+            )
             options = copy.CopyOptions(
                 request_size=self.copy_options.request_size,
                 workers=self.copy_options.workers,
@@ -424,19 +439,33 @@ class DirectoryBackupProvider(RestoringProvider):
                 image, size, cluster, backing=backing, compress=self.compress
             ) as writer:
                 with timings.phase("copy"):
-                    stats = copy.copy_regions(
-                        source,
-                        writer,
-                        regions,
-                        options,
-                        progress=self._progress_logger(device),
-                        digest_size=size,
-                        digest_zero=writer.records_zero,
-                    )
+                    if read is not None:
+                        stats = read.copy(
+                            writer,
+                            options,
+                            progress=self._progress_logger(device),
+                            size=size,
+                            digest_zero=writer.records_zero,
+                            name=f"{device} ({read.name})",
+                        )
+                        self._check_witness(device, vol, handles, image)
+                    else:
+                        assert source is not None
+                        stats = copy.copy_regions(
+                            source,
+                            writer,
+                            regions,
+                            options,
+                            progress=self._progress_logger(device),
+                            digest_size=size,
+                            digest_zero=writer.records_zero,
+                        )
                 with timings.phase("qcow2 finish"):
                     writer.finish()
         finally:
             nbd.close_all(handles)
+            if direct is not None:
+                direct[0].close()
         if stats.discard_note:
             self.log("info", f"{device}: {stats.discard_note}")
         self.log(
@@ -464,6 +493,81 @@ class DirectoryBackupProvider(RestoringProvider):
             written_bytes=stats.written_bytes,
             compress=writer.compress,
         )
+
+    def _direct_read(
+        self, device: str, vol: VolumeInfo, incremental: bool, vsize: int
+    ) -> tuple[directread.DirectRead, int, int] | None:
+        """The disk read by the core from its image file (api.DIRECT_KEY):
+        the open image with its copy plan, the backup's cluster size and the
+        bytes to read (as _nbd_source would count them).  None, with one log
+        line saying why, when the core cannot read the image: the caller
+        then reads through the export."""
+        src = vol.direct
+        assert src is not None
+        try:
+            if not incremental:
+                cluster = max(DEFAULT_CLUSTER, qcow2.smallest_cluster_size(vsize))
+                read = directread.open_direct(src, vol.size, cluster)
+                return read, cluster, read.data_bytes
+            if src.format != "qcow2":
+                raise directread.DirectUnusable("a raw image has no persistent dirty bitmap")
+            if src.bitmap is None or src.bitmap != vol.bitmap_name:
+                raise directread.DirectUnusable(
+                    f"the image's bitmap {src.bitmap} is not the exported {vol.bitmap_name}"
+                )
+            dirty = self._dirty_map(device, vol)
+            cluster = _cluster_size_for(device, dirty, vsize)
+            read = directread.open_direct(
+                src, vol.size, cluster, extents.align(dirty, cluster, vsize)
+            )
+            return read, cluster, extents.total(dirty)
+        except directread.DirectUnusable as exc:
+            self.log("info", f"{device}: DEV: reading through qemu-nbd: {exc}")
+            return None
+
+    def _export_witness(self, device: str, vol: VolumeInfo) -> list[Any]:
+        """A connection to the disk's export, held while the image is read
+        directly: the export's server holds QEMU's image lock, so the copy is
+        only good if that server is still there and answering at its end."""
+        uri = nbd.unix_uri(str(vol.nbd_path), device)
+        return nbd.connect_many(uri, 1, timeout=self.io_timeout)
+
+    def _check_witness(self, device: str, vol: VolumeInfo, handles: list[Any], image: Path) -> None:
+        """After a direct copy: one read through the export, given up after
+        the I/O timeout.  A server that died may have let a writer in (its
+        lock went with it), one that does not answer may be stuck for good:
+        either way the backup fails, as it would reading through it."""
+        uri = nbd.unix_uri(str(vol.nbd_path), device)
+        fds = nbd.socket_fds(handles) if self.io_timeout > 0 else []
+        with watchdog.Watchdog(self.io_timeout, lambda: 0, lambda: nbd.shut_down(fds)) as guard:
+            try:
+                nbd.pread(handles[0], 512, 0, f"reading {uri} at offset 0")
+            except OSError as exc:
+                if not guard.fired:
+                    raise OSError(
+                        exc.errno,
+                        f"{exc.strerror} (the export that holds the image's lock while the "
+                        "image is read directly)",
+                    ) from None
+        if guard.fired:
+            raise IOTimeout(
+                f"no progress for {self.io_timeout:g} s reading {uri} into {image}: the export "
+                "that holds the image's lock stopped answering (I/O timeout)"
+            )
+
+    def _dirty_map(self, device: str, vol: VolumeInfo) -> extents.Extents:
+        """The dirty regions of the bitmap an incremental read directly
+        continues: block status of the export's `qemu:dirty-bitmap` context
+        (no data goes through the export).  To become
+        qcow2bitmaps.dirty_extents() on the image itself once that is in."""
+        context = extents.dirty_bitmap_context(str(vol.bitmap_name))
+        uri = nbd.unix_uri(str(vol.nbd_path), device)
+        handles = nbd.connect_many(uri, 1, [context], timeout=self.io_timeout)
+        try:
+            nbd.require_context(handles[0], context)
+            return extents.dirty(self._block_status(device, handles, context))
+        finally:
+            nbd.close_all(handles)
 
     def _nbd_source(
         self, device: str, vol: VolumeInfo, incremental: bool

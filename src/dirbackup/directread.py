@@ -1,0 +1,217 @@
+"""A local disk image read by the core itself, without qemu-nbd in the path.
+
+The host passes a local disk as api.DIRECT_KEY beside its read-only NBD
+export.  Reading the file directly saves the two extra copies of every byte
+through the export's socket and the core qemu-nbd burns (the command line
+was 2.4 times slower than `qemu-img convert` through it, issue 13).
+
+open_direct() turns such a disk into a mapped copy plan for
+copy.copy_mapped: rows (guest offset, length, kind, layer, host offset) over
+the image's open file descriptors, aligned to the backup's cluster size.
+
+* A raw file or block device is read with O_DIRECT where the file system
+  allows it (measured on an uncached disk file: 2.5 s against 4.1 s buffered
+  for 1 GiB on a loaded machine; the same on tmpfs), its data regions from
+  SEEK_DATA/SEEK_HOLE (a block device is all data).  A raw file whose size is
+  not a multiple of 512 is read as a one-layer map instead, whose tail up to
+  the 512-byte sector QEMU rounds it to reads as zero, as through the export.
+* A qcow2 image, possibly an overlay on a qcow2 backing chain, is opened
+  with qcow2.Chain (every header checked, cycles and depth refused, the files
+  held open) and mapped; what no layer holds reads as zero.
+
+Anything the core cannot read (compressed clusters, encryption, an external
+data file, extended L2 entries, a raw backing file, clusters smaller than the
+backup's, a size other than the host said) raises DirectUnusable with the
+reason; the caller then reads through the export.  Nothing here writes to the
+image: the files are opened read-only and the copy must not discard.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import errno
+import os
+from dataclasses import dataclass, field
+
+import numpy as np
+import numpy.typing as npt
+
+from dirbackup import copy, extents, qcow2
+from dirbackup.api import DirectSource
+from dirbackup.errors import DirbackupError
+
+
+class DirectUnusable(Exception):
+    """The image cannot be read by the core; the message says why."""
+
+
+@dataclass
+class DirectRead:
+    """An open image and the plan that copies the wanted part of it."""
+
+    name: str
+    layers: list[int]
+    plan: npt.NDArray[np.uint64]
+    regions: extents.Extents | None = None  # instead of the plan: these of layers[0]
+    _chain: qcow2.Chain | None = field(default=None, repr=False)
+    _fd: int = -1
+
+    @property
+    def data_bytes(self) -> int:
+        """Bytes the copy reads from the image."""
+        if self.regions is not None:
+            return extents.total(self.regions)
+        data = (self.plan[:, 2] & np.uint64(copy.REQ_KIND_MASK)) == copy.REQ_DATA
+        return int(self.plan[data, 1].sum())
+
+    def copy(
+        self,
+        target: copy.Target,
+        options: copy.CopyOptions,
+        *,
+        progress: copy.Progress | None,
+        size: int,
+        digest_zero: bool,
+        name: str,
+    ) -> copy.CopyStats:
+        """Copy into `target` (a sink) with per-chunk digests over [0, size)
+        as copy.copy_regions sums them.  Never discards: this is the guest's
+        own disk."""
+        options = dataclasses.replace(options, discard=False)
+        if self.regions is not None:
+            return copy.copy_regions(
+                copy.FileSource(self.layers[0], name),
+                target,
+                self.regions,
+                options,
+                progress=progress,
+                digest_size=size,
+                digest_zero=digest_zero,
+            )
+        return copy.copy_mapped(
+            self.layers,
+            self.plan,
+            target,
+            options,
+            progress=progress,
+            size=size,
+            digest_zero=digest_zero,
+            source_name=name,
+        )
+
+    def close(self) -> None:
+        if self._chain is not None:
+            self._chain.close()
+            self._chain = None
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+    def __enter__(self) -> DirectRead:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def open_direct(
+    src: DirectSource, size: int, cluster: int, dirty: extents.Extents | None = None
+) -> DirectRead:
+    """Open `src` (a disk of `size` bytes) and plan the copy of its data into
+    a backup of `cluster`-byte clusters: everything it holds, or with `dirty`
+    (extents aligned to `cluster`) only those ranges, with the ranges that
+    read as zero as REQ_ZERO rows.  Raises DirectUnusable."""
+    if src.format == "raw":
+        if dirty is not None:
+            raise DirectUnusable("a raw image has no persistent dirty bitmap")
+        return _open_raw(src.path, size, cluster)
+    if src.format == "qcow2":
+        return _open_qcow2(src.path, size, cluster, dirty)
+    raise DirectUnusable(f"image format {src.format!r} is not read by the core")
+
+
+def _open_raw(path: str, size: int, cluster: int) -> DirectRead:
+    vsize = qcow2.virtual_size_for(size)
+    flags = os.O_RDONLY | os.O_CLOEXEC
+    try:
+        try:
+            fd = os.open(path, flags | (os.O_DIRECT if vsize == size else 0))
+        except OSError as exc:
+            if exc.errno != errno.EINVAL:  # a file system without O_DIRECT
+                raise
+            fd = os.open(path, flags)
+    except OSError as exc:
+        raise DirectUnusable(f"{path}: {exc.strerror}") from None
+    try:
+        have = copy.fd_size(fd)
+        if have != size:
+            raise DirectUnusable(f"{path} has {have} bytes, the host said {size}")
+        data = extents.data(extents.file_extents(fd, 0, size))
+        regions = extents.align(data, cluster, vsize)
+        if vsize == size:
+            return DirectRead(path, [fd], np.zeros((0, 5), np.uint64), regions, _fd=fd)
+        rows = np.zeros((regions.shape[0], 5), dtype=np.uint64)
+        rows[:, 0] = regions[:, 0]
+        rows[:, 1] = regions[:, 1]
+        rows[:, 2] = copy.REQ_DATA
+        rows[:, 4] = regions[:, 0]  # past the end of the file reads as zero
+        return DirectRead(path, [fd], rows, _fd=fd)
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def _open_qcow2(path: str, size: int, cluster: int, dirty: extents.Extents | None) -> DirectRead:
+    vsize = qcow2.virtual_size_for(size)
+    try:
+        chain = qcow2.Chain(path, "/")  # the guest's own chain may lie anywhere
+    except DirbackupError as exc:
+        raise DirectUnusable(str(exc)) from None
+    try:
+        if chain.virtual_size != vsize:
+            raise DirectUnusable(
+                f"{path} has a virtual size of {chain.virtual_size} bytes, the host said {size}"
+            )
+        try:
+            if dirty is None:
+                rows = chain.map()
+            else:
+                pieces = [chain.map(int(o), int(n)) for o, n in extents.coalesce(dirty)[:, :2]]
+                rows = np.concatenate(pieces) if pieces else np.zeros((0, 5), np.uint64)
+        except DirbackupError as exc:
+            raise DirectUnusable(str(exc)) from None
+        if bool((rows[:, 2] == qcow2.MAP_COMPRESSED).any()):
+            # the chain reader decompresses for restores, but this plan does
+            # not carry the layers' formats: read through the export instead
+            raise DirectUnusable(
+                f"{path}: compressed clusters are not supported by the direct read"
+            )
+        known = [qcow2.MAP_DATA, qcow2.MAP_ZERO, qcow2.MAP_UNALLOCATED]
+        if not bool(np.isin(rows[:, 2], known).all()):  # never drop what is not understood
+            raise DirectUnusable(f"{path}: the map holds clusters the direct read cannot copy")
+        if dirty is None:
+            rows = rows[rows[:, 2] == qcow2.MAP_DATA]  # a full backup stores no zeros
+        else:
+            rows[rows[:, 2] == qcow2.MAP_UNALLOCATED, 2] = qcow2.MAP_ZERO
+        rows = np.ascontiguousarray(rows, dtype=np.uint64)
+        _check_aligned(path, rows, cluster, vsize)
+        return DirectRead(path, list(chain.fds), rows, _chain=chain)
+    except BaseException:
+        chain.close()
+        raise
+
+
+def _check_aligned(path: str, rows: npt.NDArray[np.uint64], cluster: int, vsize: int) -> None:
+    """The qcow2 writer takes whole clusters: a map finer than the backup's
+    clusters (an image with smaller clusters) cannot be copied from the map."""
+    if rows.shape[0] == 0:
+        return
+    cs = np.uint64(cluster)
+    ends = rows[:, 0] + rows[:, 1]
+    bad = (rows[:, 0] % cs != 0) | ((ends % cs != 0) & (ends != np.uint64(vsize)))
+    if bad.any():
+        row = rows[int(np.argmax(bad))]
+        raise DirectUnusable(
+            f"{path} maps {int(row[1])} bytes at offset {int(row[0])}, finer than the "
+            f"backup's {cluster}-byte clusters"
+        )
