@@ -161,7 +161,9 @@ def served(tmp_path: Path) -> Iterator[socket.socket]:
     (tmp_path / "store").mkdir()
     ours, theirs = socket.socketpair()
     scfg = {"path": str(tmp_path / "store"), "vm-backup-mechanism": "file-handle"}
-    thread = threading.Thread(target=serve_fd, args=(STOREID, scfg, theirs.detach()))
+    thread = threading.Thread(
+        target=serve_fd, args=(STOREID, scfg, theirs.detach()), daemon=True
+    )
     thread.start()
     try:
         yield ours
@@ -395,7 +397,9 @@ def test_serve_on_a_listening_socket(tmp_path: Path) -> None:
     (tmp_path / "store").mkdir()
     path = tmp_path / "pve.sock"
     thread = threading.Thread(
-        target=serve_socket, args=(STOREID, {"path": str(tmp_path / "store")}, str(path))
+        target=serve_socket,
+        args=(STOREID, {"path": str(tmp_path / "store")}, str(path)),
+        daemon=True,  # a failed assertion must not leave pytest waiting for it at exit
     )
     thread.start()
     try:
