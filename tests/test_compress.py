@@ -299,10 +299,17 @@ def test_compressed_chain_restore_verify_merge(tmp_path: Path) -> None:
     listing = storage.list_volumes(100)
     assert [v["compress"] for v in listing] == ["zstd:1"] * 3
     assert all(r.ok for r in storage.verify()), storage.verify()
-    # removing the base merges it into its child: still compressed, still the same
-    storage.free_image(volids[0])
+    # removing the base merges it into its child: still compressed, still the
+    # same, the streams of both copied as they were
+    root = storage.store.guest_dir(100)
     child = storage.store.backup_dir(storage.backup_id(volids[1])) / "drive-scsi0.qcow2"
+    base = storage.store.backup_dir(storage.backup_id(volids[0])) / "drive-scsi0.qcow2"
+    before = compressed_streams(base, root) | compressed_streams(child, root)
+    storage.free_image(volids[0])
     assert check_clean(child).get("compressed-clusters", 0) > 0
+    after = compressed_streams(child, root)
+    assert after and set(after) <= set(before)
+    assert all(same_stream(after[g], before[g]) for g in after)
     assert all(r.ok for r in storage.verify())
     for volid, state in zip(volids[1:], guest.states[1:], strict=True):
         restore_and_compare(storage, volid, state, tmp_path)
