@@ -18,18 +18,6 @@ cdef extern from "<zstd.h>" nogil:
         size_t pos
     ctypedef enum ZSTD_ResetDirective:
         ZSTD_reset_session_only
-    ctypedef enum ZSTD_cParameter:
-        ZSTD_c_compressionLevel
-        ZSTD_c_windowLog
-        ZSTD_c_hashLog
-        ZSTD_c_minMatch
-        ZSTD_c_targetLength
-        ZSTD_c_strategy
-        ZSTD_c_contentSizeFlag
-        ZSTD_c_checksumFlag
-    size_t ZSTD_CCtx_setParameter(ZSTD_CCtx *cctx, ZSTD_cParameter param, int value)
-    size_t ZSTD_compress2(ZSTD_CCtx *cctx, void *dst, size_t dst_capacity, const void *src,
-                          size_t src_size)
     ZSTD_CCtx *ZSTD_createCCtx()
     size_t ZSTD_freeCCtx(ZSTD_CCtx *cctx)
     size_t ZSTD_compressCCtx(ZSTD_CCtx *cctx, void *dst, size_t dst_capacity,
