@@ -55,8 +55,8 @@ from libnbd cimport (NBD_NULL_COMPLETION, nbd_aio_command_completed, nbd_aio_in_
 from rows cimport (ROW_COMPRESSED, ROW_COPY, ROW_DATA, ROW_HASH, ROW_KIND_MASK, ROW_NOWRITE,
                    ROW_UNALLOCATED, ROW_ZERO)
 from sink cimport sink_ops
-from unpack cimport (ZLIB_WINDOW_BITS, decompress_cluster, inflateEnd, inflateInit2,
-                     z_stream)
+from unpack cimport (CTYPE_ZSTD, ZLIB_WINDOW_BITS, decompress_cluster, inflateEnd,
+                     inflateInit2, z_stream)
 from zstd cimport (ZSTD_CCtx, ZSTD_compressCCtx, ZSTD_createCCtx, ZSTD_createDCtx, ZSTD_DCtx,
                    ZSTD_freeCCtx, ZSTD_freeDCtx, ZSTD_isError)
 from sysdeps cimport (BLKDISCARD, BLKZEROOUT, FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE,
@@ -513,12 +513,14 @@ cdef void discard_source(Worker *w, uint64_t offset, uint64_t length) noexcept n
 cdef int compressed_request(Worker *w, uint64_t *row, uint64_t flags) noexcept nogil:
     """Read one compressed cluster of a layer (the chain reader checked the
     descriptor: its bytes lie inside the file), decompress it, then hash and
-    write the part of it the row covers.  The bandwidth limit counts the
-    compressed bytes: those are what is read."""
+    write the part of it the row covers.  A compressing sink of the same
+    cluster size gets a whole zstd cluster's stream as it is (copy_stream).
+    The bandwidth limit counts the compressed bytes: those are what is read."""
     cdef Job *j = w.job
     cdef uint64_t off = row[0], length = row[1], entry = row[4], layer = row[3]
     cdef int bits
     cdef uint64_t cs, x, start, end, skip
+    cdef size_t used = 0
     if <int>layer >= j.n_layers or j.layer_bits == NULL:
         fail(j, EINVAL, OP_READ_LAYER, off, b"compressed request without its layer's format")
         return -1
@@ -540,7 +542,7 @@ cdef int compressed_request(Worker *w, uint64_t *row, uint64_t flags) noexcept n
     if cancelled(j):
         return -1
     if decompress_cluster(j.layer_ctype[layer], w.zbuf, end - start, w.dbuf, cs,
-                          w.dctx, w.zs) < 0:
+                          w.dctx, w.zs, &used) < 0:
         pthread_mutex_lock(&j.err_lock)
         if not j.err_set:
             j.err_layer = layer
@@ -551,9 +553,37 @@ cdef int compressed_request(Worker *w, uint64_t *row, uint64_t flags) noexcept n
         return -1
     if flags & ROW_HASH:
         hash_layer_units(j, layer, w.dbuf + skip, off, length)
-    if not (flags & ROW_NOWRITE):
-        return j.tgt.process(w, w.dbuf + skip, off, length, True)
-    return 0
+    if flags & ROW_NOWRITE:
+        return 0
+    if (w.cctx != NULL and j.layer_ctype[layer] == CTYPE_ZSTD and cs == j.sink.cluster_size
+            and skip == 0 and (length == cs or off + length == j.sink.virtual_size)
+            and used <= cs - 512 and not is_zero(w.dbuf, length)):
+        return copy_stream(w, off, length, used)
+    return j.tgt.process(w, w.dbuf + skip, off, length, True)
+
+
+cdef int copy_stream(Worker *w, uint64_t off, uint64_t length, uint64_t used) noexcept nogil:
+    """Give a compressing sink the zstd stream just read into w.zbuf (`used`
+    bytes, for the whole guest cluster at `off`) as it is: a merge keeps its
+    layers' compressed clusters without compressing them again.  The stream
+    was decompressed first all the same: it is checked, hashed like any
+    other data cluster, and one that reads as zero stays a zero cluster."""
+    cdef Job *j = w.job
+    cdef sink_ops *s = j.sink
+    cdef uint64_t cs = s.cluster_size, g = off // cs, at = 0, total = used
+    # the same minimum length as compress_cluster's streams (16-bit refcounts)
+    cdef uint64_t room = cs // 65535 + 1
+    cdef int64_t host
+    if used < room:
+        memset(w.zbuf + used, 0, room - used)
+        total = room
+    if j.digests != NULL:
+        add_digest(j, off, data_unit_digest(w.dbuf, off, length))
+    host = s.alloc_compressed(s.ctx, &g, &at, &used, 1, total)
+    if host < 0:
+        fail(j, errno, OP_ALLOC, off, NULL)
+        return -1
+    return write_fd(j, s.fd, w.zbuf, total, <uint64_t>host)
 
 
 cdef int one_request(Worker *w, uint64_t *row) noexcept nogil:

@@ -18,12 +18,12 @@ cluster 1 on by an atomic counter; finish() appends the L2 tables, the L1
 table, the refcount blocks and the refcount table, syncs, then writes the
 header and syncs again.  Every host cluster in the file is referenced exactly
 once, so refcounts are all 1 -- except with compression (a zstd level given):
-the copy loop's workers then compress each data cluster and hand the streams
-to alloc_compressed(), which packs them back to back (a stream may cross a
-host cluster boundary, as QEMU allows); a host cluster holding compressed
-data is referenced once by every compressed cluster touching it.  Both
-allocators then take one lock, and whole clusters start at the next host
-cluster boundary.
+the copy loop's workers then compress each data cluster (or, merging, take
+a layer's zstd stream as it is) and hand the streams to alloc_compressed(),
+which packs them back to back (a stream may cross a host cluster boundary,
+as QEMU allows); a host cluster holding compressed data is referenced once
+by every compressed cluster touching it.  Both allocators then take one
+lock, and whole clusters start at the next host cluster boundary.
 """
 from cpython.pycapsule cimport PyCapsule_New
 from libc.errno cimport EEXIST, EINTR, EINVAL, EIO, ENOMEM, errno
@@ -1206,7 +1206,7 @@ cdef class Unpacker:
             memset(self.src + r, 0, end - start - r)
         with nogil:
             rc = decompress_cluster(L.ctype, self.src, end - start, dst, L.cs, self.dctx,
-                                    &self.zs)
+                                    &self.zs, NULL)
         if rc < 0:
             raise ImageError(f"{name}: compressed cluster for guest offset {guest} at host "
                              f"offset {start}: the stream does not decompress to exactly one "

@@ -29,7 +29,9 @@ cdef struct sink_ops:
     # Place `n` compressed streams that the caller has packed into one buffer
     # of `total` bytes (stream k at byte `offsets[k]`, `lengths[k]` bytes, for
     # guest cluster `clusters[k]`); return the host offset to write the buffer
-    # to, or -1 with errno set.  Called by several threads at once.
+    # to, or -1 with errno set.  Called by several threads at once: with the
+    # streams the copy loop compressed, and with one zstd stream read from a
+    # layer of the same cluster size (a merge copies those as they are).
     int64_t (*alloc_compressed)(void *ctx, const uint64_t *clusters, const uint64_t *offsets,
                                 const uint64_t *lengths, size_t n,
                                 uint64_t total) noexcept nogil

@@ -33,10 +33,13 @@ cdef enum:
 
 
 cdef inline int decompress_cluster(int ctype, const char *src, size_t n, char *dst,
-                                   size_t cs, ZSTD_DCtx *dctx, z_stream *zs) noexcept nogil:
+                                   size_t cs, ZSTD_DCtx *dctx, z_stream *zs,
+                                   size_t *used) noexcept nogil:
     """Decompress the stream at `src` (`n` bytes, possibly followed by
     unrelated bytes up to its last sector) into exactly `cs` bytes at `dst`.
-    0 on success; -1 when it is corrupt or does not make exactly one cluster."""
+    0 on success; -1 when it is corrupt or does not make exactly one cluster.
+    `used` (may be NULL) gets the stream's own length: where its zstd frame
+    ends, so that a merge can copy the stream as it is."""
     cdef ZSTD_inBuffer inb
     cdef ZSTD_outBuffer outb
     cdef size_t r = 1, last_in, last_out
@@ -59,6 +62,8 @@ cdef inline int decompress_cluster(int ctype, const char *src, size_t n, char *d
             if r == 0 or (inb.pos == last_in and outb.pos == last_out):
                 break
         # the frame ended (r == 0) exactly at the end of the cluster
+        if used != NULL:
+            used[0] = inb.pos
         return 0 if r == 0 and outb.pos == cs else -1
     if ctype == CTYPE_ZLIB:
         if inflateReset(zs) != Z_OK:
@@ -68,5 +73,7 @@ cdef inline int decompress_cluster(int ctype, const char *src, size_t n, char *d
         zs.next_out = <unsigned char *>dst
         zs.avail_out = <unsigned int>cs
         zr = inflate_(zs, Z_FINISH)
+        if used != NULL:
+            used[0] = n - zs.avail_in
         return 0 if zr == Z_STREAM_END and zs.avail_out == 0 else -1
     return -1

@@ -651,10 +651,15 @@ def merge_layers(
     top_dir = os.path.dirname(chain.paths[0])
     backing = os.path.relpath(chain.paths[2], top_dir) if chain.depth > 2 else None
     cluster = min(h.cluster_size for h in chain.headers[:2])
-    # a merge of compressed layers stays compressed: the clusters are
-    # decompressed by the copy workers and compressed again (zstd, the default
-    # level; an image does not record the level it was written with)
-    compressed = any(h.incompatible & INCOMPAT_COMPRESSION for h in chain.headers[:2])
+    # a merge of compressed layers stays compressed.  A zstd cluster of a
+    # layer with the merged image's cluster size is copied as it is (its
+    # stream is still decompressed on the way, to be checked and hashed);
+    # zlib clusters (QEMU's default type), and clusters of a layer with larger
+    # clusters, are decompressed and compressed again with zstd at the default
+    # level (an image does not record the level it was written with)
+    compressed = any(h.compression_type == COMPRESSION_ZSTD for h in chain.headers[:2]) or bool(
+        (chain.map(depth=2)[:, 2] == MAP_COMPRESSED).any()
+    )
     writer = Writer(
         Path(output),
         chain.virtual_size,
