@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import struct
 import subprocess
 import time
 from collections.abc import Mapping
@@ -19,7 +20,7 @@ from typing import Any
 import pytest
 from conftest import KiB, MiB, assert_same
 
-from dirbackup import qemu
+from dirbackup import qcow2, qemu
 from dirbackup.api import DIRECT_KEY
 from dirbackup.errors import DirbackupError
 from dirbackup.host import Disk, Host
@@ -202,7 +203,93 @@ def test_incremental_direct_equals_nbd(tmp_path: Path) -> None:
         if t:
             assert any("incremental backup" in line and "directly" in line for line in d.lines)
             assert d.manifest(d.volids[-1])["mode"] == "incremental"
+        md, mn = (s.manifest(s.volids[-1])["disks"]["drive-scsi0"] for s in (d, n))
+        for key in ("dirty_bytes", "written_bytes", "parent"):
+            assert md[key] == mn[key], key
         assert_equal_backups(tmp_path, d, n, disk, "qcow2")
+
+
+def set_in_use(img: Path, name: str) -> None:
+    """Set QEMU's in_use flag of bitmap `name` in the image's bitmap directory,
+    as a writer killed with the image open leaves it."""
+    header = qcow2.read_header(img)
+    assert header.bitmaps is not None
+    start = header.bitmaps.directory_offset
+    with open(img, "r+b") as f:
+        f.seek(start)
+        raw = f.read(header.bitmaps.directory_size)
+        pos = 0
+        while pos < len(raw):  # entries: table offset, size, flags, type, bits, name size, extra
+            (flags,) = struct.unpack_from(">I", raw, pos + 12)
+            name_size, extra = struct.unpack_from(">HI", raw, pos + 18)
+            if raw[pos + 24 + extra : pos + 24 + extra + name_size].decode() == name:
+                f.seek(start + pos + 12)
+                f.write(struct.pack(">I", flags | 1))
+                f.flush()
+                os.fsync(f.fileno())
+                return
+            pos += (24 + extra + name_size + 7) & ~7
+    raise AssertionError(f"no bitmap {name} in {img}")
+
+
+def test_bitmap_left_in_use_gives_full_backups_on_both_paths(tmp_path: Path) -> None:
+    """A bitmap a killed writer left in use: the host sees it before the
+    export starts, and both paths take the same full backup."""
+    img = tmp_path / "d.qcow2"
+    qemu.img_create(img, 16 * MiB)
+    qemu.io(img, "write -P 0x01 0 4M")
+    disk = Disk("drive-scsi0", img)
+    d, n = both(tmp_path)
+    d.backup([disk], 0)
+    n.backup([disk], 0)
+    qemu.io(img, "write -P 0x02 1M 64k")
+    for b in qemu.bitmaps(img):
+        set_in_use(img, b["name"])
+    assert all("in-use" in b["flags"] for b in qemu.bitmaps(img))
+    d.backup([disk], 1)
+    n.backup([disk], 1)
+    for side in (d, n):
+        assert side.manifest(side.volids[-1])["mode"] == "full"
+        assert any(x.endswith(" is in-use; full backup") for x in side.lines), side.lines
+    assert d.fallbacks() == []
+    assert_equal_backups(tmp_path, d, n, disk, "qcow2")
+
+
+def test_bitmap_in_use_behind_the_export_fails_the_backup(tmp_path: Path) -> None:
+    """The image's bitmap marked in use after the host checked it and started
+    the export (only a writer that ignores QEMU's lock can do that): no
+    incremental from it, the backup fails; the next one is full and right."""
+    img = tmp_path / "d.qcow2"
+    qemu.img_create(img, 16 * MiB)
+    qemu.io(img, "write -P 0x01 0 4M")
+    disk = Disk("drive-scsi0", img)
+    d = Side(tmp_path / "direct", True)
+
+    class Poking(DirectoryBackupProvider):
+        def backup_vm(self, vmid: int, cfg: str, volumes: Mapping[str, Any], info: Any) -> None:
+            src = volumes["drive-scsi0"][DIRECT_KEY]
+            if src["bitmap"]:
+                set_in_use(Path(src["path"]), src["bitmap"])
+            super().backup_vm(vmid, cfg, volumes, info)
+
+    d.host = Host(
+        d.storage,
+        "st",
+        log=lambda level, msg: d.lines.append(f"{level}: {msg}"),
+        new_provider=lambda log: Poking(d.storage, d.storage.scfg, "st", log),
+    )
+    d.backup([disk], 0)  # full: no bitmap to continue, nothing poked
+    qemu.io(img, "write -P 0x02 1M 64k")
+    with pytest.raises(DirbackupError) as err:
+        d.backup([disk], 1)
+    assert str(err.value).startswith("drive-scsi0: the dirty bitmap cannot be trusted (")
+    assert "is in use (QEMU did not close it cleanly)" in str(err.value)
+    assert len(d.storage.list_volumes(100)) == 1
+    qemu.io(img, "write -P 0x03 2M 64k")
+    d.backup([disk], 2)
+    assert d.manifest(d.volids[-1])["mode"] == "full"
+    out = d.restore(d.volids[-1], "drive-scsi0", tmp_path / "restored.raw")
+    assert_same(img, out, "qcow2", "raw")
 
 
 def test_compressed_image_falls_back_once(tmp_path: Path) -> None:

@@ -7,7 +7,8 @@ The seed's `DirectoryExample`, done properly:
   same disk and holds exactly what the dirty bitmap says changed, with
   clusters that now read as zero stored as zero clusters.
 * A local disk the host passes as api.DIRECT_KEY is read by the core from its
-  image file (directread: raw files, block devices, qcow2 chains), with the
+  image file (directread: raw files, block devices, qcow2 chains; an
+  incremental's dirty map from the bitmap in the image itself), with the
   same images and digests as through the export; what the core cannot read
   goes through the export, with one log line saying why.
 * Only the dirty parts of a source with a bitmap are read or queried; each
@@ -54,7 +55,17 @@ from typing import Any
 
 import numpy as np
 
-from dirbackup import compression, copy, directread, extents, nbd, qcow2, timings, watchdog
+from dirbackup import (
+    compression,
+    copy,
+    directread,
+    extents,
+    nbd,
+    qcow2,
+    qcow2bitmaps,
+    timings,
+    watchdog,
+)
 from dirbackup.api import (
     BACKING_KEY,
     BITMAPS_KEY,
@@ -509,18 +520,22 @@ class DirectoryBackupProvider(RestoringProvider):
                 cluster = max(DEFAULT_CLUSTER, qcow2.smallest_cluster_size(vsize))
                 read = directread.open_direct(src, vol.size, cluster)
                 return read, cluster, read.data_bytes
-            if src.format != "qcow2":
-                raise directread.DirectUnusable("a raw image has no persistent dirty bitmap")
             if src.bitmap is None or src.bitmap != vol.bitmap_name:
                 raise directread.DirectUnusable(
                     f"the image's bitmap {src.bitmap} is not the exported {vol.bitmap_name}"
                 )
-            dirty = self._dirty_map(device, vol)
-            cluster = _cluster_size_for(device, dirty, vsize)
-            read = directread.open_direct(
-                src, vol.size, cluster, extents.align(dirty, cluster, vsize)
-            )
-            return read, cluster, extents.total(dirty)
+            try:
+                return directread.open_incremental(
+                    src, vol.size, lambda dirty: _cluster_size_for(device, dirty, vsize)
+                )
+            except qcow2bitmaps.BitmapUnusable as exc:
+                # the host found it usable and its export holds QEMU's lock:
+                # the image changed behind that lock.  Never an incremental
+                # from it; the export would have refused it at its start.
+                raise DirbackupError(
+                    f"{device}: the dirty bitmap cannot be trusted ({exc}); "
+                    "a full backup of the disk is needed"
+                ) from None
         except directread.DirectUnusable as exc:
             self.log("info", f"{device}: DEV: reading through qemu-nbd: {exc}")
             return None
@@ -554,20 +569,6 @@ class DirectoryBackupProvider(RestoringProvider):
                 f"no progress for {self.io_timeout:g} s reading {uri} into {image}: the export "
                 "that holds the image's lock stopped answering (I/O timeout)"
             )
-
-    def _dirty_map(self, device: str, vol: VolumeInfo) -> extents.Extents:
-        """The dirty regions of the bitmap an incremental read directly
-        continues: block status of the export's `qemu:dirty-bitmap` context
-        (no data goes through the export).  To become
-        qcow2bitmaps.dirty_extents() on the image itself once that is in."""
-        context = extents.dirty_bitmap_context(str(vol.bitmap_name))
-        uri = nbd.unix_uri(str(vol.nbd_path), device)
-        handles = nbd.connect_many(uri, 1, [context], timeout=self.io_timeout)
-        try:
-            nbd.require_context(handles[0], context)
-            return extents.dirty(self._block_status(device, handles, context))
-        finally:
-            nbd.close_all(handles)
 
     def _nbd_source(
         self, device: str, vol: VolumeInfo, incremental: bool
