@@ -292,22 +292,43 @@ def test_bitmap_in_use_behind_the_export_fails_the_backup(tmp_path: Path) -> Non
     assert_same(img, out, "qcow2", "raw")
 
 
-def test_compressed_image_falls_back_once(tmp_path: Path) -> None:
+@pytest.mark.parametrize("ctype", ["zlib", "zstd"])
+def test_compressed_image_is_read_directly(tmp_path: Path, ctype: str) -> None:
+    """A guest image of compressed clusters (`qemu-img convert -c`): the chain
+    reader maps them and the copy's workers decompress them, for a full and
+    for an incremental whose dirty clusters are compressed too (QEMU writes
+    compressed clusters only where nothing was allocated)."""
     plain = tmp_path / "plain.qcow2"
     qemu.img_create(plain, 16 * MiB)
-    qemu.io(plain, "write -P 0x61 0 4M", "write -P 0x62 9M 1M")
+    qemu.io(plain, "write -P 0x61 0 4M", "write -P 0x62 9M 1M", "write -z 12M 1M")
     img = tmp_path / "d.qcow2"
+    options = ["-o", "compression_type=zstd"] if ctype == "zstd" else []
     subprocess.run(
-        ["qemu-img", "convert", "-c", "-f", "qcow2", "-O", "qcow2", str(plain), str(img)],
-        check=True,
-    )
+        ["qemu-img", "convert", "-c", *options, "-f", "qcow2", "-O", "qcow2", str(plain),
+         str(img)], check=True,
+    )  # fmt: skip
+    with qcow2.Chain(img, "/") as chain:
+        assert chain.headers[0].compression_type == {"zlib": 0, "zstd": 1}[ctype]
+        assert int((chain.map()[:, 2] == qcow2.MAP_COMPRESSED).sum()) >= 64
     disk = Disk("drive-scsi0", img)
     d, n = both(tmp_path)
-    d.backup([disk], 0)
-    n.backup([disk], 0)
-    (line,) = d.fallbacks()
-    assert "compressed clusters are not supported" in line and "drive-scsi0" in line
-    assert_equal_backups(tmp_path, d, n, disk, "qcow2")
+    for t, cmds in enumerate(
+        [(), ("write -c -P 0x63 5M 64k", "write -c -P 0x64 6M 128k", "write -P 0x65 9M 4k")]
+    ):
+        if cmds:
+            qemu.io(img, *cmds)
+        d.backup([disk], t)
+        n.backup([disk], t)
+        assert d.fallbacks() == []
+        assert any("to read directly" in line for line in d.lines), d.lines
+        md, mn = (s.manifest(s.volids[-1])["disks"]["drive-scsi0"] for s in (d, n))
+        assert md["mode"] == ("incremental" if t else "full")
+        for key in ("dirty_bytes", "written_bytes") if t else ():
+            assert md[key] == mn[key], key
+        assert_equal_backups(tmp_path, d, n, disk, "qcow2")
+    with qcow2.Chain(img, "/") as chain:  # the incremental read compressed clusters
+        rows = chain.map(5 * MiB, 64 * KiB)
+        assert rows[:, 2].tolist() == [qcow2.MAP_COMPRESSED]
 
 
 def test_raw_backing_falls_back_once(tmp_path: Path) -> None:

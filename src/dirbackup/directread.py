@@ -20,11 +20,13 @@ export's `qemu:dirty-bitmap` block status.
   the 512-byte sector QEMU rounds it to reads as zero, as through the export.
 * A qcow2 image, possibly an overlay on a qcow2 backing chain, is opened
   with qcow2.Chain (every header checked, cycles and depth refused, the files
-  held open) and mapped; what no layer holds reads as zero.
+  held open) and mapped; what no layer holds reads as zero.  Compressed
+  clusters (zlib or zstd, as `qemu-img convert -c` writes them) are mapped
+  too and decompressed by the copy's workers, as a restore does.
 
-Anything the core cannot read (compressed clusters, encryption, an external
-data file, extended L2 entries, a raw backing file, clusters smaller than the
-backup's, a size other than the host said) raises DirectUnusable with the
+Anything the core cannot read (encryption, an external data file, extended
+L2 entries, a raw backing file, clusters smaller than the backup's, a size
+other than the host said) raises DirectUnusable with the
 reason; the caller then reads through the export.  Nothing here writes to the
 image: the files are opened read-only and the copy must not discard.
 """
@@ -57,6 +59,10 @@ class DirectRead:
     layers: list[int]
     plan: npt.NDArray[np.uint64]
     regions: extents.Extents | None = None  # instead of the plan: these of layers[0]
+    # per layer (cluster_bits, compression type), for the plan's compressed
+    # rows (copy.copy_mapped decompresses them in its workers), and its name
+    layer_formats: list[tuple[int, int]] = field(default_factory=list)
+    layer_names: list[str] = field(default_factory=list)
     _chain: qcow2.Chain | None = field(default=None, repr=False)
     _fd: int = -1
 
@@ -65,7 +71,8 @@ class DirectRead:
         """Bytes the copy reads from the image."""
         if self.regions is not None:
             return extents.total(self.regions)
-        data = (self.plan[:, 2] & np.uint64(copy.REQ_KIND_MASK)) == copy.REQ_DATA
+        kind = self.plan[:, 2] & np.uint64(copy.REQ_KIND_MASK)
+        data = (kind == copy.REQ_DATA) | (kind == copy.REQ_COMPRESSED)
         return int(self.plan[data, 1].sum())
 
     def copy(
@@ -99,6 +106,8 @@ class DirectRead:
             options,
             progress=progress,
             size=size,
+            layer_formats=self.layer_formats,
+            layer_names=self.layer_names,
             digest_zero=digest_zero,
             source_name=name,
         )
@@ -232,20 +241,23 @@ def _plan_qcow2(
             rows = np.concatenate(pieces) if pieces else np.zeros((0, 5), np.uint64)
     except DirbackupError as exc:
         raise DirectUnusable(str(exc)) from None
-    if bool((rows[:, 2] == qcow2.MAP_COMPRESSED).any()):
-        # the chain reader decompresses for restores, but this plan does
-        # not carry the layers' formats: read through the export instead
-        raise DirectUnusable(f"{path}: compressed clusters are not supported by the direct read")
-    known = [qcow2.MAP_DATA, qcow2.MAP_ZERO, qcow2.MAP_UNALLOCATED]
+    known = [qcow2.MAP_DATA, qcow2.MAP_COMPRESSED, qcow2.MAP_ZERO, qcow2.MAP_UNALLOCATED]
     if not bool(np.isin(rows[:, 2], known).all()):  # never drop what is not understood
         raise DirectUnusable(f"{path}: the map holds clusters the direct read cannot copy")
-    if dirty is None:
-        rows = rows[rows[:, 2] == qcow2.MAP_DATA]  # a full backup stores no zeros
+    if dirty is None:  # a full backup stores no zeros
+        rows = rows[np.isin(rows[:, 2], [qcow2.MAP_DATA, qcow2.MAP_COMPRESSED])]
     else:
         rows[rows[:, 2] == qcow2.MAP_UNALLOCATED, 2] = qcow2.MAP_ZERO
     rows = np.ascontiguousarray(rows, dtype=np.uint64)
     _check_aligned(path, rows, cluster, vsize)
-    return DirectRead(path, list(chain.fds), rows, _chain=chain)
+    return DirectRead(
+        path,
+        list(chain.fds),
+        rows,
+        layer_formats=[(h.cluster_bits, h.compression_type) for h in chain.headers],
+        layer_names=list(chain.paths),
+        _chain=chain,
+    )
 
 
 def _check_aligned(path: str, rows: npt.NDArray[np.uint64], cluster: int, vsize: int) -> None:
