@@ -108,3 +108,24 @@ def test_nothing_is_printed_unless_asked(disk: Path, value: str | None) -> None:
     proc = backup(value, disk)
     assert PREFIX not in proc.stderr
     assert proc.stderr == ""
+
+
+def test_qemu_img_calls_of_a_backup(disk: Path) -> None:
+    """The fixed cost of the command: one `qemu-img info` per qcow2 disk (its
+    bitmaps and backing chain; sizes come from the header, formats from the
+    magic bytes), the bitmap lifecycle by `qemu-img bitmap`; none for a raw
+    disk.  Counted from the timing lines, the calls' own count."""
+
+    def calls(*args: object) -> dict[str, int]:
+        proc = run("1", "backup", "--store", disk.parent / "store", "--vmid", "100", *args)
+        return {n: c for n, _, c in timings(proc.stderr) if n.startswith("qemu-img ")}
+
+    qcow = ["--disk", f"drive-scsi0={disk}"]
+    # full: info; bitmap add .next, then merge it into the new generation, remove it
+    assert calls(*qcow) == {"qemu-img info": 1, "qemu-img bitmap": 3}
+    qemu.io(disk, "write -P 5 1M 64k")
+    # incremental: the same, and the generation read is removed
+    assert calls(*qcow) == {"qemu-img info": 1, "qemu-img bitmap": 4}
+    raw = disk.parent / "disk.raw"
+    raw.write_bytes(b"\x01" * MiB)
+    assert calls("--disk", f"drive-scsi1={raw}") == {}

@@ -113,6 +113,11 @@ class Bitmaps:
     vmid: int
     log: LogFunction
     disks: dict[str, _Disk] = field(default_factory=dict)
+    # per image path: its bitmaps as query_facts' `qemu-img info` found them,
+    # so that prepare, right after the provider's answer, needs no second
+    # call (nothing writes the image in between: a writer holding its lock
+    # would make the `--add` of prepare and the export fail)
+    _seen: dict[Path, list[dict[str, Any]]] = field(default_factory=dict, init=False, repr=False)
 
     def __post_init__(self) -> None:
         self.generations = isinstance(self.provider, BitmapGenerations)
@@ -139,7 +144,8 @@ class Bitmaps:
         if not self.generations or fmt != "qcow2":
             return {}
         chain = qemu.img_info(path, fmt="qcow2", chain=True)
-        top = chain[0].get("format-specific", {}).get("data", {}).get("bitmaps", [])
+        top = list(chain[0].get("format-specific", {}).get("data", {}).get("bitmaps", []))
+        self._seen[path] = top
         found = {b["name"]: state(b) for b in top if self._ours(b["name"])}
         found.pop(self.next, None)
         return {
@@ -157,7 +163,9 @@ class Bitmaps:
             choice = choices.get(device)
             if fmt != "qcow2":
                 continue
-            present = {b["name"]: state(b) for b in qemu.bitmaps(path)}
+            seen = self._seen.pop(path, None)
+            listed = seen if seen is not None else qemu.bitmaps(path)
+            present = {b["name"]: state(b) for b in listed}
             expected = self._expected(device) if choice == "use" else None
             if expected is not None and present.get(expected) == USABLE:
                 disk.mode, disk.read = BitmapMode.REUSE, expected
