@@ -46,7 +46,7 @@ from dirbackup.storage import DirectoryStorage
 DEV = "drive-scsi0"
 SIZE = 16 * MiB
 NBD_ERROR = re.compile(
-    rf"reading nbd\+unix:///{DEV}\?socket=\S+ at offset (\d+): .*"
+    rf"(?:reading|querying) nbd\+unix:///{DEV}\?socket=\S+ at offset (\d+): .*"
     r"(Input/output error|Transport endpoint is not connected|closed the connection"
     r"|Connection reset|Broken pipe)",
     re.IGNORECASE,

@@ -133,6 +133,20 @@ def pread(h: Any, length: int, offset: int, what: str) -> bytes:
         raise _os_error(exc, what) from None
 
 
+def probe(h: Any, context: str, what: str) -> None:
+    """One request the server must answer without reading data: block status
+    of the first sector in meta context `context` (a handle that did not get
+    that context reads the sector instead).  A failure is raised as OSError
+    starting with `what`."""
+    if not h.can_meta_context(context):
+        pread(h, 512, 0, what)
+        return
+    try:
+        h.block_status(512, 0, lambda *_args: 0)
+    except nbd.Error as exc:
+        raise _os_error(exc, what) from None
+
+
 def _close(h: Any) -> None:
     close = getattr(h, "close", None)  # python-libnbd >= 1.16; older ones close on GC
     if close is not None:

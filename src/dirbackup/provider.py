@@ -545,18 +545,20 @@ class DirectoryBackupProvider(RestoringProvider):
         directly: the export's server holds QEMU's image lock, so the copy is
         only good if that server is still there and answering at its end."""
         uri = nbd.unix_uri(str(vol.nbd_path), device)
-        return nbd.connect_many(uri, 1, timeout=self.io_timeout)
+        return nbd.connect_many(uri, 1, [extents.ALLOCATION], timeout=self.io_timeout)
 
     def _check_witness(self, device: str, vol: VolumeInfo, handles: list[Any], image: Path) -> None:
-        """After a direct copy: one read through the export, given up after
-        the I/O timeout.  A server that died may have let a writer in (its
-        lock went with it), one that does not answer may be stuck for good:
-        either way the backup fails, as it would reading through it."""
+        """After a direct copy: one request the export must answer, given up
+        after the I/O timeout.  A server that died may have let a writer in
+        (its lock went with it), one that does not answer may be stuck for
+        good: either way the backup fails, as it would reading through it.
+        The request is a block-status query of the first sector, not a read:
+        the hypervisor refuses an incremental's reads outside its dirty areas."""
         uri = nbd.unix_uri(str(vol.nbd_path), device)
         fds = nbd.socket_fds(handles) if self.io_timeout > 0 else []
         with watchdog.Watchdog(self.io_timeout, lambda: 0, lambda: nbd.shut_down(fds)) as guard:
             try:
-                nbd.pread(handles[0], 512, 0, f"reading {uri} at offset 0")
+                nbd.probe(handles[0], extents.ALLOCATION, f"querying {uri} at offset 0")
             except OSError as exc:
                 if not guard.fired:
                     raise OSError(
