@@ -27,6 +27,7 @@ OFFSET_MASK = 0x00FFFFFFFFFFFE00
 LAYOUT = {"compress": "none"}
 ZERO_FLAG = 1
 COPIED = 1 << 63
+COMPRESSED = 1 << 62
 
 
 @dataclass(frozen=True)
@@ -48,8 +49,14 @@ class Entry:
         return bool(self.value & ZERO_FLAG)
 
     @property
+    def compressed(self) -> bool:
+        """A compressed cluster's descriptor (not understood here: `host` is no
+        file offset then; see LAYOUT)."""
+        return bool(self.value & COMPRESSED)
+
+    @property
     def data(self) -> bool:
-        return bool(self.host) and not self.zero
+        return bool(self.host) and not self.zero and not self.compressed
 
     @property
     def clean(self) -> bool:
